@@ -1,0 +1,60 @@
+// A growable byte buffer that frames are encoded into, so that all the frames of one step go
+// out in one write without a buffer allocation per frame.
+
+import type { FrameWriter } from "./framing.ts";
+
+const EMPTY = new Uint8Array(0);
+const textEncoder = new TextEncoder();
+
+export class WriteBuffer implements FrameWriter {
+  #buf: Uint8Array = EMPTY;
+  #len = 0;
+
+  get length(): number {
+    return this.#len;
+  }
+
+  /** The bytes written so far (a view: valid until the next write or reset). */
+  bytes(): Uint8Array {
+    return this.#buf.subarray(0, this.#len);
+  }
+
+  /** Forget the contents; keep the memory unless it grew past `keep` bytes. */
+  reset(keep = Infinity): void {
+    this.#len = 0;
+    if (this.#buf.length > keep) this.#buf = EMPTY;
+  }
+
+  #reserve(extra: number): void {
+    const need = this.#len + extra;
+    if (need <= this.#buf.length) return;
+    const grown = new Uint8Array(Math.max(need, this.#buf.length * 2, 256));
+    grown.set(this.#buf.subarray(0, this.#len));
+    this.#buf = grown;
+  }
+
+  write(bytes: Uint8Array): void {
+    this.#reserve(bytes.length);
+    this.#buf.set(bytes, this.#len);
+    this.#len += bytes.length;
+  }
+
+  writeString(text: string): void {
+    // UTF-8 takes at most 3 bytes per UTF-16 code unit.
+    this.#reserve(text.length * 3);
+    this.#len += textEncoder.encodeInto(text, this.#buf.subarray(this.#len)).written;
+  }
+
+  writeUint(value: number, bytes: 1 | 2 | 4): void {
+    this.#reserve(bytes);
+    const buf = this.#buf;
+    let at = this.#len;
+    if (bytes === 4) {
+      buf[at++] = value >>> 24;
+      buf[at++] = value >>> 16;
+    }
+    if (bytes >= 2) buf[at++] = value >>> 8;
+    buf[at++] = value;
+    this.#len = at;
+  }
+}

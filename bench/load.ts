@@ -1,0 +1,264 @@
+// The load client, run as its own process so its CPU is not the server's.
+//
+//   deno run -A bench/load.ts --port P [--host 127.0.0.1] [--connections 50]
+//     [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]
+//
+// echo: every connection keeps `depth` length-prefixed frames in flight and
+// checks each echo (order and content). accept: `connections` loops of
+// connect → one frame → echo → close. Counts only what completes in the
+// measured window after the warmup, then prints one JSON line:
+// frames, seconds, framesPerSec, mbPerSec (frame bytes incl. header, one way,
+// 10^6 B), p50us/p99us (round trip; whole connect..echo cycle in accept mode),
+// errors, corrupt, cpuSeconds (this process, whole run) and cpuPct (this
+// process's CPU during the window: near 100 means the client was the limit).
+import process from "node:process";
+import { parseFlags, sleep, writeAll } from "./_common.ts";
+import { checkPayload, FrameReader, HEADER, makePattern, MIN_SIZE, writeFrame } from "./_frames.ts";
+
+const USAGE = `usage: deno run -A bench/load.ts --port P [--host 127.0.0.1] [--connections 50]
+  [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]`;
+const opts = parseFlags(Deno.args, {
+  host: "127.0.0.1",
+  port: 0,
+  connections: 50,
+  size: 64,
+  depth: 1,
+  duration: 5,
+  warmup: 1,
+  mode: "echo",
+}, USAGE);
+if (!opts.port) fail("--port is required");
+if (opts.size < MIN_SIZE) fail(`--size must be at least ${MIN_SIZE}`);
+if (opts.depth < 1 || opts.connections < 1) fail("bad --depth/--connections");
+if (opts.mode !== "echo" && opts.mode !== "accept") fail("bad --mode");
+
+const GRACE_MS = 5000;
+const FRAME = HEADER + opts.size;
+const pattern = makePattern(opts.size);
+
+/** Round-trip latencies: 1 µs buckets to 20 ms, then 1 ms buckets to 10 s. */
+class Histogram {
+  static FINE = 20_000;
+  static COARSE = 10_000;
+  counts = new Uint32Array(Histogram.FINE + Histogram.COARSE);
+  n = 0;
+  record(ms: number) {
+    const us = ms * 1000;
+    const i = us < Histogram.FINE ? us | 0 : Histogram.FINE +
+      Math.min(Histogram.COARSE - 1, ((us - Histogram.FINE) / 1000) | 0);
+    this.counts[i]++;
+    this.n++;
+  }
+  /** Microseconds at quantile q (bucket midpoint), or null if empty. */
+  quantile(q: number): number | null {
+    if (this.n === 0) return null;
+    const target = Math.max(1, Math.ceil(q * this.n));
+    let seen = 0;
+    for (let i = 0; i < this.counts.length; i++) {
+      seen += this.counts[i];
+      if (seen < target) continue;
+      return i < Histogram.FINE ? i + 0.5 : Histogram.FINE + (i - Histogram.FINE) * 1000 + 500;
+    }
+    return null;
+  }
+}
+
+const stats = {
+  phase: "warmup" as "warmup" | "measure" | "done",
+  frames: 0,
+  errors: 0,
+  corrupt: 0,
+  hist: new Histogram(),
+};
+const open = new Set<Deno.Conn>();
+// A function, not an inline test: the phase changes across awaits.
+const done = () => stats.phase === "done";
+
+// One connection's echo traffic. Reads never wait for writes (a big write can
+// block until the server reads, which may need us to read its echoes first);
+// the sends that one read triggers go out as one write.
+class EchoConn {
+  #sent = 0;
+  #received = 0;
+  #due = 0;
+  #writing = false;
+  #sentAt = new Float64Array(opts.depth); // in flight ≤ depth, in order
+  #out = new Uint8Array(opts.depth * FRAME);
+  #reader = new FrameReader(Math.max(64 * 1024, 2 * FRAME));
+
+  constructor(readonly conn: Deno.Conn) {}
+
+  async run() {
+    this.#send(opts.depth);
+    const r = this.#reader;
+    for (;;) {
+      const n = await this.conn.read(r.space());
+      if (n === null) throw new Error("server closed the connection");
+      r.commit(n);
+      const now = performance.now();
+      const measuring = stats.phase === "measure";
+      let echoed = 0;
+      for (let at; (at = r.next()) >= 0; echoed++) {
+        const seq = this.#received++;
+        if (
+          r.len !== opts.size ||
+          !checkPayload(r.buf, at, seq, opts.size, pattern)
+        ) {
+          stats.corrupt++;
+          throw new Error(`frame ${seq}: wrong echo`);
+        }
+        if (measuring) {
+          stats.frames++;
+          stats.hist.record(now - this.#sentAt[seq % opts.depth]);
+        }
+      }
+      if (echoed > 0) this.#send(echoed);
+    }
+  }
+
+  #send(count: number) {
+    this.#due += count;
+    if (!this.#writing) this.#flush().catch(onConnError(this.conn));
+  }
+
+  async #flush() {
+    this.#writing = true;
+    try {
+      while (this.#due > 0 && !done()) {
+        const k = this.#due;
+        this.#due = 0;
+        const now = performance.now();
+        for (let i = 0; i < k; i++, this.#sent++) {
+          writeFrame(this.#out, i * FRAME, this.#sent, opts.size, pattern);
+          this.#sentAt[this.#sent % opts.depth] = now;
+        }
+        await writeAll(this.conn, this.#out.subarray(0, k * FRAME));
+      }
+    } finally {
+      this.#writing = false;
+    }
+  }
+}
+
+async function connect(): Promise<Deno.Conn> {
+  const conn = await Deno.connect({ hostname: opts.host, port: opts.port });
+  conn.setNoDelay(true);
+  open.add(conn);
+  return conn;
+}
+
+function close(conn: Deno.Conn) {
+  if (!open.delete(conn)) return;
+  try {
+    conn.close();
+  } catch { /* already closed */ }
+}
+
+// Failures after the window closed are our own teardown, not errors.
+function onConnError(conn: Deno.Conn) {
+  return (e: unknown) => {
+    if (!done()) {
+      stats.errors++;
+      if (stats.errors <= 5) console.error(`load: ${e}`);
+    }
+    close(conn);
+  };
+}
+
+async function echoMode() {
+  const conns = await Promise.all(
+    Array.from({ length: opts.connections }, connect),
+  );
+  for (const conn of conns) new EchoConn(conn).run().catch(onConnError(conn));
+}
+
+let acceptSeq = 0;
+async function acceptLoop() {
+  const frame = new Uint8Array(FRAME);
+  while (!done()) {
+    const t0 = performance.now();
+    let conn: Deno.Conn | undefined;
+    try {
+      conn = await connect();
+      const seq = acceptSeq++;
+      writeFrame(frame, 0, seq, opts.size, pattern);
+      await writeAll(conn, frame);
+      const r = new FrameReader(2 * FRAME);
+      let at;
+      while ((at = r.next()) < 0) {
+        const n = await conn.read(r.space());
+        if (n === null) throw new Error("server closed before echoing");
+        r.commit(n);
+      }
+      if (
+        r.len !== opts.size || !checkPayload(r.buf, at, seq, opts.size, pattern)
+      ) {
+        stats.corrupt++;
+        throw new Error(`frame ${seq}: wrong echo`);
+      }
+      if (stats.phase === "measure") {
+        stats.frames++;
+        stats.hist.record(performance.now() - t0);
+      }
+      close(conn);
+    } catch (e) {
+      if (conn) onConnError(conn)(e);
+      else if (!done()) stats.errors++;
+      await sleep(1); // e.g. out of ephemeral ports: don't spin
+    }
+  }
+}
+
+function fail(msg: string): never {
+  console.error(`${msg}\n\n${USAGE}`);
+  Deno.exit(2);
+}
+
+function cpuNow(): number {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
+}
+
+function report(t0: number, t1: number, cpu0: number, cpu1: number) {
+  const seconds = (t1 - t0) / 1000;
+  const round = (x: number, d = 1) => Math.round(x * 10 ** d) / 10 ** d;
+  console.log(JSON.stringify({
+    mode: opts.mode,
+    connections: opts.connections,
+    size: opts.size,
+    depth: opts.mode === "echo" ? opts.depth : 1,
+    frames: stats.frames,
+    seconds: round(seconds, 3),
+    framesPerSec: round(stats.frames / seconds),
+    mbPerSec: round(stats.frames * FRAME / seconds / 1e6, 2),
+    p50us: stats.hist.quantile(0.5),
+    p99us: stats.hist.quantile(0.99),
+    errors: stats.errors,
+    corrupt: stats.corrupt,
+    cpuSeconds: round(cpuNow(), 3),
+    cpuPct: round((cpu1 - cpu0) / seconds * 100),
+  }));
+}
+
+// Hard bound: whatever happens (a server that stops answering, connects that
+// hang), this process is gone after warmup + duration + grace.
+const deadline = setTimeout(() => {
+  console.error("load: did not finish in time");
+  Deno.exit(3);
+}, (opts.warmup + opts.duration) * 1000 + GRACE_MS);
+
+if (opts.mode === "echo") {
+  await echoMode();
+} else {
+  for (let i = 0; i < opts.connections; i++) acceptLoop();
+}
+await sleep(opts.warmup * 1000);
+stats.phase = "measure";
+const t0 = performance.now(), cpu0 = cpuNow();
+await sleep(opts.duration * 1000);
+stats.phase = "done";
+const t1 = performance.now(), cpu1 = cpuNow();
+for (const conn of [...open]) close(conn);
+clearTimeout(deadline);
+report(t0, t1, cpu0, cpu1);
+Deno.exit(0);

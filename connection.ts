@@ -1,0 +1,897 @@
+/**
+ * The driver: one handler generator per connection, its mailbox, timers, framing, writes and
+ * hibernation; and {@linkcode Connection}, the handle everyone else holds.
+ *
+ * @module
+ */
+
+import type { Action, Event, From, Handler, Yielded } from "./actions.ts";
+import { ConnectionClosed, describeReason, ProtocolError, TimeoutError } from "./errors.ts";
+import type { Decoder, Framing } from "./framing.ts";
+import type { Registry, RegistryEntry } from "./registry.ts";
+import type { Addr, Conn } from "./transport/transport.ts";
+import { WriteBuffer } from "./_write_buffer.ts";
+
+/** Where the library reports connections that end abnormally. `console` fits. */
+export interface Logger {
+  /** Report an error. */
+  error(...data: unknown[]): void;
+}
+
+/** `"active"` delivers frames as they arrive; `"passive"` only on `recv`. */
+export type Mode = "active" | "passive";
+
+/** Options of {@linkcode Connection.call}. */
+export interface CallOptions {
+  /** Milliseconds to wait for the reply (default 5000). */
+  timeout?: number;
+}
+
+/** Options of {@linkcode Connection.stop}. */
+export interface StopOptions {
+  /** Milliseconds the handler has to finish after `shutdown` before it is forced (default 5000). */
+  timeout?: number;
+}
+
+/** Changes a hibernated connection's state when it switches to new code. */
+export type CodeChange = (state: unknown) => unknown;
+
+/** Settings the server or client gives each of its connections. */
+export interface DriverOptions<T> {
+  framing: Framing<T>;
+  mode: Mode;
+  highWaterMark: number;
+  registry: Registry;
+  owner: string;
+  kind: RegistryEntry["kind"];
+  logger: Logger;
+  shutdownTimeout: number;
+  idleTimeout?: number;
+  onClose?: (conn: Connection<T>) => void;
+}
+
+// The smallest and largest read buffers: reads start small (idle connections cost little) and
+// grow while reads fill them.
+const MIN_READ = 4096;
+const MAX_READ = 64 * 1024;
+// Pending output past which the handler is not resumed until the peer has read some.
+const WRITE_HIGH_WATER = 1024 * 1024;
+// Output buffers larger than this are released after writing rather than kept.
+const KEEP_WRITE_BUFFER = 64 * 1024;
+// How long a normal close waits for pending output to reach the socket.
+const LINGER_MS = 5000;
+
+type Timer = ReturnType<typeof setTimeout>;
+
+let nextConnection = 0;
+let nextCall = 0;
+
+interface PendingCall {
+  resolve(value: unknown): void;
+  reject(err: Error): void;
+  timer: Timer;
+}
+
+interface SyncWaiter {
+  at: number; // resolve once this many bytes have been written
+  resolve(): void;
+  reject(err: Error): void;
+}
+
+const enum Run {
+  Continue,
+  Stop,
+  Hibernate,
+}
+
+function isPromise<V>(value: V | Promise<V>): value is Promise<V> {
+  return typeof (value as { then?: unknown })?.then === "function";
+}
+
+/**
+ * A live connection: given to its handler as `conn`, returned by `connect()`, listed by
+ * servers and registries. Messages sent with `call`, `cast` and `info` become events of its
+ * handler; `send` writes to its socket.
+ *
+ * @example
+ * ```ts
+ * import { connect, memory, reply, serve } from "./mod.ts";
+ * const transport = memory("conn-doc");
+ * const server = await serve(async function* () {
+ *   let ev = yield;
+ *   for (;;) ev = ev.type === "call" ? yield reply(ev.from, "pong") : yield;
+ * }, { transport });
+ * const client = await connect(async function* () {}, { transport });
+ * const [conn] = server.connections();
+ * console.assert(await conn.call("ping") === "pong");
+ * await client.stop();
+ * await server.stop();
+ * ```
+ */
+export class Connection<T = unknown> {
+  /** Unique within this process. */
+  readonly id: string;
+  readonly #driver: Driver<T>;
+
+  /** Made by `serve` and `connect`; not constructed directly. */
+  constructor(driver: unknown) {
+    this.#driver = driver as Driver<T>;
+    this.id = `c${++nextConnection}`;
+  }
+
+  /** The name registered with {@linkcode Connection.register}, if any. */
+  get name(): string | undefined {
+    return this.#driver.name;
+  }
+
+  /** The peer's address. */
+  get remoteAddr(): Addr {
+    return this.#driver.socket.remoteAddr;
+  }
+
+  /** This end's address. */
+  get localAddr(): Addr {
+    return this.#driver.socket.localAddr;
+  }
+
+  /** Resolves with the reason once the connection has closed (`"normal"` for a clean end). */
+  get closed(): Promise<unknown> {
+    return this.#driver.closed;
+  }
+
+  /** Whether the handler is hibernating. */
+  get hibernating(): boolean {
+    return this.#driver.hibernating;
+  }
+
+  /** Encode and write `data` (etcp's `send_async`): queued in order, returns at once. */
+  send(data: T | Uint8Array | string): void {
+    this.#driver.sendFromOutside(data, false);
+  }
+
+  /** Encode and write `data`; resolves once it has been written to the socket. */
+  sendSync(data: T | Uint8Array | string): Promise<void> {
+    return this.#driver.sendFromOutside(data, true)!;
+  }
+
+  /**
+   * Send `message` as a `call` event and wait for the handler's `reply`. Rejects with
+   * `TimeoutError` after `timeout` ms, or `ConnectionClosed` if the connection ends first.
+   */
+  call<R = unknown>(message: unknown, options: CallOptions = {}): Promise<R> {
+    return this.#driver.call(message, options.timeout ?? 5000) as Promise<R>;
+  }
+
+  /** Send `message` as a `cast` event. */
+  cast(message: unknown): void {
+    this.#driver.deliver({ type: "cast", message });
+  }
+
+  /** Send `message` as an `info` event. */
+  info(message: unknown): void {
+    this.#driver.deliver({ type: "info", message });
+  }
+
+  /**
+   * Ask the handler to finish (a `shutdown` event with `reason`); after `timeout` ms it is
+   * forced (its `finally` runs, the socket closes). Resolves once closed.
+   */
+  stop(reason: unknown = "normal", options: StopOptions = {}): Promise<void> {
+    return this.#driver.shutdown(reason, options.timeout);
+  }
+
+  /** Register `name` for this connection in its registry: true if it was free (or already ours). */
+  register(name: string): Promise<boolean> {
+    return this.#driver.register(name);
+  }
+
+  /** Stops the connection (`await using conn = await connect(…)`). */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.stop();
+  }
+}
+
+/** Internal: what servers see of a connection beyond its handle. */
+export interface DriverControl<T> {
+  readonly handle: Connection<T>;
+  start(): void;
+  upgrade(handler: Handler<T>, codeChange?: CodeChange): void;
+  shutdown(reason: unknown, timeout?: number): Promise<void>;
+  readonly closed: Promise<unknown>;
+}
+
+/** Make a connection driven by `handler` over `socket`, not yet started. */
+export function createConnection<T>(
+  socket: Conn,
+  handler: Handler<T>,
+  options: DriverOptions<T>,
+): DriverControl<T> {
+  return new Driver(socket, handler, options);
+}
+
+class Driver<T> implements DriverControl<T> {
+  readonly socket: Conn;
+  readonly handle: Connection<T>;
+  readonly closed: Promise<unknown>;
+  name: string | undefined;
+  #resolveClosed!: (reason: unknown) => void;
+  readonly #opts: DriverOptions<T>;
+  #handler: Handler<T>;
+  #upgradeTo: { handler: Handler<T>; codeChange?: CodeChange } | null = null;
+  #gen: AsyncGenerator<Yielded, void, Event<T>> | Generator<Yielded, void, Event<T>> | null = null;
+  #busy = false; // inside a step of the handler
+  #done = false;
+  #forced: { reason: unknown } | null = null;
+  #stopReason: unknown = "normal";
+  #state: unknown = undefined;
+  hibernating = false;
+
+  // Mailbox.
+  #queue: Array<Event<T> | undefined> = [];
+  #head = 0;
+  #packets = 0; // packets in the queue, for flow control
+  #waiter: ((ev: Event<T> | undefined) => void) | null = null;
+
+  // Reading.
+  readonly #decoder: Decoder<T>;
+  readonly #emit: (frame: T) => void;
+  #readBuf: Uint8Array | null = null;
+  #parkBuf: Uint8Array | null = null;
+  #readerPaused: (() => void) | null = null;
+  #pushed = 0; // frames decoded so far
+  #eof = false;
+  #disconnected = false;
+  #recvWanted = false;
+  #recvTimer: Timer | undefined;
+  #frames: T[] = []; // passive mode: decoded frames not yet asked for
+
+  // Writing.
+  #out = new WriteBuffer();
+  #spare = new WriteBuffer();
+  #writing = false;
+  #writeBroken = false;
+  #queued = 0; // bytes ever queued
+  #written = 0; // bytes ever written
+  #syncWaiters: SyncWaiter[] = [];
+  #drainWaiters: Array<() => void> = [];
+
+  // Timers.
+  #deadline = Infinity; // of the event timeout
+  #eventTimer: Timer | undefined;
+  #eventTimerAt = Infinity;
+  #named = new Map<string, Timer>();
+  #calls = new Map<number, PendingCall>();
+  #forceTimer: Timer | undefined;
+
+  constructor(socket: Conn, handler: Handler<T>, opts: DriverOptions<T>) {
+    this.socket = socket;
+    this.#handler = handler;
+    this.#opts = opts;
+    this.handle = new Connection<T>(this);
+    this.closed = new Promise((resolve) => this.#resolveClosed = resolve);
+    this.#decoder = opts.framing.decoder();
+    this.#emit = (frame: T) => {
+      this.#pushed++;
+      if (this.#opts.mode === "passive") this.#frames.push(frame);
+      else this.#push({ type: "packet", data: frame }, true);
+    };
+  }
+
+  start(): void {
+    const { registry, owner, kind } = this.#opts;
+    const socket = this.socket;
+    try {
+      const added = registry.add({
+        id: this.handle.id,
+        owner,
+        kind,
+        node: registry.node,
+        remoteAddr: socket.remoteAddr,
+        localAddr: socket.localAddr,
+        startedAt: Date.now(),
+      }, this.handle);
+      if (isPromise(added)) added.catch((err) => this.#opts.logger.error("etcp: registry", err));
+    } catch (err) {
+      this.#opts.logger.error("etcp: registry", err);
+    }
+    if (this.#opts.mode === "active") this.#readLoop();
+    this.#run();
+  }
+
+  // ---- The handler's loop ------------------------------------------------------------------
+
+  async #run(): Promise<void> {
+    let reason: unknown = "normal";
+    let input: Event<T> | undefined = undefined;
+    try {
+      for (;;) {
+        if (this.#gen === null) {
+          // Start, or wake from hibernation: the new generator runs to its first yield, whose
+          // actions are performed; the waking event is then its first input.
+          if (this.hibernating) {
+            const next = this.#next();
+            const ev = isPromise(next) ? await next : next;
+            if (ev === undefined) break;
+            this.#unshift(ev);
+            this.hibernating = false;
+            const upgrade = this.#upgradeTo;
+            if (upgrade) {
+              this.#upgradeTo = null;
+              this.#handler = upgrade.handler;
+              if (upgrade.codeChange) this.#state = upgrade.codeChange(this.#state);
+            }
+          }
+          this.#gen = this.#handler(this.handle, this.#state);
+          input = undefined;
+        }
+        this.#busy = true;
+        let step = this.#gen.next(input!);
+        if (isPromise(step)) step = await step;
+        this.#busy = false;
+        if (this.#done) return; // forced while the handler was busy
+        if (step.done) {
+          this.#gen = null;
+          break;
+        }
+        const outcome = this.#perform(step.value);
+        if (outcome === Run.Stop) {
+          reason = this.#stopReason;
+          break;
+        }
+        if (outcome === Run.Hibernate) {
+          this.#gen = null; // dropped: its finally does not run
+          this.hibernating = true;
+          this.#releaseBuffers();
+          continue;
+        }
+        if (this.#queued - this.#written > WRITE_HIGH_WATER) await this.#drained();
+        else if (this.#out.length >= KEEP_WRITE_BUFFER) this.#flush();
+        const next = this.#next();
+        input = isPromise(next) ? await next : next;
+        if (input === undefined) break;
+      }
+      if (this.#forced) reason = this.#forced.reason;
+    } catch (err) {
+      reason = err;
+      this.#busy = false;
+    }
+    await this.#closeGenerator();
+    await this.#finish(reason, false);
+  }
+
+  // Run the handler's finally (gen.return()), tolerating a finally that throws.
+  async #closeGenerator(): Promise<void> {
+    const gen = this.#gen;
+    this.#gen = null;
+    if (!gen) return;
+    try {
+      await gen.return();
+    } catch (err) {
+      this.#opts.logger.error(`etcp: connection ${this.handle.id}: error in finally:`, err);
+    }
+  }
+
+  // Hibernating: nothing but the decoder's state and the socket is kept.
+  #releaseBuffers(): void {
+    this.#readBuf = null;
+    this.#flush();
+    if (this.#out.length === 0) this.#out.reset(0);
+    if (!this.#writing) this.#spare.reset(0);
+  }
+
+  #perform(yielded: Yielded): Run {
+    if (yielded === undefined) return Run.Continue;
+    if (Array.isArray(yielded)) {
+      let outcome = Run.Continue;
+      for (let i = 0; i < yielded.length && outcome === Run.Continue; i++) {
+        outcome = this.#act(yielded[i]);
+      }
+      return outcome;
+    }
+    return this.#act(yielded as Action);
+  }
+
+  #act(action: Action): Run {
+    switch (action?.type) {
+      case "send":
+        this.#encode(action.data);
+        return Run.Continue;
+      case "reply": {
+        const ref = action.from?.ref;
+        const call = this.#calls.get(ref);
+        if (call) {
+          this.#calls.delete(ref);
+          clearTimeout(call.timer);
+          call.resolve(action.value);
+        }
+        return Run.Continue;
+      }
+      case "setTimeout":
+        if (action.name === undefined) this.#armEventTimeout(action.ms);
+        else this.#armNamed(action.name, action.ms);
+        return Run.Continue;
+      case "hibernate":
+        this.#state = action.state;
+        return Run.Hibernate;
+      case "stop":
+        this.#stopReason = action.reason;
+        return Run.Stop;
+      case "recv":
+        if (this.#opts.mode !== "passive") {
+          throw new ProtocolError("recv is only for passive mode (mode: \"passive\")");
+        }
+        this.#requestFrame(action.timeoutMs);
+        return Run.Continue;
+      default:
+        throw new ProtocolError(`handler yielded something that is not an action: ${
+          describeReason(action)
+        }`);
+    }
+  }
+
+  // ---- Mailbox ------------------------------------------------------------------------------
+
+  #push(ev: Event<T>, isPacket = false): void {
+    if (this.#done) return;
+    const waiter = this.#waiter;
+    if (waiter !== null) {
+      this.#waiter = null;
+      waiter(ev);
+      return;
+    }
+    this.#queue.push(ev);
+    if (isPacket) this.#packets++;
+  }
+
+  #unshift(ev: Event<T>): void {
+    if (this.#head > 0) this.#queue[--this.#head] = ev;
+    else this.#queue.unshift(ev);
+    if (ev.type === "packet") this.#packets++;
+  }
+
+  #take(): Event<T> | undefined {
+    if (this.#head === this.#queue.length) return undefined;
+    const ev = this.#queue[this.#head]!;
+    this.#queue[this.#head++] = undefined;
+    if (this.#head === this.#queue.length) {
+      this.#queue.length = 0;
+      this.#head = 0;
+    }
+    if (ev.type === "packet") this.#packets--;
+    this.#cancelEventTimeout();
+    return ev;
+  }
+
+  // The next event for the handler: at once from the mailbox, or a promise of it. `undefined`
+  // means the connection is being forced to end.
+  #next(): Event<T> | undefined | Promise<Event<T> | undefined> {
+    if (this.#forced) return undefined;
+    this.#resumeReader();
+    return this.#take() ?? this.#wait();
+  }
+
+  // The mailbox is empty: write what is pending, and wait.
+  #wait(): Promise<Event<T> | undefined> {
+    this.#flush();
+    return new Promise((resolve) => {
+      this.#waiter = (ev) => {
+        if (ev !== undefined) this.#cancelEventTimeout();
+        resolve(ev);
+      };
+    });
+  }
+
+  deliver(ev: Event<T>): void {
+    this.#push(ev);
+  }
+
+  // ---- Reading ------------------------------------------------------------------------------
+
+  // Called when the handler asks for its next event (so after it acted on the last one, and
+  // knows whether it hibernates): the reader goes on unless the mailbox is full.
+  #resumeReader(): void {
+    const resume = this.#readerPaused;
+    if (resume !== null && this.#packets < this.#opts.highWaterMark) {
+      this.#readerPaused = null;
+      resume();
+    }
+  }
+
+  #pauseReader(): Promise<void> {
+    return new Promise((resolve) => this.#readerPaused = resolve);
+  }
+
+  async #readLoop(): Promise<void> {
+    const socket = this.socket;
+    const passive = this.#opts.mode === "passive";
+    try {
+      for (;;) {
+        // Passive: read only while a recv waits for a frame.
+        while (passive && !this.#recvWanted) {
+          await this.#pauseReader();
+          if (this.#done) return;
+        }
+        let buf: Uint8Array;
+        if (this.hibernating && this.#decoder.buffered === 0) {
+          buf = this.#parkBuf ??= new Uint8Array(1); // parked on the smallest read
+        } else {
+          buf = this.#readBuf ??= new Uint8Array(MIN_READ);
+        }
+        const n = await socket.read(buf);
+        if (this.#done) return;
+        if (n === null) {
+          this.#eof = true;
+          this.#disconnect(undefined);
+          return;
+        }
+        const before = this.#pushed;
+        this.#decoder.decode(n === buf.length ? buf : buf.subarray(0, n), this.#emit);
+        if (buf === this.#readBuf) {
+          // Grow while reads fill the buffer; shrink back after a small read.
+          if (n === buf.length && n < MAX_READ) this.#readBuf = new Uint8Array(n * 4);
+          else if (n < MIN_READ && buf.length > MIN_READ) this.#readBuf = null;
+        }
+        if (passive) {
+          this.#deliverFrame();
+        } else if (this.#pushed !== before) {
+          // Active: go on once the handler has acted on these frames (see #resumeReader).
+          await this.#pauseReader();
+          if (this.#done) return;
+        }
+      }
+    } catch (err) {
+      if (this.#done) return;
+      if (isSocketError(err)) {
+        this.#eof = true;
+        this.#disconnect(err as Error);
+      } else {
+        // A framing error: this connection cannot go on.
+        this.#fail(err);
+      }
+    }
+  }
+
+  #disconnect(error: Error | undefined): void {
+    if (this.#disconnected) return;
+    this.#disconnected = true;
+    this.#clearRecv();
+    this.#push(error ? { type: "disconnect", error } : { type: "disconnect" });
+  }
+
+  // Passive mode: a recv asks for one frame.
+  #requestFrame(timeoutMs: number | undefined): void {
+    this.#recvWanted = true;
+    if (timeoutMs !== undefined) {
+      clearTimeout(this.#recvTimer);
+      this.#recvTimer = setTimeout(() => {
+        this.#recvTimer = undefined;
+        if (!this.#recvWanted) return;
+        this.#recvWanted = false;
+        this.#push({ type: "recvTimeout" });
+      }, timeoutMs);
+    }
+    if (this.#frames.length > 0) {
+      this.#deliverFrame();
+    } else if (this.#eof) {
+      this.#recvWanted = false;
+      this.#clearRecv();
+      this.#push({ type: "disconnect" });
+    } else if (!this.#readerStarted) {
+      this.#readerStarted = true;
+      this.#readLoop();
+    } else {
+      const resume = this.#readerPaused;
+      this.#readerPaused = null;
+      resume?.();
+    }
+  }
+
+  #readerStarted = false;
+
+  #deliverFrame(): void {
+    if (!this.#recvWanted || this.#frames.length === 0) return;
+    this.#recvWanted = false;
+    this.#clearRecv();
+    this.#push({ type: "packet", data: this.#frames.shift()! });
+  }
+
+  #clearRecv(): void {
+    if (this.#recvTimer !== undefined) {
+      clearTimeout(this.#recvTimer);
+      this.#recvTimer = undefined;
+    }
+  }
+
+  // ---- Writing ------------------------------------------------------------------------------
+
+  #encode(data: unknown): void {
+    const before = this.#out.length;
+    this.#opts.framing.encode(data as T, this.#out);
+    this.#queued += this.#out.length - before;
+  }
+
+  sendFromOutside(data: unknown, sync: boolean): Promise<void> | undefined {
+    if (this.#done || this.#writeBroken) {
+      const err = new ConnectionClosed(this.handle.id, this.#closeReason ?? "write side broken");
+      if (sync) return Promise.reject(err);
+      return undefined;
+    }
+    try {
+      this.#encode(data);
+    } catch (err) {
+      if (sync) return Promise.reject(err);
+      throw err;
+    }
+    // Coalesce sends made in the same tick into one write.
+    if (!this.#flushQueued) {
+      this.#flushQueued = true;
+      queueMicrotask(() => {
+        this.#flushQueued = false;
+        this.#flush();
+      });
+    }
+    if (!sync) return undefined;
+    return new Promise((resolve, reject) => {
+      this.#syncWaiters.push({ at: this.#queued, resolve, reject });
+    });
+  }
+
+  #flushQueued = false;
+  #closeReason: unknown = undefined;
+
+  #flush(): void {
+    if (!this.#writing && this.#out.length > 0 && !this.#writeBroken) this.#writeLoop();
+  }
+
+  async #writeLoop(): Promise<void> {
+    this.#writing = true;
+    try {
+      while (this.#out.length > 0) {
+        const buf = this.#out;
+        this.#out = this.#spare;
+        this.#spare = buf;
+        let bytes = buf.bytes();
+        while (bytes.length > 0) {
+          const n = await this.socket.write(bytes);
+          this.#written += n;
+          bytes = bytes.subarray(n);
+        }
+        buf.reset(KEEP_WRITE_BUFFER);
+        this.#settleSyncWaiters();
+      }
+    } catch (err) {
+      this.#writeBroken = true;
+      this.#out.reset(0);
+      const error = err instanceof Error ? err : new Error(String(err));
+      for (const w of this.#syncWaiters.splice(0)) w.reject(error);
+      if (!this.#done) this.#disconnect(error);
+    } finally {
+      this.#writing = false;
+      for (const resolve of this.#drainWaiters.splice(0)) resolve();
+    }
+  }
+
+  #settleSyncWaiters(): void {
+    const waiters = this.#syncWaiters;
+    let i = 0;
+    while (i < waiters.length && waiters[i].at <= this.#written) waiters[i++].resolve();
+    if (i > 0) waiters.splice(0, i);
+  }
+
+  // Resolves once everything queued so far has been written (or writing failed).
+  #drained(): Promise<void> {
+    this.#flush();
+    if (!this.#writing) return Promise.resolve();
+    return new Promise((resolve) => this.#drainWaiters.push(resolve));
+  }
+
+  // ---- Timers -------------------------------------------------------------------------------
+
+  #armEventTimeout(ms: number | null): void {
+    if (ms === null || ms === Infinity) {
+      this.#deadline = Infinity;
+      return;
+    }
+    const at = performance.now() + ms;
+    this.#deadline = at;
+    // A timer already due no later than the new deadline is kept: it re-arms itself for the
+    // rest when it fires. That makes re-arming per packet cost no timer call.
+    if (this.#eventTimer !== undefined && this.#eventTimerAt <= at) return;
+    clearTimeout(this.#eventTimer);
+    this.#eventTimerAt = at;
+    this.#eventTimer = setTimeout(this.#onEventTimer, ms);
+  }
+
+  #onEventTimer = (): void => {
+    this.#eventTimer = undefined;
+    this.#eventTimerAt = Infinity;
+    const deadline = this.#deadline;
+    if (deadline === Infinity || this.#done) return;
+    const left = deadline - performance.now();
+    if (left > 1) {
+      this.#eventTimerAt = deadline;
+      this.#eventTimer = setTimeout(this.#onEventTimer, left);
+      return;
+    }
+    this.#deadline = Infinity;
+    this.#push({ type: "timeout" });
+  };
+
+  #cancelEventTimeout(): void {
+    this.#deadline = Infinity;
+  }
+
+  #armNamed(name: string, ms: number | null): void {
+    const old = this.#named.get(name);
+    if (old !== undefined) {
+      clearTimeout(old);
+      this.#named.delete(name);
+    }
+    if (ms === null) return;
+    this.#named.set(
+      name,
+      setTimeout(() => {
+        this.#named.delete(name);
+        this.#push({ type: "timeout", name });
+      }, ms),
+    );
+  }
+
+  // ---- Messages from outside ----------------------------------------------------------------
+
+  call(message: unknown, timeout: number): Promise<unknown> {
+    if (this.#done) {
+      return Promise.reject(new ConnectionClosed(this.handle.id, this.#closeReason));
+    }
+    return new Promise((resolve, reject) => {
+      const ref = ++nextCall;
+      const timer = setTimeout(() => {
+        this.#calls.delete(ref);
+        reject(new TimeoutError(`call to connection ${this.handle.id} timed out after ${timeout} ms`));
+      }, timeout);
+      this.#calls.set(ref, { resolve, reject, timer });
+      const from: From = { ref };
+      this.#push({ type: "call", message, from });
+    });
+  }
+
+  register(name: string): Promise<boolean> {
+    if (this.#done) return Promise.resolve(false);
+    return Promise.resolve(this.#opts.registry.claim(this.handle.id, name)).then((ok) => {
+      if (ok) this.name = name;
+      return ok;
+    });
+  }
+
+  upgrade(handler: Handler<T>, codeChange?: CodeChange): void {
+    if (this.#done) return;
+    this.#upgradeTo = { handler, codeChange };
+    if (!this.hibernating) this.#push({ type: "upgrade", handler });
+  }
+
+  shutdown(reason: unknown, timeout = this.#opts.shutdownTimeout): Promise<void> {
+    if (!this.#done && this.#forceTimer === undefined) {
+      this.#push({ type: "shutdown", reason });
+      this.#forceTimer = setTimeout(() => this.#force(reason), timeout);
+    }
+    return this.closed.then(() => {});
+  }
+
+  // Shutdown timed out: end the connection now, whatever the handler is doing.
+  #force(reason: unknown): void {
+    if (this.#done) return;
+    if (this.#busy) {
+      // The handler is inside a step (a stuck await, perhaps): do not wait for it.
+      const gen = this.#gen;
+      this.#gen = null;
+      Promise.resolve(gen?.return(undefined)).catch(() => {});
+      this.#finish(reason, true);
+      return;
+    }
+    // The handler waits at a yield (or is hibernated): wake the loop, which runs its finally.
+    this.#fail(reason);
+  }
+
+  // A framing error ends the connection, as soon as the handler is back at a yield.
+  #fail(err: unknown): void {
+    if (this.#done || this.#forced) return;
+    this.#forced = { reason: err };
+    const waiter = this.#waiter;
+    this.#waiter = null;
+    waiter?.(undefined);
+  }
+
+  // ---- Ending -------------------------------------------------------------------------------
+
+  async #finish(reason: unknown, forced: boolean): Promise<void> {
+    if (this.#done) return;
+    this.#done = true;
+    this.#closeReason = reason;
+    this.#clearTimers();
+    const waiter = this.#waiter;
+    this.#waiter = null;
+    waiter?.(undefined);
+    this.#readerPaused?.();
+    this.#readerPaused = null;
+    if (!forced && !this.#writeBroken) {
+      // Let pending output reach the socket, for a while.
+      let timer: Timer | undefined;
+      await Promise.race([
+        this.#drained(),
+        new Promise<void>((resolve) => timer = setTimeout(resolve, LINGER_MS)),
+      ]);
+      clearTimeout(timer);
+    }
+    try {
+      this.socket.close();
+    } catch { /* already closed */ }
+    const closedErr = new ConnectionClosed(this.handle.id, reason);
+    for (const call of this.#calls.values()) {
+      clearTimeout(call.timer);
+      call.reject(closedErr);
+    }
+    this.#calls.clear();
+    for (const w of this.#syncWaiters.splice(0)) w.reject(closedErr);
+    this.#queue.length = 0;
+    this.#head = 0;
+    this.#frames.length = 0;
+    try {
+      const removed = this.#opts.registry.remove(this.handle.id);
+      if (isPromise(removed)) await removed.catch(() => {});
+    } catch { /* the registry logs its own trouble */ }
+    if (reason !== "normal" && reason !== "shutdown" && !isShutdownReason(reason)) {
+      this.#opts.logger.error(
+        `etcp: connection ${this.handle.id} (${formatAddr(this.socket.remoteAddr)}) ended:`,
+        reason,
+      );
+    }
+    this.#opts.onClose?.(this.handle);
+    this.#resolveClosed(reason);
+  }
+
+  #clearTimers(): void {
+    clearTimeout(this.#eventTimer);
+    this.#eventTimer = undefined;
+    this.#deadline = Infinity;
+    for (const timer of this.#named.values()) clearTimeout(timer);
+    this.#named.clear();
+    this.#clearRecv();
+    clearTimeout(this.#forceTimer);
+  }
+}
+
+// Stopping for the owner's shutdown is not an error worth logging.
+function isShutdownReason(reason: unknown): boolean {
+  return typeof reason === "object" && reason !== null &&
+    (reason as { shutdown?: unknown }).shutdown === true;
+}
+
+function isSocketError(err: unknown): boolean {
+  return err instanceof Deno.errors.ConnectionReset ||
+    err instanceof Deno.errors.ConnectionAborted ||
+    err instanceof Deno.errors.BrokenPipe ||
+    err instanceof Deno.errors.NotConnected ||
+    err instanceof Deno.errors.UnexpectedEof ||
+    err instanceof Deno.errors.TimedOut ||
+    err instanceof Deno.errors.BadResource ||
+    err instanceof Deno.errors.Interrupted ||
+    (err instanceof Error && "code" in err && typeof err.code === "string");
+}
+
+/** A short text for an address, for logs. */
+export function formatAddr(addr: Addr): string {
+  switch (addr.transport) {
+    case "tcp":
+    case "udp":
+      return addr.hostname.includes(":")
+        ? `[${addr.hostname}]:${addr.port}`
+        : `${addr.hostname}:${addr.port}`;
+    case "unix":
+    case "unixpacket":
+      return addr.path;
+    case "memory":
+      return `memory:${addr.name}`;
+    default:
+      return JSON.stringify(addr);
+  }
+}

@@ -1,0 +1,99 @@
+/**
+ * etcp for Deno: TCP servers and clients in which every connection is its own logical
+ * process, an async generator that yields actions (`send`, `reply`, `setTimeout`,
+ * `hibernate`, `stop`, `recv`) and receives events (`packet`, `call`, `cast`, `info`,
+ * `timeout`, `disconnect`, `shutdown`, `upgrade`).
+ *
+ * @example An echo server
+ * ```ts
+ * import { lengthPrefixed, send, serve, setTimeout } from "./mod.ts";
+ *
+ * const server = await serve(async function* () {
+ *   let ev = yield setTimeout(30_000);
+ *   for (;;) {
+ *     switch (ev.type) {
+ *       case "packet":
+ *         ev = yield [send(ev.data), setTimeout(30_000)];
+ *         break;
+ *       case "timeout":
+ *       case "disconnect":
+ *       case "shutdown":
+ *         return;
+ *       default:
+ *         ev = yield;
+ *     }
+ *   }
+ * }, { port: 0, framing: lengthPrefixed(4) });
+ * await server.stop();
+ * ```
+ *
+ * @module
+ */
+
+export {
+  hibernate,
+  recv,
+  reply,
+  send,
+  setTimeout,
+  stop,
+} from "./actions.ts";
+export type {
+  Action,
+  CallEvent,
+  CastEvent,
+  DisconnectEvent,
+  Event,
+  From,
+  Handler,
+  HibernateAction,
+  InfoEvent,
+  PacketEvent,
+  RecvAction,
+  RecvTimeoutEvent,
+  ReplyAction,
+  SendAction,
+  SetTimeoutAction,
+  ShutdownEvent,
+  StopAction,
+  TimeoutEvent,
+  UpgradeEvent,
+  Yielded,
+} from "./actions.ts";
+export { Connection } from "./connection.ts";
+export type { CallOptions, CodeChange, Logger, Mode, StopOptions } from "./connection.ts";
+export {
+  ConnectionClosed,
+  FrameTooLarge,
+  MalformedFrame,
+  ProtocolError,
+  TimeoutError,
+} from "./errors.ts";
+export { decodeFrames, encodeFrames, lengthPrefixed, lines, raw } from "./framing.ts";
+export type {
+  BytesLike,
+  Decoder,
+  FrameWriter,
+  Framing,
+  LengthPrefixedOptions,
+  LinesOptions,
+} from "./framing.ts";
+export { defaultRegistry, MemoryRegistry } from "./registry.ts";
+export type { ConnectionRef, ListFilter, Registry, RegistryEntry } from "./registry.ts";
+export { serve, Server } from "./server.ts";
+export type { AcceptorInfo, ServeOptions, ServerStatus, UpgradeOptions } from "./server.ts";
+export { connect } from "./client.ts";
+export type { ConnectOptions } from "./client.ts";
+export { tcp } from "./transport/tcp.ts";
+export type { TcpOptions } from "./transport/tcp.ts";
+export { memory } from "./transport/memory.ts";
+export type { MemoryOptions } from "./transport/memory.ts";
+export type {
+  Addr,
+  Conn,
+  ConnectOptions as TransportConnectOptions,
+  Listener,
+  ListenOptions,
+  MemoryAddr,
+  Transport,
+} from "./transport/transport.ts";

@@ -1,0 +1,146 @@
+/**
+ * Who is connected: the {@linkcode Registry} interface and {@linkcode MemoryRegistry}, the
+ * per-process default.
+ *
+ * @module
+ */
+
+import type { Connection } from "./connection.ts";
+import type { Addr } from "./transport/transport.ts";
+
+/** What a registry knows of one connection. */
+export interface RegistryEntry {
+  /** The connection's id. */
+  id: string;
+  /** Its registered name, if any. */
+  name?: string;
+  /** The server, pool or client that owns it (its `name`). */
+  owner: string;
+  /** The process (node) it lives in. */
+  node: string;
+  /** What kind of owner it has. */
+  kind: "server" | "client" | "pool";
+  /** The peer's address. */
+  remoteAddr: Addr;
+  /** This end's address. */
+  localAddr: Addr;
+  /** When it started, in ms since the epoch. */
+  startedAt: number;
+}
+
+/** Which entries {@linkcode Registry.list} returns; unset fields match all. */
+export interface ListFilter {
+  /** Only connections of this owner. */
+  owner?: string;
+  /** Only connections of this node. */
+  node?: string;
+  /** Only connections of this kind. */
+  kind?: RegistryEntry["kind"];
+}
+
+/** What a lookup returns: enough of a connection to talk to it. */
+export type ConnectionRef = Pick<
+  Connection,
+  "id" | "name" | "call" | "cast" | "info" | "send" | "stop"
+>;
+
+/**
+ * Keeps who is connected. Servers and clients add each connection when it starts and remove
+ * it when it ends; `conn.register(name)` claims a unique name.
+ */
+export interface Registry {
+  /** This process's node name, recorded in every entry it adds. */
+  readonly node: string;
+  /** Record a starting connection. */
+  add(entry: RegistryEntry, conn: ConnectionRef): void | Promise<void>;
+  /** Forget a connection (and free its name). */
+  remove(id: string): void | Promise<void>;
+  /** Give connection `id` the name `name` if it is free (or already its own); its old name is freed. */
+  claim(id: string, name: string): boolean | Promise<boolean>;
+  /** The entries matching `filter`. */
+  list(filter?: ListFilter): Promise<RegistryEntry[]>;
+  /** Find a connection by id or name. */
+  lookup(idOrName: string): Promise<ConnectionRef | undefined>;
+}
+
+/** A name for this process, unique enough to tell processes apart in a shared registry. */
+export const localNode: string = `${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
+
+/**
+ * A registry in this process's memory: the default for servers and clients that name none.
+ *
+ * @example
+ * ```ts
+ * import { MemoryRegistry, connect, memory, serve } from "./mod.ts";
+ * const registry = new MemoryRegistry();
+ * const transport = memory("registry-doc");
+ * const server = await serve(async function* (conn) {
+ *   await conn.register("alice");
+ *   yield;
+ * }, { transport, registry, name: "chat" });
+ * const client = await connect(async function* () {}, { transport });
+ * while (!(await registry.lookup("alice"))) await new Promise((r) => setTimeout(r, 1));
+ * console.assert((await registry.list({ owner: "chat" }))[0].name === "alice");
+ * await client.stop();
+ * await server.stop();
+ * ```
+ */
+export class MemoryRegistry implements Registry {
+  /** This process's node name. */
+  readonly node: string = localNode;
+  readonly #entries = new Map<string, { entry: RegistryEntry; conn: ConnectionRef }>();
+  readonly #names = new Map<string, string>();
+
+  /** Record a starting connection. */
+  add(entry: RegistryEntry, conn: ConnectionRef): void {
+    this.#entries.set(entry.id, { entry, conn });
+  }
+
+  /** Forget a connection and free its name. */
+  remove(id: string): void {
+    const found = this.#entries.get(id);
+    if (!found) return;
+    this.#entries.delete(id);
+    const name = found.entry.name;
+    if (name !== undefined && this.#names.get(name) === id) this.#names.delete(name);
+  }
+
+  /** Give `id` the name `name` if free or already its own; its previous name is freed. */
+  claim(id: string, name: string): boolean {
+    const found = this.#entries.get(id);
+    if (!found) return false;
+    const holder = this.#names.get(name);
+    if (holder !== undefined && holder !== id) return false;
+    const old = found.entry.name;
+    if (old !== undefined && old !== name) this.#names.delete(old);
+    this.#names.set(name, id);
+    found.entry.name = name;
+    return true;
+  }
+
+  /** The entries matching `filter` (copies). */
+  list(filter: ListFilter = {}): Promise<RegistryEntry[]> {
+    const out: RegistryEntry[] = [];
+    for (const { entry } of this.#entries.values()) {
+      if (filter.owner !== undefined && entry.owner !== filter.owner) continue;
+      if (filter.node !== undefined && entry.node !== filter.node) continue;
+      if (filter.kind !== undefined && entry.kind !== filter.kind) continue;
+      out.push({ ...entry });
+    }
+    return Promise.resolve(out);
+  }
+
+  /** Find a live connection by id or name. */
+  lookup(idOrName: string): Promise<ConnectionRef | undefined> {
+    const id = this.#names.get(idOrName) ?? idOrName;
+    return Promise.resolve(this.#entries.get(id)?.conn);
+  }
+
+  /** How many connections are registered. */
+  get size(): number {
+    return this.#entries.size;
+  }
+}
+
+/** The registry used by servers and clients that are given none. */
+export const defaultRegistry: MemoryRegistry = new MemoryRegistry();
