@@ -196,6 +196,7 @@ export function lengthPrefixed(
   }
   const limit = bytes === 4 ? 0xffff_ffff : (1 << (8 * bytes)) - 1;
   const maxLength = Math.min(options.maxLength ?? 8 * 1024 * 1024, limit);
+  if (!(maxLength >= 0)) throw new RangeError(`maxLength must be >= 0, not ${options.maxLength}`);
   return {
     name: `lengthPrefixed(${bytes})`,
     decoder: () => new LengthPrefixedDecoder(bytes, maxLength),
@@ -216,7 +217,8 @@ const CR = 13;
 
 class LinesDecoder implements Decoder<string> {
   readonly #max: number;
-  readonly #text = new TextDecoder("utf-8", { fatal: true });
+  // ignoreBOM: a U+FEFF that starts a line is data, not a byte-order mark to strip.
+  readonly #text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
   #held = new WriteBuffer(); // the start of a line not yet ended
 
   constructor(max: number) {
@@ -234,7 +236,11 @@ class LinesDecoder implements Decoder<string> {
       if (nl < 0) {
         if (start < chunk.length) {
           this.#held.write(chunk.subarray(start));
-          if (this.#held.length > this.#max) throw new FrameTooLarge(this.#held.length, this.#max);
+          const held = this.#held.length;
+          // A line of exactly maxLength may be held with the `\r` of its `\r\n` ending.
+          if (held > this.#max && !(held === this.#max + 1 && chunk[chunk.length - 1] === CR)) {
+            throw new FrameTooLarge(held, this.#max);
+          }
         }
         return;
       }
@@ -277,6 +283,7 @@ export interface LinesOptions {
  */
 export function lines(options: LinesOptions = {}): Framing<string> {
   const maxLength = options.maxLength ?? 64 * 1024;
+  if (!(maxLength >= 0)) throw new RangeError(`maxLength must be >= 0, not ${maxLength}`);
   return {
     name: "lines",
     decoder: () => new LinesDecoder(maxLength),

@@ -1,0 +1,170 @@
+/**
+ * A line-based chat server that a person can use with `nc localhost 7000`.
+ *
+ *     PORT=7000 deno run --allow-net --allow-env examples/chat_server.ts
+ *
+ * Commands: `/nick NAME` (names are unique), `/msg NAME TEXT`, `/who`, `/quit`; any other
+ * line goes to everyone. Idle users are warned, then disconnected.
+ *
+ * @module
+ */
+
+import {
+  type Connection,
+  defaultRegistry,
+  type Event,
+  lines,
+  type Registry,
+  send,
+  serve,
+  type Server,
+  setTimeout,
+  stop,
+  type Transport,
+  type Yielded,
+} from "../mod.ts";
+
+/** Options of {@linkcode chatServer}. */
+export interface ChatOptions {
+  /** Port to listen on (default 7000; 0 for any). */
+  port?: number;
+  /** Address to bind (default `"0.0.0.0"`). */
+  hostname?: string;
+  /** Silence after which a user is warned (default 5 minutes). */
+  idleWarnMs?: number;
+  /** Further silence after the warning before the user is disconnected (default 1 minute). */
+  idleKickMs?: number;
+  /** The server's name, the owner of its users in the registry (default `"chat"`). */
+  name?: string;
+  /** Where names are registered (default: the process's memory registry). */
+  registry?: Registry;
+  /** How to listen (default TCP). */
+  transport?: Transport;
+  /** Called with the address once listening. */
+  onListen?: (addr: Deno.Addr | { transport: "memory"; name: string }) => void;
+}
+
+const NAME = /^[A-Za-z0-9_-]{1,20}$/;
+
+/** Start a chat server. */
+export async function chatServer(options: ChatOptions = {}): Promise<Server<string>> {
+  const warnAfter = options.idleWarnMs ?? 5 * 60_000;
+  const kickAfter = options.idleKickMs ?? 60_000;
+  const room: { server?: Server<string> } = {};
+  const registry = options.registry ?? defaultRegistry;
+
+  // Everyone with a name, but `except`.
+  function broadcast(line: string, except?: Connection<string>): void {
+    for (const other of room.server?.connections() ?? []) {
+      if (other !== except && other.name !== undefined) other.send(line);
+    }
+  }
+
+  async function* chatter(conn: Connection<string>): AsyncGenerator<Yielded, void, Event<string>> {
+    let warned = false;
+    let ev = yield [
+      send("* welcome! choose a name with /nick NAME; /who lists people, /msg NAME TEXT whispers"),
+      setTimeout(warnAfter, "idle"),
+    ];
+    try {
+      for (;;) {
+        if (ev.type === "timeout" && ev.name === "idle") {
+          if (warned) {
+            yield [send("* disconnected for inactivity"), stop()];
+            return;
+          }
+          warned = true;
+          ev = yield [
+            send(`* you have been idle; you will be disconnected in ${kickAfter / 1000} s`),
+            setTimeout(kickAfter, "idle"),
+          ];
+          continue;
+        }
+        if (ev.type === "disconnect") return;
+        if (ev.type === "shutdown") {
+          yield [send("* the server is shutting down"), stop()];
+          return;
+        }
+        if (ev.type !== "packet") {
+          ev = yield;
+          continue;
+        }
+        warned = false;
+        const line = ev.data.trim();
+        const out: string[] = [];
+        if (line === "") {
+          // nothing to say
+        } else if (line.startsWith("/nick")) {
+          const name = line.slice(5).trim();
+          const old = conn.name;
+          if (!NAME.test(name)) {
+            out.push("* a name is 1 to 20 letters, digits, - or _");
+          } else if (name === old) {
+            out.push(`* you are already ${name}`);
+          } else if (await conn.register(name)) {
+            out.push(`* you are now ${name}`);
+            broadcast(old ? `* ${old} is now known as ${name}` : `* ${name} joined`, conn);
+          } else {
+            out.push(`* the name ${name} is taken`);
+          }
+        } else if (line === "/who") {
+          const entries = await registry.list({ owner: room.server?.name });
+          const people = entries.flatMap((entry) => entry.name ? [entry.name] : []);
+          out.push(`* online: ${people.sort().join(", ") || "nobody with a name yet"}`);
+        } else if (line === "/quit") {
+          yield [send("* bye"), stop()];
+          return;
+        } else if (conn.name === undefined) {
+          out.push("* choose a name first: /nick NAME");
+        } else if (line.startsWith("/msg ")) {
+          const [, to, ...words] = line.split(/\s+/);
+          const target = await registry.lookup(to);
+          if (!target || words.length === 0) {
+            out.push(target ? "* usage: /msg NAME TEXT" : `* nobody is called ${to}`);
+          } else {
+            target.send(`*${conn.name}* ${words.join(" ")}`);
+            out.push(`-> ${to}: ${words.join(" ")}`);
+          }
+        } else if (line.startsWith("/")) {
+          out.push("* commands: /nick NAME, /msg NAME TEXT, /who, /quit");
+        } else {
+          broadcast(`<${conn.name}> ${line}`, conn);
+        }
+        ev = yield [...out.map((text) => send(text)), setTimeout(warnAfter, "idle")];
+      }
+    } finally {
+      if (conn.name !== undefined) broadcast(`* ${conn.name} left`, conn);
+    }
+  }
+
+  const server = await serve(chatter, {
+    port: options.port ?? 7000,
+    hostname: options.hostname,
+    framing: lines({ maxLength: 4096 }),
+    registry,
+    transport: options.transport,
+    name: options.name ?? "chat",
+    onListen: options.onListen,
+  });
+  room.server = server;
+  return server;
+}
+
+if (import.meta.main) {
+  const port = Number(Deno.env.get("PORT") ?? 7000);
+  const server = await chatServer({
+    port,
+    onListen: (addr) => {
+      if (addr.transport === "tcp") {
+        console.log(`chat server listening on ${addr.hostname}:${addr.port}`);
+        console.log(`talk to it with: nc localhost ${addr.port}`);
+      }
+    },
+  });
+  const shutdown = () => server.stop();
+  Deno.addSignalListener("SIGINT", shutdown);
+  Deno.addSignalListener("SIGTERM", shutdown);
+  await server.finished;
+  Deno.removeSignalListener("SIGINT", shutdown);
+  Deno.removeSignalListener("SIGTERM", shutdown);
+}
