@@ -171,7 +171,7 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
 
 /** Options of {@linkcode lengthPrefixed}. */
 export interface LengthPrefixedOptions {
-  /** The largest frame accepted, in bytes (default: 8 MiB, or what the prefix can express). */
+  /** The largest frame accepted or sent, in bytes (default: 8 MiB, or what the prefix can express). */
   maxLength?: number;
 }
 
@@ -266,7 +266,7 @@ class LinesDecoder implements Decoder<string> {
 
 /** Options of {@linkcode lines}. */
 export interface LinesOptions {
-  /** The longest line accepted, in bytes, without its line ending (default 64 KiB). */
+  /** The longest line accepted or sent, in bytes, without its line ending (default 64 KiB). */
   maxLength?: number;
 }
 
@@ -291,7 +291,14 @@ export function lines(options: LinesOptions = {}): Framing<string> {
       if (typeof frame !== "string") {
         throw new TypeError(`cannot send ${typeof frame} as a line: expected a string`);
       }
-      out.writeString(frame);
+      // Up to 3 UTF-8 bytes per UTF-16 unit: only a long string needs measuring.
+      if (frame.length * 3 > maxLength) {
+        const bytes = textEncoder.encode(frame);
+        if (bytes.length > maxLength) throw new FrameTooLarge(bytes.length, maxLength);
+        out.write(bytes);
+      } else {
+        out.writeString(frame);
+      }
       out.writeUint(NEWLINE, 1);
     },
   };

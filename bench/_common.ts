@@ -65,7 +65,7 @@ export async function writeAll(
 // --------------------------------------------------------------------- /proc
 
 /** Resident set size of process `pid` in KiB (VmRSS). */
-export function rssKB(pid: number | "self"): number {
+export function rssKB(pid: number): number {
   const status = Deno.readTextFileSync(`/proc/${pid}/status`);
   const m = status.match(/^VmRSS:\s+(\d+)\s+kB/m);
   if (!m) throw new Error(`no VmRSS in /proc/${pid}/status`);
@@ -73,12 +73,19 @@ export function rssKB(pid: number | "self"): number {
 }
 
 /** User + system CPU seconds used so far by process `pid`. */
-export function cpuSeconds(pid: number | "self"): number {
+export function cpuSeconds(pid: number): number {
   const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
   // Fields after the parenthesised command name; utime and stime are the 14th
   // and 15th fields overall, in clock ticks (100 per second on Linux).
   const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   return (Number(f[11]) + Number(f[12])) / 100;
+}
+
+/** CPU seconds spent by all processes of the machine (user + nice + system;
+ * interrupt time left out, as no process is charged for it either). */
+export function machineCpuSeconds(): number {
+  const f = Deno.readTextFileSync("/proc/stat").split("\n")[0].split(/\s+/);
+  return (Number(f[1]) + Number(f[2]) + Number(f[3])) / 100;
 }
 
 /** Number of open file descriptors of `pid`, or -1 if not readable. */

@@ -2,6 +2,7 @@
 // length, then a payload that starts with the frame's sequence number.
 // Clients only (node:buffer's memcmp costs a server ~7 MB of RSS).
 import { Buffer } from "node:buffer";
+import { writeAll } from "./_common.ts";
 
 /** Length prefix: 4 bytes, big-endian (the library's `lengthPrefixed(4)`). */
 export const HEADER = 4;
@@ -31,7 +32,7 @@ export function writeFrame(
   writeU32(dst, at, size);
   writeU32(dst, at + HEADER, seq);
   const from = (seq & 255) + MIN_SIZE;
-  dst.set(pattern.subarray(from, from + size - MIN_SIZE), at + HEADER + 4);
+  dst.set(pattern.subarray(from, from + size - MIN_SIZE), at + HEADER + MIN_SIZE);
 }
 
 /** True if the `size`-byte payload at `buf[at]` is exactly frame `seq`. */
@@ -70,6 +71,25 @@ function readU32(b: Uint8Array, at: number): number {
     0;
 }
 
+/** The echo differs from what was sent: counted as corrupt, not as an error. */
+export class CorruptFrame extends Error {
+  override name = "CorruptFrame";
+}
+
+/** Checks that the frame at payload offset `at` (length `len`) is frame `seq`
+ * of `size` bytes; throws CorruptFrame if not. */
+export function expectFrame(
+  r: FrameReader,
+  at: number,
+  seq: number,
+  size: number,
+  pattern: Uint8Array,
+): void {
+  if (r.len !== size || !checkPayload(r.buf, at, seq, size, pattern)) {
+    throw new CorruptFrame(`frame ${seq}: wrong echo`);
+  }
+}
+
 /**
  * Reassembles length-prefixed frames from arbitrary splits. The socket reads
  * straight into `space()` (no copy per read); `next()` returns the payload
@@ -81,7 +101,8 @@ export class FrameReader {
   #start = 0;
   #end = 0;
 
-  constructor(capacity = 64 * 1024, readonly maxLength = 16 << 20) {
+  /** `maxLength`: the longest frame expected; a longer header is corrupt. */
+  constructor(capacity: number, readonly maxLength: number) {
     this.buf = new Uint8Array(capacity);
   }
 
@@ -109,13 +130,13 @@ export class FrameReader {
     this.#end += n;
   }
 
-  /** Payload offset of the next whole frame, -1 if none yet; throws on a
-   * length beyond `maxLength` (the stream cannot be resynchronised). */
+  /** Payload offset of the next whole frame, -1 if none yet; throws
+   * CorruptFrame on a length beyond `maxLength` (no waiting for it). */
   next(): number {
     const avail = this.#end - this.#start;
     if (avail < HEADER) return -1;
     const len = readU32(this.buf, this.#start);
-    if (len > this.maxLength) throw new Error(`frame length ${len}`);
+    if (len > this.maxLength) throw new CorruptFrame(`frame length ${len}`);
     if (avail < HEADER + len) return -1;
     const at = this.#start + HEADER;
     this.#start = at + len;
@@ -130,4 +151,24 @@ export class FrameReader {
     return Math.min(HEADER + readU32(this.buf, this.#start), this.maxLength) -
       avail;
   }
+}
+
+/** Sends frame `seq` alone and waits for its echo (accept rate, idle). */
+export async function echoOne(
+  conn: Deno.Conn,
+  seq: number,
+  size: number,
+  pattern: Uint8Array,
+): Promise<void> {
+  const frame = new Uint8Array(HEADER + size);
+  writeFrame(frame, 0, seq, size, pattern);
+  await writeAll(conn, frame);
+  const r = new FrameReader(frame.length, size);
+  let at;
+  while ((at = r.next()) < 0) {
+    const n = await conn.read(r.space());
+    if (n === null) throw new Error(`frame ${seq}: closed before its echo`);
+    r.commit(n);
+  }
+  expectFrame(r, at, seq, size, pattern);
 }

@@ -6,11 +6,11 @@
 // Opens `connections` connections to the server (whose pid we read from
 // /proc: the client's own memory is not counted), optionally exchanges one
 // length-prefixed frame on each (--send-one: the server has been active once
-// before going idle), waits until the server has accepted them all (its fd
-// count) and its RSS has settled, then prints one JSON line:
+// before going idle), waits until the server has accepted them all (the echo,
+// or else its fd count) and its RSS has settled, then prints one JSON line:
 // {"connections","accepted","rssBeforeKB","rssAfterKB","perConnBytes"}.
-import { fdCount, parseFlags, rssKB, sleep, writeAll } from "./_common.ts";
-import { checkPayload, FrameReader, HEADER, makePattern, MIN_SIZE, writeFrame } from "./_frames.ts";
+import { fdCount, parseFlags, rssKB, sleep } from "./_common.ts";
+import { echoOne, makePattern, MIN_SIZE } from "./_frames.ts";
 
 const USAGE = `usage: deno run -A bench/idle.ts --pid PID --port P [--host 127.0.0.1]
   [--connections 2000] [--send-one] [--size 64] [--settle 500]`;
@@ -52,8 +52,15 @@ await forEach(opts.connections, CONNECT_CONCURRENCY, async () => {
   const conn = await Deno.connect({ hostname: opts.host, port: opts.port });
   conns.push(conn);
 });
-if (opts["send-one"]) await forEach(conns.length, EXCHANGE_CONCURRENCY, echoOne);
-const accepted = await waitAccepted(fdBefore);
+if (opts["send-one"]) {
+  await forEach(
+    conns.length,
+    EXCHANGE_CONCURRENCY,
+    (i) => echoOne(conns[i], i, opts.size, pattern),
+  );
+}
+// An echo proves its connection was accepted; silent ones need the fd count.
+const accepted = opts["send-one"] ? opts.connections : await waitAccepted(fdBefore);
 const rssAfterKB = await settledRss();
 console.log(JSON.stringify({
   connections: opts.connections,
@@ -78,23 +85,6 @@ async function forEach(
       while (next < count) await job(next++);
     }),
   );
-}
-
-async function echoOne(seq: number) {
-  const conn = conns[seq];
-  const frame = new Uint8Array(HEADER + opts.size);
-  writeFrame(frame, 0, seq, opts.size, pattern);
-  await writeAll(conn, frame);
-  const r = new FrameReader(2 * frame.length);
-  let at;
-  while ((at = r.next()) < 0) {
-    const n = await conn.read(r.space());
-    if (n === null) throw new Error(`connection ${seq}: closed before echo`);
-    r.commit(n);
-  }
-  if (r.len !== opts.size || !checkPayload(r.buf, at, seq, opts.size, pattern)) {
-    throw new Error(`connection ${seq}: wrong echo`);
-  }
 }
 
 // Connects complete in the kernel before the server accepts them; the

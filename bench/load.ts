@@ -2,6 +2,7 @@
 //
 //   deno run -A bench/load.ts --port P [--host 127.0.0.1] [--connections 50]
 //     [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]
+//     [--server-pid PID]
 //
 // echo: every connection keeps `depth` length-prefixed frames in flight and
 // checks each echo (order and content). accept: `connections` loops of
@@ -11,12 +12,25 @@
 // 10^6 B), p50us/p99us (round trip; whole connect..echo cycle in accept mode),
 // errors, corrupt, cpuSeconds (this process, whole run) and cpuPct (this
 // process's CPU during the window: near 100 means the client was the limit).
+// With --server-pid, also for the window: serverCpuPct, serverUsPerFrame (the
+// server's cost per frame, telling servers apart even when the client is the
+// limit) and otherCpuPct (every other process: high means a noisy run).
 import process from "node:process";
-import { parseFlags, sleep, writeAll } from "./_common.ts";
-import { checkPayload, FrameReader, HEADER, makePattern, MIN_SIZE, writeFrame } from "./_frames.ts";
+import { cpuSeconds, machineCpuSeconds, parseFlags, sleep, writeAll } from "./_common.ts";
+import {
+  CorruptFrame,
+  echoOne,
+  expectFrame,
+  FrameReader,
+  HEADER,
+  makePattern,
+  MIN_SIZE,
+  writeFrame,
+} from "./_frames.ts";
 
 const USAGE = `usage: deno run -A bench/load.ts --port P [--host 127.0.0.1] [--connections 50]
-  [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]`;
+  [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]
+  [--server-pid PID]`;
 const opts = parseFlags(Deno.args, {
   host: "127.0.0.1",
   port: 0,
@@ -26,6 +40,7 @@ const opts = parseFlags(Deno.args, {
   duration: 5,
   warmup: 1,
   mode: "echo",
+  "server-pid": 0,
 }, USAGE);
 if (!opts.port) fail("--port is required");
 if (opts.size < MIN_SIZE) fail(`--size must be at least ${MIN_SIZE}`);
@@ -84,7 +99,7 @@ class EchoConn {
   #writing = false;
   #sentAt = new Float64Array(opts.depth); // in flight ≤ depth, in order
   #out = new Uint8Array(opts.depth * FRAME);
-  #reader = new FrameReader(Math.max(64 * 1024, 2 * FRAME));
+  #reader = new FrameReader(Math.max(64 * 1024, 2 * FRAME), opts.size);
 
   constructor(readonly conn: Deno.Conn) {}
 
@@ -100,13 +115,7 @@ class EchoConn {
       let echoed = 0;
       for (let at; (at = r.next()) >= 0; echoed++) {
         const seq = this.#received++;
-        if (
-          r.len !== opts.size ||
-          !checkPayload(r.buf, at, seq, opts.size, pattern)
-        ) {
-          stats.corrupt++;
-          throw new Error(`frame ${seq}: wrong echo`);
-        }
+        expectFrame(r, at, seq, opts.size, pattern);
         if (measuring) {
           stats.frames++;
           stats.hist.record(now - this.#sentAt[seq % opts.depth]);
@@ -155,13 +164,14 @@ function close(conn: Deno.Conn) {
 }
 
 // Failures after the window closed are our own teardown, not errors.
-function onConnError(conn: Deno.Conn) {
+function onConnError(conn?: Deno.Conn) {
   return (e: unknown) => {
     if (!done()) {
-      stats.errors++;
-      if (stats.errors <= 5) console.error(`load: ${e}`);
+      if (e instanceof CorruptFrame) stats.corrupt++;
+      else stats.errors++;
+      if (stats.errors + stats.corrupt <= 5) console.error(`load: ${e}`);
     }
-    close(conn);
+    if (conn) close(conn);
   };
 }
 
@@ -174,36 +184,19 @@ async function echoMode() {
 
 let acceptSeq = 0;
 async function acceptLoop() {
-  const frame = new Uint8Array(FRAME);
   while (!done()) {
     const t0 = performance.now();
     let conn: Deno.Conn | undefined;
     try {
       conn = await connect();
-      const seq = acceptSeq++;
-      writeFrame(frame, 0, seq, opts.size, pattern);
-      await writeAll(conn, frame);
-      const r = new FrameReader(2 * FRAME);
-      let at;
-      while ((at = r.next()) < 0) {
-        const n = await conn.read(r.space());
-        if (n === null) throw new Error("server closed before echoing");
-        r.commit(n);
-      }
-      if (
-        r.len !== opts.size || !checkPayload(r.buf, at, seq, opts.size, pattern)
-      ) {
-        stats.corrupt++;
-        throw new Error(`frame ${seq}: wrong echo`);
-      }
+      await echoOne(conn, acceptSeq++, opts.size, pattern);
       if (stats.phase === "measure") {
         stats.frames++;
         stats.hist.record(performance.now() - t0);
       }
       close(conn);
     } catch (e) {
-      if (conn) onConnError(conn)(e);
-      else if (!done()) stats.errors++;
+      onConnError(conn)(e);
       await sleep(1); // e.g. out of ephemeral ports: don't spin
     }
   }
@@ -214,14 +207,30 @@ function fail(msg: string): never {
   Deno.exit(2);
 }
 
-function cpuNow(): number {
-  const u = process.cpuUsage();
-  return (u.user + u.system) / 1e6;
+/** CPU counters at one instant (seconds): ours, the server's, the machine's. */
+interface Sample {
+  t: number;
+  self: number;
+  server: number;
+  machine: number;
 }
 
-function report(t0: number, t1: number, cpu0: number, cpu1: number) {
-  const seconds = (t1 - t0) / 1000;
+function sample(): Sample {
+  const u = process.cpuUsage();
+  const pid = opts["server-pid"];
+  return {
+    t: performance.now() / 1000,
+    self: (u.user + u.system) / 1e6,
+    server: pid ? cpuSeconds(pid) : 0,
+    machine: machineCpuSeconds(),
+  };
+}
+
+function report(a: Sample, b: Sample) {
+  const seconds = b.t - a.t;
   const round = (x: number, d = 1) => Math.round(x * 10 ** d) / 10 ** d;
+  const pct = (cpu: number) => round(cpu / seconds * 100);
+  const server = b.server - a.server, self = b.self - a.self;
   console.log(JSON.stringify({
     mode: opts.mode,
     connections: opts.connections,
@@ -235,8 +244,15 @@ function report(t0: number, t1: number, cpu0: number, cpu1: number) {
     p99us: stats.hist.quantile(0.99),
     errors: stats.errors,
     corrupt: stats.corrupt,
-    cpuSeconds: round(cpuNow(), 3),
-    cpuPct: round((cpu1 - cpu0) / seconds * 100),
+    cpuSeconds: round(sample().self, 3),
+    cpuPct: pct(self),
+    ...(opts["server-pid"]
+      ? {
+        serverCpuPct: pct(server),
+        serverUsPerFrame: stats.frames ? round(server * 1e6 / stats.frames, 2) : null,
+        otherCpuPct: pct(Math.max(0, b.machine - a.machine - server - self)),
+      }
+      : {}),
   }));
 }
 
@@ -254,11 +270,11 @@ if (opts.mode === "echo") {
 }
 await sleep(opts.warmup * 1000);
 stats.phase = "measure";
-const t0 = performance.now(), cpu0 = cpuNow();
+const start = sample();
 await sleep(opts.duration * 1000);
 stats.phase = "done";
-const t1 = performance.now(), cpu1 = cpuNow();
+const end = sample();
 for (const conn of [...open]) close(conn);
 clearTimeout(deadline);
-report(t0, t1, cpu0, cpu1);
+report(start, end);
 Deno.exit(0);

@@ -20,6 +20,10 @@ const opts = parseFlags(
   USAGE,
 );
 const BIG = 64 * 1024;
+if (!(opts.park >= 1)) {
+  console.error(`--park must be at least 1\n\n${USAGE}`);
+  Deno.exit(2);
+}
 
 async function echo(conn: Deno.Conn) {
   const buf = new Uint8Array(BIG);

@@ -1,33 +1,38 @@
 // `deno task bench`: raw Deno vs etcp, same load client, same run.
 //
-//   deno run -A bench/run.ts [--duration 5] [--warmup 1] [--connections 50]
-//     [--size 64] [--depth 16] [--bulk-size 65536] [--idle-connections 2000]
-//     [--only SUBSTR[,SUBSTR]] [--servers raw,etcp[,etcp-sync,etcp-hibernate]]
-//     [--etcp-cmd CMD|raw] [--json]
+//   deno run -A bench/run.ts [--duration 2] [--warmup 0.5] [--rounds 3]
+//     [--connections 50] [--size 64] [--depth 16] [--bulk-size 65536]
+//     [--idle-connections 2000] [--only SUBSTR[,SUBSTR]]
+//     [--servers raw,etcp[,etcp-sync,etcp-hibernate]] [--etcp-cmd CMD|raw]
+//     [--json]
 //
-// Every scenario starts a fresh server process per server, waits for its
-// `listening on HOST:PORT` line, drives it with bench/load.ts or bench/idle.ts
-// (separate processes), then stops it. Prints a markdown table to stdout
-// (progress goes to stderr) and, with --json, one JSON line after it.
-// --etcp-cmd replaces `deno run -A examples/echo_server.ts` for the etcp
-// servers (env ETCP_CMD too); `--etcp-cmd raw` runs raw_echo.ts in the etcp
-// slots, a self-test of the harness whose ratios should all be about 1.
-import { cpuSeconds, parseFlags, within } from "./_common.ts";
+// Each run starts a fresh server process, waits for its `listening on
+// HOST:PORT` line, drives it with bench/load.ts or bench/idle.ts (separate
+// processes) and stops it. Load scenarios run `rounds` times, servers
+// alternating, and the best round counts: the noise of a shared 2-core
+// machine only ever slows a run down. Prints a markdown table on stdout
+// (progress on stderr) and, with --json, one JSON line after it.
+import { parseFlags, within } from "./_common.ts";
+import { killAll, runJson, spawn } from "./_children.ts";
 
 const USAGE = `usage: deno run -A bench/run.ts [options]
-  --duration 5           seconds measured per load run (after --warmup 1)
+  --duration 2           seconds measured per load run, after --warmup 0.5
+  --rounds 3             runs per load scenario and server; the best counts
   --connections 50       concurrent connections of the load client
   --size 64              frame payload bytes (ping-pong, pipelined, accept)
   --depth 16             frames in flight per connection when pipelined
   --bulk-size 65536      frame payload bytes of the bulk run
   --idle-connections 2000
-  --only SUBSTR          run only scenarios whose name contains one of SUBSTR,…
+  --only SUBSTR,...      only scenarios whose name contains one of these
   --servers raw,etcp     among raw, etcp, etcp-sync, etcp-hibernate
-  --etcp-cmd CMD         command of the etcp server (or "raw": harness self-test)
-  --json                 also print the results as one JSON line`;
+  --etcp-cmd CMD         runs CMD instead of "deno run -A examples/echo_server.ts"
+                         for the etcp servers (also env ETCP_CMD); "raw" puts
+                         raw_echo.ts in their place: a harness self-test, ratios ≈ 1
+  --json                 also print all results as one JSON line`;
 const opts = parseFlags(Deno.args, {
-  duration: 5,
-  warmup: 1,
+  duration: 2,
+  warmup: 0.5,
+  rounds: 3,
   connections: 50,
   size: 64,
   depth: 16,
@@ -42,14 +47,17 @@ const opts = parseFlags(Deno.args, {
 const DENO = Deno.execPath();
 const BENCH = new URL(".", import.meta.url).pathname;
 const ROOT = new URL("..", import.meta.url).pathname;
-const LOAD_GRACE_MS = 15_000; // load.ts bounds itself; this is the backstop
-const IDLE_TIMEOUT_MS = 75_000; // idle.ts gives up after 60 s
+const EXAMPLE = `${ROOT}examples/echo_server.ts`;
+// load.ts and idle.ts bound themselves; these are backstops.
+const LOAD_TIMEOUT_MS = (opts.warmup + opts.duration) * 1000 + 15_000;
+const IDLE_TIMEOUT_MS = 75_000;
 const LISTEN_TIMEOUT_MS = 20_000; // a first run may compile the server
+const NOISY_PCT = 25; // other processes' CPU that marks a run as disturbed
 
 // ------------------------------------------------------------------ servers
 
-/** Which server setup a scenario needs: load runs, plain idle, or idle with
- * the cheapest parking (etcp --hibernate vs raw parked on a 1-byte read). */
+/** The server setup a scenario needs: load runs, plain idle, or idle with the
+ * cheapest parking (etcp --hibernate vs raw parked on a 1-byte read). */
 type Variant = "load" | "idle" | "hibernated";
 
 interface ServerDef {
@@ -68,7 +76,7 @@ function etcp(name: string, extra: string[]): ServerDef {
   if (opts["etcp-cmd"] === "raw") return { ...RAW, name };
   const cmd = opts["etcp-cmd"]
     ? opts["etcp-cmd"].trim().split(/\s+/)
-    : [DENO, "run", "-A", `${ROOT}examples/echo_server.ts`];
+    : [DENO, "run", "-A", EXAMPLE];
   const base = ["--framing", "len4", ...extra];
   const hibernate = extra.includes("--hibernate") ? [] : ["--hibernate"];
   return {
@@ -85,77 +93,6 @@ const SERVERS: Record<string, ServerDef> = {
   "etcp-hibernate": etcp("etcp-hibernate", ["--hibernate"]),
 };
 
-// Children still running; every exit path kills them.
-const children = new Set<Deno.ChildProcess>();
-
-function killAll() {
-  for (const child of children) {
-    try {
-      child.kill("SIGKILL");
-    } catch { /* already gone */ }
-  }
-  children.clear();
-}
-
-interface Output {
-  firstLine: Promise<string | null>;
-  /** Resolves once the pipe is closed and read to the end. */
-  done: Promise<void>;
-  tail(): string;
-}
-
-/** Drains a child's pipe (a full pipe would block it), remembering the first
- * line and the last few KB for error messages. */
-function collect(stream: ReadableStream<Uint8Array>): Output {
-  let text = "";
-  let lineFound = false;
-  let resolveLine!: (line: string | null) => void;
-  const firstLine = new Promise<string | null>((r) => resolveLine = r);
-  const done = (async () => {
-    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
-      text += chunk;
-      const nl = text.indexOf("\n");
-      if (!lineFound && nl >= 0) {
-        lineFound = true;
-        resolveLine(text.slice(0, nl));
-      }
-      if (lineFound && text.length > 16_384) text = text.slice(-8192);
-    }
-  })().catch(() => {}).finally(() => resolveLine(null));
-  return { firstLine, done, tail: () => text.slice(-8192) };
-}
-
-function spawn(cmd: string[]): {
-  child: Deno.ChildProcess;
-  stdout: Output;
-  stderr: Output;
-} {
-  const child = new Deno.Command(cmd[0], {
-    args: cmd.slice(1),
-    cwd: ROOT,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  children.add(child);
-  child.status.finally(() => children.delete(child));
-  return { child, stdout: collect(child.stdout), stderr: collect(child.stderr) };
-}
-
-/** SIGTERM, then SIGKILL if it is still there after 3 s. */
-async function stop(child: Deno.ChildProcess) {
-  const kill = (sig: Deno.Signal) => {
-    try {
-      child.kill(sig);
-    } catch { /* already exited */ }
-  };
-  kill("SIGTERM");
-  if (await within(child.status, 3000, "late") === "late") {
-    kill("SIGKILL");
-    await child.status;
-  }
-}
-
 interface Running {
   pid: number;
   host: string;
@@ -164,52 +101,29 @@ interface Running {
 }
 
 async function startServer(def: ServerDef, variant: Variant): Promise<Running> {
-  const p = spawn([
+  const child = spawn([
     ...def.cmd,
     ...def.flags[variant],
     ...["--port", "0", "--hostname", "127.0.0.1"],
-  ]);
-  const line = await within(p.stdout.firstLine, LISTEN_TIMEOUT_MS, null);
+  ], ROOT);
+  // null if stdout closed first: the server died.
+  const line = await within(child.stdout.firstLine, LISTEN_TIMEOUT_MS, null);
   const m = line?.match(/^listening on (.+):(\d+)\s*$/);
   if (!m) {
-    await stop(p.child);
+    await child.stop();
+    await child.stderr.done;
     throw new Error(
-      `${def.name} did not print "listening on HOST:PORT" (got ${
+      `${def.name}: no "listening on HOST:PORT" line (got ${
         JSON.stringify(line)
-      })\n${p.stderr.tail()}`,
+      })\n${child.stderr.tail()}`,
     );
   }
   return {
-    pid: p.child.pid,
+    pid: child.process.pid,
     host: m[1].replace(/^\[(.*)\]$/, "$1"),
     port: Number(m[2]),
-    stop: () => stop(p.child),
+    stop: child.stop,
   };
-}
-
-/** Runs a bench child to completion and parses its last stdout line. */
-async function runJson(
-  cmd: string[],
-  timeoutMs: number,
-): Promise<Record<string, number>> {
-  const p = spawn(cmd);
-  const timer = setTimeout(() => {
-    console.error(`killing ${cmd.slice(3).join(" ")}: over ${timeoutMs} ms`);
-    try {
-      p.child.kill("SIGKILL");
-    } catch { /* just exited */ }
-  }, timeoutMs);
-  const status = await p.child.status;
-  clearTimeout(timer);
-  await p.stdout.done;
-  const lines = p.stdout.tail().trim().split("\n");
-  if (!status.success) {
-    throw new Error(
-      `${cmd.slice(3).join(" ")} failed (${status.code})\n` +
-        p.stderr.tail(),
-    );
-  }
-  return JSON.parse(lines[lines.length - 1]);
 }
 
 // ---------------------------------------------------------------- scenarios
@@ -219,10 +133,11 @@ interface Scenario {
   variant: Variant;
   tool: "load.ts" | "idle.ts";
   args: string[];
+  unit: string;
 }
 
 const bytes = (n: number) => n >= 1024 && n % 1024 === 0 ? `${n / 1024} KiB` : `${n} B`;
-const load = (size: number, depth: number, mode = "echo") => [
+const load = (mode: string, size: number, depth: number) => [
   ...["--mode", mode, "--size", `${size}`, "--depth", `${depth}`],
   ...["--connections", `${opts.connections}`],
   ...["--duration", `${opts.duration}`, "--warmup", `${opts.warmup}`],
@@ -237,76 +152,72 @@ const SCENARIOS: Scenario[] = [
     name: `ping-pong ${bytes(opts.size)}, depth 1`,
     variant: "load",
     tool: "load.ts",
-    args: load(opts.size, 1),
+    args: load("echo", opts.size, 1),
+    unit: "frames/s",
   },
   {
     name: `pipelined ${bytes(opts.size)}, depth ${opts.depth}`,
     variant: "load",
     tool: "load.ts",
-    args: load(opts.size, opts.depth),
+    args: load("echo", opts.size, opts.depth),
+    unit: "frames/s",
   },
   {
     name: `bulk ${bytes(opts["bulk-size"])}, depth 1`,
     variant: "load",
     tool: "load.ts",
-    args: load(opts["bulk-size"], 1),
+    args: load("echo", opts["bulk-size"], 1),
+    unit: "frames/s",
   },
   {
     name: `accept rate (connect, ${bytes(opts.size)}, close)`,
     variant: "load",
     tool: "load.ts",
-    args: load(opts.size, 1, "accept"),
+    args: load("accept", opts.size, 1),
+    unit: "conn/s",
   },
   {
     name: "idle memory per conn (raw --park 65536)",
     variant: "idle",
     tool: "idle.ts",
     args: idle,
+    unit: "B/conn",
   },
   {
     name: "idle memory hibernated (raw --park 1)",
     variant: "hibernated",
     tool: "idle.ts",
     args: idle,
+    unit: "B/conn",
   },
 ];
+
+/** One run of one scenario against one server. */
+interface Run {
+  /** frames (or connections) per second, or idle bytes per connection */
+  value: number;
+  /** the JSON line of load.ts or idle.ts */
+  data: Record<string, number>;
+}
 
 interface Result {
   scenario: string;
   server: string;
-  /** frames (or connections) per second, or idle bytes per connection */
-  value?: number;
-  data?: Record<string, number>;
-  serverCpuPct?: number;
-  error?: string;
+  best?: Run;
+  runs: Run[];
+  failures: string[];
 }
 
-async function measure(s: Scenario, def: ServerDef): Promise<Result> {
+async function measure(s: Scenario, def: ServerDef): Promise<Run> {
   const server = await startServer(def, s.variant);
   try {
-    const where = ["--host", server.host, "--port", `${server.port}`];
-    if (s.tool === "idle.ts") {
-      const data = await runJson(
-        [DENO, "run", "-A", `${BENCH}idle.ts`, ...where, "--pid", `${server.pid}`, ...s.args],
-        IDLE_TIMEOUT_MS,
-      );
-      return { scenario: s.name, server: def.name, value: data.perConnBytes, data };
-    }
-    const cpu0 = cpuSeconds(server.pid), t0 = performance.now();
-    const data = await runJson(
-      [DENO, "run", "-A", `${BENCH}load.ts`, ...where, ...s.args],
-      (opts.warmup + opts.duration) * 1000 + LOAD_GRACE_MS,
-    );
-    // Over the load client's whole life (startup included): a lower bound.
-    const serverCpuPct = (cpuSeconds(server.pid) - cpu0) /
-      ((performance.now() - t0) / 1000) * 100;
-    return {
-      scenario: s.name,
-      server: def.name,
-      value: data.framesPerSec,
-      data,
-      serverCpuPct: Math.round(serverCpuPct),
-    };
+    const data = await runJson([
+      ...[DENO, "run", "-A", `${BENCH}${s.tool}`, ...s.args],
+      ...["--host", server.host, "--port", `${server.port}`],
+      ...[s.tool === "idle.ts" ? "--pid" : "--server-pid", `${server.pid}`],
+    ], s.tool === "idle.ts" ? IDLE_TIMEOUT_MS : LOAD_TIMEOUT_MS);
+    const value = s.tool === "idle.ts" ? data.perConnBytes : data.framesPerSec;
+    return { value, data };
   } finally {
     await server.stop();
   }
@@ -317,71 +228,99 @@ async function measure(s: Scenario, def: ServerDef): Promise<Result> {
 const si = (n: number) =>
   n >= 1e6 ? `${(n / 1e6).toFixed(2)}M` : n >= 1e3 ? `${(n / 1e3).toFixed(1)}k` : n.toFixed(0);
 
-function valueCell(s: Scenario, r: Result | undefined): string {
-  if (!r) return "–";
-  if (r.error !== undefined) return "failed";
-  const d = r.data!;
+function valueCell(s: Scenario, r: Run): string {
+  const d = r.data;
   const v = s.tool === "idle.ts"
-    ? `${(r.value! / 1024).toFixed(1)} KiB/conn`
-    : `${si(r.value!)} ${s.args.includes("accept") ? "conn" : "frames"}/s`;
-  const bad = (d.errors ?? 0) + (d.corrupt ?? 0) > 0
-    ? ` ⚠ ${d.errors} errors, ${d.corrupt} corrupt`
-    : d.accepted !== undefined && d.accepted < d.connections
-    ? ` ⚠ ${d.accepted} accepted`
-    : "";
-  return v + bad;
+    ? `${(r.value / 1024).toFixed(1)} KiB/conn`
+    : `${si(r.value)} ${s.unit}${d.otherCpuPct > NOISY_PCT ? " †" : ""}`;
+  if (d.errors || d.corrupt) {
+    return `${v} ⚠ ${d.errors} errors, ${d.corrupt} corrupt`;
+  }
+  if (d.accepted < d.connections) return `${v} ⚠ only ${d.accepted} accepted`;
+  return v;
 }
 
+// Columns shown for each server, from its best run (load runs only).
+const DETAILS: [string, (d: Record<string, number>) => string][] = [
+  ["p50/p99 µs", (d) => d.p50us == null ? "–" : `${d.p50us} / ${d.p99us}`],
+  ["MB/s", (d) => d.mbPerSec.toFixed(1)],
+  ["server µs/frame", (d) => d.serverUsPerFrame?.toFixed(2) ?? "–"],
+  [
+    "CPU: load s, load/server/other %",
+    (d) =>
+      `${d.cpuSeconds.toFixed(1)} s, ` +
+      [d.cpuPct, d.serverCpuPct, d.otherCpuPct].map(Math.round).join("/"),
+  ],
+];
+
 function table(servers: ServerDef[], results: Result[]): string {
-  const others = servers.filter((s) => s.name !== "raw");
-  const hasRaw = servers.length > others.length;
-  const find = (scenario: string, server: string) =>
-    results.find((r) => r.scenario === scenario && r.server === server);
+  const ratios = servers.includes(RAW) ? servers.filter((d) => d !== RAW) : [];
   const header = [
     "scenario",
-    ...servers.map((s) => s.name),
-    ...(hasRaw ? others.map((s) => `${s.name}/raw`) : []),
-    ...servers.map((s) => `p50/p99 µs ${s.name}`),
-    ...servers.map((s) => `MB/s ${s.name}`),
-    ...servers.map((s) => `CPU load/server ${s.name}`),
+    ...servers.map((d) => d.name),
+    ...ratios.map((d) => `${d.name}/raw`),
+    ...DETAILS.flatMap(([title]) => servers.map((d) => `${title} ${d.name}`)),
   ];
-  const rows = SCENARIOS.filter((s) => results.some((r) => r.scenario === s.name))
-    .map((s) => {
-      const rs = servers.map((d) => find(s.name, d.name));
-      const ok = (r?: Result) => r && r.error === undefined ? r : undefined;
-      const raw = ok(find(s.name, "raw"));
-      return [
-        s.name,
-        ...rs.map((r) => valueCell(s, r)),
-        ...(hasRaw
-          ? others.map((d) => {
-            const r = ok(find(s.name, d.name));
-            return raw && r && raw.value ? `${(r.value! / raw.value).toFixed(2)}×` : "–";
-          })
-          : []),
-        ...rs.map((r) =>
-          ok(r) && r!.data!.p50us != null ? `${r!.data!.p50us} / ${r!.data!.p99us}` : "–"
-        ),
-        ...rs.map((r) => ok(r) && r!.data!.mbPerSec != null ? `${r!.data!.mbPerSec}` : "–"),
-        ...rs.map((r) =>
-          ok(r) && r!.serverCpuPct !== undefined
-            ? `${r!.data!.cpuSeconds.toFixed(1)} s ${r!.data!.cpuPct}% / ${r!.serverCpuPct}%`
-            : "–"
-        ),
-      ];
-    });
+  const rows = SCENARIOS.flatMap((s) => {
+    const of = (d: ServerDef) => results.find((r) => r.scenario === s.name && r.server === d.name);
+    if (!servers.some(of)) return [];
+    const raw = of(RAW)?.best;
+    const detail = (d: ServerDef, show: (d: Record<string, number>) => string) => {
+      const best = of(d)?.best;
+      return best && s.tool === "load.ts" ? show(best.data) : "–";
+    };
+    return [[
+      s.name,
+      ...servers.map((d) => {
+        const { best, failures } = of(d)!;
+        if (!best) return "failed";
+        return valueCell(s, best) +
+          (failures.length ? ` (${failures.length} runs failed)` : "");
+      }),
+      ...ratios.map((d) => {
+        const best = of(d)?.best;
+        return best && raw ? `${(best.value / raw.value).toFixed(2)}×` : "–";
+      }),
+      ...DETAILS.flatMap(([, show]) => servers.map((d) => detail(d, show))),
+    ]];
+  });
   return [header, header.map(() => "---"), ...rows]
     .map((cells) => `| ${cells.join(" | ")} |`).join("\n");
 }
 
 function machine() {
-  const cpu = Deno.readTextFileSync("/proc/cpuinfo").match(/^model name\s*:\s*(.*)$/m)?.[1];
+  const cpuinfo = Deno.readTextFileSync("/proc/cpuinfo");
   return {
-    cpu: cpu ?? "unknown cpu",
+    cpu: cpuinfo.match(/^model name\s*:\s*(.*)$/m)?.[1] ?? "unknown cpu",
     cores: navigator.hardwareConcurrency,
     os: `${Deno.build.os} ${Deno.osRelease()}`,
     deno: Deno.version.deno,
   };
+}
+
+function report(servers: ServerDef[], results: Result[]) {
+  const m = machine();
+  console.log(`## etcp bench, ${new Date().toISOString()}
+
+${m.cpu}, ${m.cores} cores, ${m.os}, Deno ${m.deno}
+load: ${opts.connections} connections, best of ${opts.rounds} runs of ${opts.warmup} s warmup + ${opts.duration} s; idle: ${
+    opts["idle-connections"]
+  } connections, one echoed frame each, server RSS growth${
+    opts["etcp-cmd"] ? `; etcp = ${opts["etcp-cmd"]}` : ""
+  }
+
+${table(servers, results)}
+
+Ratios: other/raw (rates: higher is better; memory: lower is better).
+MB/s: echoed frame bytes, one way. Server µs/frame: the server's CPU per echoed
+frame (per connection in the accept row); it tells servers apart even when the
+load client is the limit (its CPU near 100%). CPU: the load client's CPU
+seconds over its life, then the % of one core used in the measured window by
+the load client, the server and all other processes. † marks a best run during
+which other processes used over ${NOISY_PCT}% of a core: rerun on a quieter machine.`);
+  if (opts.json) {
+    console.log(JSON.stringify({ machine: m, options: opts, results }));
+  }
 }
 
 // --------------------------------------------------------------------- main
@@ -389,66 +328,67 @@ function machine() {
 async function main() {
   const servers = opts.servers.split(",").map((name) => {
     const def = SERVERS[name.trim()];
-    if (!def) throw new Error(`unknown server ${name}; known: ${Object.keys(SERVERS)}`);
+    if (!def) {
+      throw new Error(`unknown server ${name} (known: ${Object.keys(SERVERS)})`);
+    }
     return def;
   });
-  const wanted = opts.only.toLowerCase().split(",").filter((x) => x);
+  const wanted = opts.only.toLowerCase().split(",").filter((w) => w);
   const scenarios = SCENARIOS.filter((s) =>
     !wanted.length || wanted.some((w) => s.name.toLowerCase().includes(w))
   );
-  if (!scenarios.length) throw new Error(`--only ${opts.only} matches no scenario`);
-  const needsExample = servers.some((s) =>
-    s.cmd.some((a) => a.endsWith("examples/echo_server.ts"))
-  );
-  if (needsExample) {
+  if (!scenarios.length) throw new Error(`--only ${opts.only}: no scenario`);
+  if (servers.some((d) => d.cmd.includes(EXAMPLE))) {
     try {
-      Deno.statSync(`${ROOT}examples/echo_server.ts`);
+      Deno.statSync(EXAMPLE);
     } catch {
-      throw new Error("examples/echo_server.ts not found (use --etcp-cmd raw to self-test)");
+      throw new Error(`${EXAMPLE} not found (--etcp-cmd raw to self-test)`);
     }
   }
 
+  const rounds = (s: Scenario) => s.tool === "load.ts" ? opts.rounds : 1;
+  const total = scenarios.reduce((n, s) => n + rounds(s), 0) * servers.length;
+  let step = 0;
   const results: Result[] = [];
-  const total = scenarios.length * servers.length;
   for (const s of scenarios) {
+    const rs = servers.map((d): Result => ({
+      scenario: s.name,
+      server: d.name,
+      runs: [],
+      failures: [],
+    }));
+    results.push(...rs);
     // Servers alternate within a scenario, so drift hits them alike.
-    for (const def of servers) {
-      console.error(`[${results.length + 1}/${total}] ${s.name} — ${def.name}`);
-      try {
-        const r = await measure(s, def);
-        results.push(r);
-        console.error(`    ${valueCell(s, r)}`);
-      } catch (e) {
-        const error = e instanceof Error ? e.message : String(e);
-        results.push({ scenario: s.name, server: def.name, error });
-        console.error(`    failed: ${error}`);
+    for (let round = 0; round < rounds(s); round++) {
+      for (const [i, def] of servers.entries()) {
+        const label = `[${++step}/${total}] ${s.name}, ${def.name}`;
+        try {
+          const run = await measure(s, def);
+          rs[i].runs.push(run);
+          const other = run.data.otherCpuPct !== undefined
+            ? ` (other CPU ${Math.round(run.data.otherCpuPct)}%)`
+            : "";
+          console.error(`${label}: ${valueCell(s, run)}${other}`);
+        } catch (e) {
+          const msg = e instanceof Error ? e.message : String(e);
+          rs[i].failures.push(msg);
+          console.error(`${label}: failed: ${msg}`);
+        }
       }
     }
+    const better = s.tool === "idle.ts"
+      ? (a: Run, b: Run) => a.value - b.value
+      : (a: Run, b: Run) => b.value - a.value;
+    for (const r of rs) r.best = r.runs.toSorted(better)[0];
   }
-
-  const m = machine();
-  console.log(`## etcp bench, ${new Date().toISOString()}\n`);
-  console.log(`${m.cpu}, ${m.cores} cores, ${m.os}, Deno ${m.deno}`);
-  console.log(
-    `load: ${opts.connections} connections, warmup ${opts.warmup} s + ${opts.duration} s per run; ` +
-      `idle: ${opts["idle-connections"]} connections, one frame each, RSS growth of the server\n`,
+  report(servers, results);
+  // A benchmark that lost or mangled frames is a failed run, whatever its speed.
+  const bad = results.some((r) =>
+    r.failures.length || r.runs.some((run) => run.data.errors || run.data.corrupt)
   );
-  console.log(table(servers, results));
-  console.log(
-    "\nRatios are other/raw: higher is better for rates, lower for memory. " +
-      "MB/s counts echoed frame bytes one way. CPU: load client's CPU seconds " +
-      "and % of one core over the measured window / server's % of one core.",
-  );
-  if (opts.json) console.log(JSON.stringify({ machine: m, options: opts, results }));
+  if (bad) Deno.exitCode = 1;
 }
 
-for (const sig of ["SIGINT", "SIGTERM"] as const) {
-  Deno.addSignalListener(sig, () => {
-    killAll();
-    Deno.exit(130);
-  });
-}
-globalThis.addEventListener("unload", killAll);
 try {
   await main();
 } catch (e) {

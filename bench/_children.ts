@@ -1,0 +1,109 @@
+// Child processes of bench/run.ts: spawned with drained pipes, stopped with
+// SIGTERM then SIGKILL, and all killed on any exit so nothing keeps running.
+import { within } from "./_common.ts";
+
+const children = new Set<Deno.ChildProcess>();
+
+/** SIGKILLs every child still running (exit paths, signals). */
+export function killAll(): void {
+  for (const child of children) kill(child, "SIGKILL");
+  children.clear();
+}
+
+function kill(child: Deno.ChildProcess, sig: Deno.Signal) {
+  try {
+    child.kill(sig);
+  } catch { /* already exited */ }
+}
+
+export interface Output {
+  firstLine: Promise<string | null>;
+  /** Resolves once the pipe is closed and read to the end. */
+  done: Promise<void>;
+  tail(): string;
+}
+
+/** Drains a pipe (a full pipe would block the child), remembering its first
+ * line and its last few KB for results and error messages. */
+function collect(stream: ReadableStream<Uint8Array>): Output {
+  let text = "";
+  let lineFound = false;
+  let resolveLine!: (line: string | null) => void;
+  const firstLine = new Promise<string | null>((r) => resolveLine = r);
+  const done = (async () => {
+    for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+      text += chunk;
+      const nl = text.indexOf("\n");
+      if (!lineFound && nl >= 0) {
+        lineFound = true;
+        resolveLine(text.slice(0, nl));
+      }
+      if (lineFound && text.length > 16_384) text = text.slice(-8192);
+    }
+  })().catch(() => {}).finally(() => resolveLine(null));
+  return { firstLine, done, tail: () => text.slice(-8192) };
+}
+
+export interface Child {
+  process: Deno.ChildProcess;
+  stdout: Output;
+  stderr: Output;
+  /** SIGTERM, then SIGKILL if it is still there after 3 s. */
+  stop(): Promise<void>;
+}
+
+export function spawn(cmd: string[], cwd?: string): Child {
+  const process = new Deno.Command(cmd[0], {
+    args: cmd.slice(1),
+    cwd,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  children.add(process);
+  process.status.finally(() => children.delete(process));
+  return {
+    process,
+    stdout: collect(process.stdout),
+    stderr: collect(process.stderr),
+    async stop() {
+      kill(process, "SIGTERM");
+      if (await within(process.status, 3000, "late") === "late") {
+        kill(process, "SIGKILL");
+        await process.status;
+      }
+    },
+  };
+}
+
+/** Runs `cmd` to completion (SIGKILL after `timeoutMs`) and parses the last
+ * line of its stdout as JSON. */
+export async function runJson(
+  cmd: string[],
+  timeoutMs: number,
+  cwd?: string,
+): Promise<Record<string, number>> {
+  const child = spawn(cmd, cwd);
+  const what = cmd.slice(3).join(" ");
+  const status = await within(child.process.status, timeoutMs, null);
+  if (!status) {
+    kill(child.process, "SIGKILL");
+    await child.process.status;
+    throw new Error(`${what}: killed after ${timeoutMs} ms`);
+  }
+  await Promise.all([child.stdout.done, child.stderr.done]);
+  if (!status.success) {
+    throw new Error(`${what}: exit code ${status.code}\n${child.stderr.tail()}`);
+  }
+  const lines = child.stdout.tail().trim().split("\n");
+  return JSON.parse(lines[lines.length - 1]);
+}
+
+// Whatever way this process ends, its children end with it.
+for (const sig of ["SIGINT", "SIGTERM"] as const) {
+  Deno.addSignalListener(sig, () => {
+    killAll();
+    Deno.exit(130);
+  });
+}
+globalThis.addEventListener("unload", killAll);

@@ -1,0 +1,888 @@
+// Framing: raw(), lengthPrefixed(), lines() and user framings, as pure decoders/encoders (every
+// split point, byte by byte, all at once, with the read buffer reused as the driver does) and
+// end to end through a real server over the memory transport and over TCP.
+
+import assert from "node:assert/strict";
+import {
+  type Conn,
+  connect,
+  type Connection,
+  decodeFrames,
+  type Decoder,
+  encodeFrames,
+  FrameTooLarge,
+  type FrameWriter,
+  type Framing,
+  type Handler,
+  lengthPrefixed,
+  lines,
+  MalformedFrame,
+  memory,
+  raw,
+  send,
+  serve,
+  type Server,
+} from "../mod.ts";
+
+const utf8 = new TextEncoder();
+
+// ---- Helpers ----------------------------------------------------------------------------------
+
+/** A small deterministic PRNG (mulberry32), so failures reproduce. */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function bytesOf(length: number, seed: number): Uint8Array {
+  const rand = prng(seed);
+  const out = new Uint8Array(length);
+  for (let i = 0; i < length; i++) out[i] = Math.floor(rand() * 256);
+  return out;
+}
+
+function concat(...parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/**
+ * Feed `chunks` to one fresh decoder the way the driver does: each chunk is copied into one
+ * shared read buffer, decoded from there, and the buffer is scribbled over right after, so a
+ * decoder that keeps a view instead of a copy emits corrupted frames.
+ */
+function decodeChunks<T>(framing: Framing<T>, chunks: Uint8Array[]): {
+  frames: T[];
+  decoder: Decoder<T>;
+} {
+  const decoder = framing.decoder();
+  const frames: T[] = [];
+  const readBuf = new Uint8Array(Math.max(1, ...chunks.map((c) => c.length)));
+  for (const chunk of chunks) {
+    readBuf.set(chunk);
+    decoder.decode(readBuf.subarray(0, chunk.length), (frame) => frames.push(frame));
+    readBuf.fill(0xa5);
+  }
+  return { frames, decoder };
+}
+
+/** Every way to cut `bytes` in two (including an empty first or last chunk). */
+function* twoChunkSplits(bytes: Uint8Array): Generator<[number, Uint8Array[]]> {
+  for (let i = 0; i <= bytes.length; i++) yield [i, [bytes.subarray(0, i), bytes.subarray(i)]];
+}
+
+function byteByByte(bytes: Uint8Array): Uint8Array[] {
+  return Array.from(bytes, (_, i) => bytes.subarray(i, i + 1));
+}
+
+function randomChunks(bytes: Uint8Array, rand: () => number, maxChunk: number): Uint8Array[] {
+  const chunks: Uint8Array[] = [];
+  for (let at = 0; at < bytes.length;) {
+    const n = 1 + Math.floor(rand() * maxChunk);
+    chunks.push(bytes.subarray(at, at + n));
+    at += n;
+  }
+  return chunks;
+}
+
+/**
+ * `bytes` must decode to `expected` whether it arrives in one chunk, in two chunks cut at every
+ * point, byte by byte, or in random chunks; and the decoder holds nothing afterwards.
+ */
+function assertDecodesEverySplit<T>(framing: Framing<T>, bytes: Uint8Array, expected: T[]) {
+  const label = `${framing.name}, ${expected.length} frames, ${bytes.length} bytes`;
+  const whole = decodeChunks(framing, [bytes]);
+  assert.deepEqual(whole.frames, expected, `${label}: one chunk`);
+  assert.equal(whole.decoder.buffered, 0, `${label}: nothing held after one chunk`);
+  assert.deepEqual(decodeFrames(framing, bytes), expected, `${label}: decodeFrames`);
+  for (const [at, chunks] of twoChunkSplits(bytes)) {
+    const { frames, decoder } = decodeChunks(framing, chunks);
+    assert.deepEqual(frames, expected, `${label}: split at ${at}`);
+    assert.equal(decoder.buffered, 0, `${label}: split at ${at}: nothing held`);
+  }
+  const single = decodeChunks(framing, byteByByte(bytes));
+  assert.deepEqual(single.frames, expected, `${label}: byte by byte`);
+  assert.equal(single.decoder.buffered, 0, `${label}: byte by byte: nothing held`);
+  const rand = prng(bytes.length + 17);
+  for (let round = 0; round < 20; round++) {
+    const { frames } = decodeChunks(framing, randomChunks(bytes, rand, 40));
+    assert.deepEqual(frames, expected, `${label}: random chunks, round ${round}`);
+  }
+}
+
+function assertFrameTooLarge(length: number, maxLength: number) {
+  return (err: unknown) => {
+    assert.ok(err instanceof FrameTooLarge, `expected FrameTooLarge, got ${err}`);
+    assert.equal(err.name, "FrameTooLarge");
+    assert.equal(err.length, length);
+    assert.equal(err.maxLength, maxLength);
+    return true;
+  };
+}
+
+function isMalformed(err: unknown): boolean {
+  assert.ok(err instanceof MalformedFrame, `expected MalformedFrame, got ${err}`);
+  assert.equal(err.name, "MalformedFrame");
+  return true;
+}
+
+/** Race `promise` against a deadline, so that no test can hang; the timer is always cleared. */
+async function within<V>(promise: Promise<V>, ms: number, what: string): Promise<V> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+// ---- raw() ------------------------------------------------------------------------------------
+
+Deno.test("raw: each non-empty chunk is one frame, copied; empty chunks emit nothing", () => {
+  const framing = raw();
+  assert.equal(framing.name, "raw");
+  const bytes = bytesOf(300, 1);
+  for (const [at, chunks] of twoChunkSplits(bytes)) {
+    const { frames, decoder } = decodeChunks(framing, chunks);
+    assert.deepEqual(frames, chunks.filter((c) => c.length > 0), `split at ${at}`);
+    assert.deepEqual(concat(...frames), bytes);
+    assert.equal(decoder.buffered, 0);
+  }
+  const single = decodeChunks(framing, byteByByte(bytes));
+  assert.equal(single.frames.length, bytes.length);
+  assert.deepEqual(concat(...single.frames), bytes);
+  assert.deepEqual(decodeFrames(framing, new Uint8Array(0)), []);
+});
+
+Deno.test("raw: encode writes bytes as is and strings as UTF-8; other types are a TypeError", () => {
+  const framing = raw();
+  const bytes = bytesOf(50, 2);
+  assert.deepEqual(encodeFrames(framing, [bytes, new Uint8Array(0), bytes]), concat(bytes, bytes));
+  const asText = framing as unknown as Framing<string>;
+  assert.deepEqual(encodeFrames(asText, ["héllo ✓"]), utf8.encode("héllo ✓"));
+  const asAny = framing as unknown as Framing<unknown>;
+  for (const bad of [42, null, undefined, {}, [1, 2], new ArrayBuffer(2), true]) {
+    assert.throws(() => encodeFrames(asAny, [bad]), TypeError, `raw encode of ${String(bad)}`);
+  }
+});
+
+// ---- lengthPrefixed() -------------------------------------------------------------------------
+
+Deno.test("lengthPrefixed: encodes a big-endian length of 1, 2 or 4 bytes", () => {
+  const payload = bytesOf(300, 3);
+  assert.deepEqual(
+    encodeFrames(lengthPrefixed(4), [new Uint8Array([7, 8]), new Uint8Array(0)]),
+    new Uint8Array([0, 0, 0, 2, 7, 8, 0, 0, 0, 0]),
+  );
+  assert.deepEqual(
+    encodeFrames(lengthPrefixed(4), [payload]),
+    concat(Uint8Array.of(0, 0, 1, 44), payload),
+  );
+  assert.deepEqual(
+    encodeFrames(lengthPrefixed(2), [payload]),
+    concat(Uint8Array.of(1, 44), payload),
+  );
+  assert.deepEqual(
+    encodeFrames(lengthPrefixed(1), [payload.subarray(0, 255), new Uint8Array(0)]),
+    concat(Uint8Array.of(255), payload.subarray(0, 255), Uint8Array.of(0)),
+  );
+  // The default is 4 bytes; strings go out as UTF-8, their length counted in bytes.
+  const len4 = lengthPrefixed() as unknown as Framing<string>;
+  assert.equal(len4.name, "lengthPrefixed(4)");
+  assert.deepEqual(encodeFrames(len4, ["€"]), Uint8Array.of(0, 0, 0, 3, 0xe2, 0x82, 0xac));
+});
+
+Deno.test("lengthPrefixed(1|2|4): frames decode identically at every split point", () => {
+  const cases: Array<{ size: 1 | 2 | 4; max: number; framing: Framing<Uint8Array> }> = [
+    { size: 1, max: 255, framing: lengthPrefixed(1) },
+    { size: 1, max: 40, framing: lengthPrefixed(1, { maxLength: 40 }) },
+    { size: 2, max: 700, framing: lengthPrefixed(2, { maxLength: 700 }) },
+    { size: 4, max: 300, framing: lengthPrefixed(4, { maxLength: 300 }) },
+    { size: 4, max: 0, framing: lengthPrefixed(4, { maxLength: 0 }) },
+  ];
+  for (const { size, max, framing } of cases) {
+    const sizes = [
+      [],
+      [0],
+      [0, 0, 0],
+      [Math.min(1, max)],
+      [max],
+      [max, 0, max],
+      [0, max, Math.min(3, max), Math.floor(max / 2), 0],
+    ];
+    // Sizes with several non-zero header bytes (256 needs [0, 0, 1, 0]).
+    if (max >= 256) sizes.push([256, 255, 1, 257, 0]);
+    for (const [k, lengths] of sizes.entries()) {
+      const frames = lengths.map((n, i) => bytesOf(n, 100 * k + i));
+      const bytes = encodeFrames(framing, frames);
+      assert.equal(bytes.length, lengths.reduce((a, n) => a + size + n, 0));
+      assertDecodesEverySplit(framing, bytes, frames);
+    }
+  }
+});
+
+Deno.test("lengthPrefixed: many frames in one chunk; a partial tail is held, then completed", () => {
+  const framing = lengthPrefixed(2, { maxLength: 1000 });
+  const rand = prng(9);
+  const frames = Array.from({ length: 500 }, (_, i) => bytesOf(Math.floor(rand() * 60), i));
+  const bytes = encodeFrames(framing, frames);
+  assert.deepEqual(decodeFrames(framing, bytes), frames);
+
+  // All but the last 5 bytes: every frame except the last, the rest held.
+  const decoder = framing.decoder();
+  const got: Uint8Array[] = [];
+  const last = bytesOf(20, 99);
+  const tail = encodeFrames(framing, [last]);
+  decoder.decode(concat(bytes, tail.subarray(0, tail.length - 5)), (f) => got.push(f));
+  assert.deepEqual(got, frames);
+  assert.ok(decoder.buffered > 0, "the unfinished frame is held");
+  assert.deepEqual(decodeFrames(framing, concat(bytes, tail.subarray(0, 1))), frames);
+  decoder.decode(tail.subarray(tail.length - 5), (f) => got.push(f));
+  assert.deepEqual(got, [...frames, last]);
+  assert.equal(decoder.buffered, 0);
+});
+
+Deno.test("lengthPrefixed: emitted frames are copies, not views of the chunk", () => {
+  for (const framing of [lengthPrefixed(1), lengthPrefixed(2), lengthPrefixed(4)]) {
+    const frames = [bytesOf(10, 1), bytesOf(0, 2), bytesOf(33, 3)];
+    const chunk = encodeFrames(framing, frames);
+    const got: Uint8Array[] = [];
+    framing.decoder().decode(chunk, (f) => got.push(f));
+    chunk.fill(0);
+    assert.deepEqual(got, frames, framing.name);
+    for (const frame of got) assert.notEqual(frame.buffer, chunk.buffer);
+  }
+});
+
+Deno.test("lengthPrefixed: an oversized length throws FrameTooLarge as soon as the header is read", () => {
+  const framing = lengthPrefixed(4, { maxLength: 1024 });
+  // Exactly the header, no payload: it throws at once.
+  assert.throws(
+    () => framing.decoder().decode(Uint8Array.of(0, 0, 4, 1), () => {}),
+    assertFrameTooLarge(1025, 1024),
+  );
+  // Byte by byte: the first three header bytes are accepted, the fourth throws.
+  const decoder = framing.decoder();
+  for (const b of [0, 0, 4]) decoder.decode(Uint8Array.of(b), () => assert.fail("no frame"));
+  assert.throws(() => decoder.decode(Uint8Array.of(1), () => {}), assertFrameTooLarge(1025, 1024));
+  // The limit itself is fine.
+  const ok = bytesOf(1024, 5);
+  assert.deepEqual(decodeFrames(framing, encodeFrames(framing, [ok])), [ok]);
+  // Frames before the bad header are emitted first, in order.
+  const good = [bytesOf(3, 6), new Uint8Array(0)];
+  const got: Uint8Array[] = [];
+  assert.throws(
+    () =>
+      framing.decoder().decode(
+        concat(encodeFrames(framing, good), Uint8Array.of(0, 0, 4, 1, 9)),
+        (f) => got.push(f),
+      ),
+    assertFrameTooLarge(1025, 1024),
+  );
+  assert.deepEqual(got, good);
+  // Lengths of 2^31 and more are read unsigned, whole or split.
+  const len4 = lengthPrefixed(4);
+  for (const header of [[0x80, 0, 0, 0], [0xff, 0xff, 0xff, 0xff]]) {
+    const length = ((header[0] << 24) >>> 0) + (header[1] << 16) + (header[2] << 8) + header[3];
+    assert.throws(
+      () => len4.decoder().decode(Uint8Array.from(header), () => {}),
+      assertFrameTooLarge(length, 8 * 1024 * 1024),
+    );
+    const split = len4.decoder();
+    split.decode(Uint8Array.from(header.slice(0, 1)), () => {});
+    assert.throws(
+      () => split.decode(Uint8Array.from(header.slice(1)), () => {}),
+      assertFrameTooLarge(length, 8 * 1024 * 1024),
+    );
+  }
+  // A 1-byte prefix over its maxLength.
+  assert.throws(
+    () => decodeFrames(lengthPrefixed(1, { maxLength: 3 }), Uint8Array.of(4)),
+    assertFrameTooLarge(4, 3),
+  );
+});
+
+Deno.test("lengthPrefixed: encoding a frame over maxLength throws FrameTooLarge", () => {
+  const framing = lengthPrefixed(4, { maxLength: 1024 });
+  assert.deepEqual(encodeFrames(framing, [new Uint8Array(1024)]).length, 1028);
+  assert.throws(
+    () => encodeFrames(framing, [new Uint8Array(1025)]),
+    assertFrameTooLarge(1025, 1024),
+  );
+  // Strings are measured in UTF-8 bytes: 400 × "€" is 1200 bytes.
+  const asText = framing as unknown as Framing<string>;
+  assert.throws(() => encodeFrames(asText, ["€".repeat(400)]), assertFrameTooLarge(1200, 1024));
+  assert.equal(encodeFrames(asText, ["€".repeat(341)]).length, 4 + 1023);
+  // Nothing of the rejected frame is written.
+  const out: number[] = [];
+  const writer: FrameWriter = {
+    write: (b) => out.push(...b),
+    writeString: (s) => out.push(...utf8.encode(s)),
+    writeUint: () => out.push(-1),
+  };
+  assert.throws(() => framing.encode(new Uint8Array(2000), writer), FrameTooLarge);
+  assert.deepEqual(out, []);
+});
+
+Deno.test("lengthPrefixed: 1- and 2-byte prefixes cap maxLength at what they can express", () => {
+  const len1 = lengthPrefixed(1, { maxLength: 10_000 });
+  assert.equal(encodeFrames(len1, [new Uint8Array(255)]).length, 256);
+  assert.throws(() => encodeFrames(len1, [new Uint8Array(256)]), assertFrameTooLarge(256, 255));
+  assert.throws(
+    () => encodeFrames(lengthPrefixed(1), [new Uint8Array(256)]),
+    assertFrameTooLarge(256, 255),
+  );
+
+  const len2 = lengthPrefixed(2, { maxLength: 1_000_000 });
+  const biggest = bytesOf(65535, 7);
+  const bytes = encodeFrames(len2, [biggest]);
+  assert.deepEqual(bytes.subarray(0, 2), Uint8Array.of(0xff, 0xff));
+  assert.deepEqual(decodeFrames(len2, bytes), [biggest]);
+  assert.throws(
+    () => encodeFrames(len2, [new Uint8Array(65536)]),
+    assertFrameTooLarge(65536, 65535),
+  );
+  assert.throws(
+    () => encodeFrames(lengthPrefixed(2), [new Uint8Array(65536)]),
+    assertFrameTooLarge(65536, 65535),
+  );
+  // A smaller maxLength than the prefix allows is kept.
+  assert.throws(
+    () => decodeFrames(lengthPrefixed(2, { maxLength: 10 }), Uint8Array.of(0, 11)),
+    assertFrameTooLarge(11, 10),
+  );
+});
+
+Deno.test("lengthPrefixed: a prefix size other than 1, 2 or 4, or a bad maxLength, is a RangeError", () => {
+  for (const size of [0, 3, 8, -1, 2.5]) {
+    assert.throws(() => lengthPrefixed(size as 1), RangeError, `size ${size}`);
+  }
+  for (const maxLength of [-1, NaN]) {
+    assert.throws(() => lengthPrefixed(4, { maxLength }), RangeError, `maxLength ${maxLength}`);
+    assert.throws(() => lines({ maxLength }), RangeError, `lines maxLength ${maxLength}`);
+  }
+});
+
+Deno.test("lengthPrefixed: encoding what is not bytes or a string is a TypeError", () => {
+  for (const size of [1, 2, 4] as const) {
+    const framing = lengthPrefixed(size) as unknown as Framing<unknown>;
+    for (const bad of [42, null, undefined, {}, [1, 2], new ArrayBuffer(2), true, 10n]) {
+      assert.throws(
+        () => encodeFrames(framing, [bad]),
+        TypeError,
+        `${framing.name}: ${typeof bad}`,
+      );
+    }
+  }
+});
+
+// ---- lines() ----------------------------------------------------------------------------------
+
+Deno.test("lines: frames decode identically at every split point, with \\n and \\r\\n endings", () => {
+  const max = 12;
+  const framing = lines({ maxLength: max });
+  assert.equal(framing.name, "lines");
+  const samples: string[][] = [
+    [],
+    [""],
+    ["", "", ""],
+    ["hello", "wörld", "✓ ok"],
+    ["€€€€"], // exactly maxLength bytes, 3 bytes per character
+    ["x".repeat(max), "", "😀😀😀"], // maxLength bytes in ASCII and in 4-byte characters
+    ["\uFEFFbom", "a\rb", "tab\there"], // a leading U+FEFF, a bare \r inside a line
+  ];
+  for (const frames of samples) {
+    // Encoded by the framing: "\n" endings.
+    const lf = encodeFrames(framing, frames);
+    assert.deepEqual(lf, utf8.encode(frames.map((f) => f + "\n").join("")));
+    assertDecodesEverySplit(framing, lf, frames);
+    // "\r\n" endings, and the two mixed.
+    assertDecodesEverySplit(framing, utf8.encode(frames.map((f) => f + "\r\n").join("")), frames);
+    const mixed = frames.map((f, i) => f + (i % 2 ? "\n" : "\r\n")).join("");
+    assertDecodesEverySplit(framing, utf8.encode(mixed), frames);
+  }
+});
+
+Deno.test("lines: many lines in one chunk; an unfinished line is held, not emitted", () => {
+  const framing = lines();
+  const frames = Array.from({ length: 1000 }, (_, i) => `line ${i}: ${"é".repeat(i % 7)}`);
+  const bytes = encodeFrames(framing, frames);
+  assert.deepEqual(decodeFrames(framing, bytes), frames);
+  assert.deepEqual(decodeFrames(framing, utf8.encode("a\nb\nunfinished")), ["a", "b"]);
+  const decoder = framing.decoder();
+  const got: string[] = [];
+  decoder.decode(utf8.encode("one\ntw"), (f) => got.push(f));
+  assert.deepEqual(got, ["one"]);
+  assert.equal(decoder.buffered, 2);
+  decoder.decode(utf8.encode("o\r"), (f) => got.push(f));
+  assert.deepEqual(got, ["one"]);
+  decoder.decode(utf8.encode("\nthree\n"), (f) => got.push(f));
+  assert.deepEqual(got, ["one", "two", "three"]);
+  assert.equal(decoder.buffered, 0);
+});
+
+Deno.test("lines: a held partial line survives the reuse of the chunk's buffer", () => {
+  const framing = lines();
+  const decoder = framing.decoder();
+  const got: string[] = [];
+  const buf = utf8.encode("héllo wo");
+  decoder.decode(buf, (f) => got.push(f));
+  buf.fill(0x41);
+  decoder.decode(utf8.encode("rld\n"), (f) => got.push(f));
+  assert.deepEqual(got, ["héllo world"]);
+});
+
+Deno.test("lines: a line over maxLength throws FrameTooLarge, even before its newline", () => {
+  const framing = lines({ maxLength: 5 });
+  // Complete lines.
+  assert.deepEqual(decodeFrames(framing, utf8.encode("abcde\nabcde\r\n")), ["abcde", "abcde"]);
+  assert.throws(() => decodeFrames(framing, utf8.encode("abcdef\n")), assertFrameTooLarge(6, 5));
+  assert.throws(
+    () => decodeFrames(framing, utf8.encode("ok\nabcdef\r\n")),
+    assertFrameTooLarge(6, 5),
+  );
+  // maxLength counts bytes: "ééé" is 6.
+  assert.throws(() => decodeFrames(framing, utf8.encode("ééé\n")), assertFrameTooLarge(6, 5));
+  // No newline yet: bytes 1..5 are held, the 6th throws.
+  const decoder = framing.decoder();
+  for (const b of utf8.encode("abcde")) {
+    decoder.decode(Uint8Array.of(b), () => assert.fail("no line"));
+  }
+  assert.equal(decoder.buffered, 5);
+  assert.throws(() => decoder.decode(utf8.encode("f"), () => {}), assertFrameTooLarge(6, 5));
+  // In one chunk with no newline.
+  assert.throws(() => decodeFrames(framing, utf8.encode("abcdefgh")), assertFrameTooLarge(8, 5));
+  // A held "\r" after maxLength bytes may still be a "\r\n" ending; anything else then throws.
+  const cr = framing.decoder();
+  cr.decode(utf8.encode("abcde\r"), () => assert.fail("no line"));
+  assert.throws(() => cr.decode(utf8.encode("x"), () => {}), assertFrameTooLarge(7, 5));
+  const crlf = framing.decoder();
+  const got: string[] = [];
+  crlf.decode(utf8.encode("abcde\r"), (f) => got.push(f));
+  crlf.decode(utf8.encode("\n"), (f) => got.push(f));
+  assert.deepEqual(got, ["abcde"]);
+  // "abcd\r" is a 5-byte line, so "abcd\r\r" may still end well; one byte more may not.
+  assert.deepEqual(decodeFrames(framing, utf8.encode("abcd\r\r")), []);
+  assert.deepEqual(decodeChunks(framing, byteByByte(utf8.encode("abcd\r\r\n"))).frames, ["abcd\r"]);
+  assert.throws(() => decodeFrames(framing, utf8.encode("abcde\r\r")), assertFrameTooLarge(7, 5));
+});
+
+Deno.test("lines: invalid UTF-8 in a line throws MalformedFrame", () => {
+  const framing = lines();
+  const bad = [
+    [0xff, 0x0a], // never valid
+    [0x61, 0xc3, 0x28, 0x0a], // a lead byte followed by ASCII
+    [0xe2, 0x82, 0x0a], // truncated 3-byte sequence
+    [0xc0, 0xaf, 0x0a], // overlong "/"
+    [0xed, 0xa0, 0x80, 0x0d, 0x0a], // a UTF-16 surrogate encoded as UTF-8
+    [0xf4, 0x90, 0x80, 0x80, 0x0a], // above U+10FFFF
+  ];
+  for (const bytes of bad) {
+    assert.throws(
+      () => decodeFrames(framing, Uint8Array.from(bytes)),
+      isMalformed,
+      bytes.join(","),
+    );
+    // Split anywhere, it is found all the same.
+    for (const [at, chunks] of twoChunkSplits(Uint8Array.from(bytes))) {
+      assert.throws(() => decodeChunks(framing, chunks), isMalformed, `${bytes} split at ${at}`);
+    }
+  }
+  // Lines before the bad one are emitted first; the error keeps its cause.
+  const got: string[] = [];
+  assert.throws(
+    () => framing.decoder().decode(Uint8Array.of(0x6f, 0x6b, 0x0a, 0xff, 0x0a), (f) => got.push(f)),
+    (err: unknown) => isMalformed(err) && (err as Error).cause instanceof TypeError,
+  );
+  assert.deepEqual(got, ["ok"]);
+});
+
+Deno.test("lines: encode appends \\n, rejects non-strings and lines over maxLength", () => {
+  const framing = lines({ maxLength: 6 });
+  assert.deepEqual(encodeFrames(framing, ["", "ab", "éé"]), utf8.encode("\nab\néé\n"));
+  assert.equal(encodeFrames(framing, ["€€"]).length, 7); // 6 bytes: exactly maxLength
+  assert.throws(() => encodeFrames(framing, ["abcdefg"]), assertFrameTooLarge(7, 6));
+  assert.throws(() => encodeFrames(framing, ["€€a"]), assertFrameTooLarge(7, 6));
+  assert.throws(() => encodeFrames(framing, ["😀😀"]), assertFrameTooLarge(8, 6));
+  const asAny = framing as unknown as Framing<unknown>;
+  for (const bad of [utf8.encode("x"), 42, null, undefined, {}, ["a"], Symbol("s")]) {
+    assert.throws(() => encodeFrames(asAny, [bad]), TypeError, `lines encode of ${typeof bad}`);
+  }
+  // The default maxLength is 64 KiB.
+  const big = "x".repeat(64 * 1024);
+  assert.equal(encodeFrames(lines(), [big]).length, big.length + 1);
+  assert.throws(
+    () => encodeFrames(lines(), [big + "x"]),
+    assertFrameTooLarge(big.length + 1, big.length),
+  );
+  assert.deepEqual(decodeFrames(lines(), utf8.encode(big + "\n")), [big]);
+});
+
+// ---- A user framing ---------------------------------------------------------------------------
+
+/**
+ * Netstrings (`5:hello,`), written against the public Framing interface only: decoded to
+ * strings, with its own MalformedFrame and FrameTooLarge checks.
+ */
+function netstrings(maxLength = 1000): Framing<string> {
+  const text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+  return {
+    name: "netstrings",
+    decoder() {
+      let length = -1; // -1: reading the length's digits
+      let digits = 0;
+      let body: Uint8Array | null = null;
+      let filled = 0;
+      return {
+        get buffered() {
+          return digits + filled;
+        },
+        decode(chunk, emit) {
+          for (let i = 0; i < chunk.length;) {
+            if (length < 0) {
+              const b = chunk[i++];
+              if (b === 0x3a && digits > 0) { // ":"
+                length = Number(new TextDecoder().decode(body!.subarray(0, digits)));
+                if (length > maxLength) throw new FrameTooLarge(length, maxLength);
+                body = new Uint8Array(length + 1);
+                digits = 0;
+              } else if (b >= 0x30 && b <= 0x39 && digits < 10) {
+                body ??= new Uint8Array(10);
+                body[digits++] = b;
+              } else {
+                throw new MalformedFrame(`netstring: unexpected byte ${b} in length`);
+              }
+              continue;
+            }
+            const take = Math.min(length + 1 - filled, chunk.length - i);
+            body!.set(chunk.subarray(i, i + take), filled);
+            filled += take;
+            i += take;
+            if (filled === length + 1) {
+              if (body![length] !== 0x2c) throw new MalformedFrame("netstring: missing ','");
+              let frame: string;
+              try {
+                frame = text.decode(body!.subarray(0, length));
+              } catch (cause) {
+                throw new MalformedFrame("netstring: not UTF-8", { cause });
+              }
+              length = -1;
+              body = null;
+              filled = 0;
+              emit(frame);
+            }
+          }
+        },
+      };
+    },
+    encode(frame, out) {
+      if (typeof frame !== "string") throw new TypeError("netstrings encode strings");
+      const bytes = utf8.encode(frame);
+      if (bytes.length > maxLength) throw new FrameTooLarge(bytes.length, maxLength);
+      out.writeString(`${bytes.length}:`);
+      out.write(bytes);
+      out.writeString(",");
+    },
+  };
+}
+
+Deno.test("user framing: decodes at every split point and reports its own errors", () => {
+  const framing = netstrings(20);
+  const frames = ["hello", "", "wörld ✓", "x".repeat(20)];
+  const bytes = encodeFrames(framing, frames);
+  assert.deepEqual(bytes, utf8.encode(`5:hello,0:,10:wörld ✓,20:${"x".repeat(20)},`));
+  assertDecodesEverySplit(framing, bytes, frames);
+  assert.throws(() => decodeFrames(framing, utf8.encode("3:abc;")), isMalformed);
+  assert.throws(() => decodeFrames(framing, utf8.encode("21:")), assertFrameTooLarge(21, 20));
+  assert.throws(() => encodeFrames(framing, ["y".repeat(21)]), assertFrameTooLarge(21, 20));
+});
+
+// ---- End to end -------------------------------------------------------------------------------
+
+type Kind = "memory" | "tcp";
+let rigs = 0;
+
+interface Rig<T> {
+  server: Server<T>;
+  /** A raw client socket: the transport's own, not the library's client. */
+  open(): Promise<Conn>;
+  /** The server side of the raw client socket `client`. */
+  serverSide(client: Conn): Connection<T>;
+  logged: unknown[][];
+}
+
+/** A server echoing every frame back, over `kind`, with a logger that records. */
+async function echoServer<T>(kind: Kind, framing: Framing<T>): Promise<Rig<T>> {
+  const logged: unknown[][] = [];
+  const logger = { error: (...a: unknown[]) => logged.push(a) };
+  const handler: Handler<T> = async function* () {
+    let ev = yield;
+    for (;;) {
+      if (ev.type === "packet") ev = yield send(ev.data);
+      else if (ev.type === "disconnect" || ev.type === "shutdown") return;
+      else ev = yield;
+    }
+  };
+  if (kind === "memory") {
+    const transport = memory(`framing-test-${++rigs}-${crypto.randomUUID()}`);
+    const server = await serve<T>(handler, { transport, framing, logger });
+    return {
+      server,
+      logged,
+      open: () => transport.connect({}),
+      serverSide(client) {
+        const name = (client.localAddr as { name: string }).name;
+        const found = server.connections().find((c) =>
+          (c.remoteAddr as { name: string }).name === name
+        );
+        assert.ok(found, `no server connection for ${name}`);
+        return found;
+      },
+    };
+  }
+  const server = await serve<T>(handler, { hostname: "127.0.0.1", port: 0, framing, logger });
+  const port = (server.addr as Deno.NetAddr).port;
+  return {
+    server,
+    logged,
+    open: () => Deno.connect({ hostname: "127.0.0.1", port }),
+    serverSide(client) {
+      const local = client.localAddr as Deno.NetAddr;
+      const found = server.connections().find((c) =>
+        (c.remoteAddr as Deno.NetAddr).port === local.port
+      );
+      assert.ok(found, `no server connection for port ${local.port}`);
+      return found;
+    },
+  };
+}
+
+async function writeAll(conn: Conn, bytes: Uint8Array): Promise<void> {
+  while (bytes.length > 0) bytes = bytes.subarray(await conn.write(bytes));
+}
+
+async function readExactly(conn: Conn, n: number): Promise<Uint8Array> {
+  const out = new Uint8Array(n);
+  let got = 0;
+  while (got < n) {
+    const m = await conn.read(out.subarray(got));
+    if (m === null) throw new Error(`end of stream after ${got} of ${n} bytes`);
+    got += m;
+  }
+  return out;
+}
+
+/** Reads until the peer closes: resolves with what came, whether it ended by EOF or reset. */
+async function readToEnd(conn: Conn): Promise<Uint8Array> {
+  const parts: Uint8Array[] = [];
+  const buf = new Uint8Array(4096);
+  for (;;) {
+    let n: number | null;
+    try {
+      n = await conn.read(buf);
+    } catch (err) {
+      if (err instanceof Deno.errors.ConnectionReset) break;
+      throw err;
+    }
+    if (n === null) break;
+    parts.push(buf.slice(0, n));
+  }
+  return concat(...parts);
+}
+
+/**
+ * Write `bytes` in the given way while reading the echo concurrently; the echo must be exactly
+ * `expected`.
+ */
+async function roundTrip(
+  conn: Conn,
+  bytes: Uint8Array,
+  expected: Uint8Array,
+  how: "whole" | "bytes" | "random",
+  seed = 1,
+): Promise<void> {
+  const reading = readExactly(conn, expected.length);
+  if (how === "whole") await writeAll(conn, bytes);
+  else {
+    const chunks = how === "bytes" ? byteByByte(bytes) : randomChunks(bytes, prng(seed), 64);
+    for (const chunk of chunks) await writeAll(conn, chunk);
+  }
+  const echoed = await within(reading, 10_000, `echo of ${bytes.length} bytes (${how})`);
+  assert.deepEqual(echoed, expected, `echo (${how})`);
+}
+
+function closeQuietly(conn: Conn): void {
+  try {
+    conn.close();
+  } catch { /* already closed */ }
+}
+
+for (const kind of ["memory", "tcp"] as const) {
+  Deno.test(`end to end (${kind}): lengthPrefixed(4) echo at any split; an oversized header ends only its connection`, async () => {
+    const framing = lengthPrefixed(4, { maxLength: 1024 });
+    const rig = await echoServer(kind, framing);
+    const sockets: Conn[] = [];
+    try {
+      const a = await rig.open();
+      sockets.push(a);
+      const b = await rig.open();
+      sockets.push(b);
+      const rand = prng(kind === "tcp" ? 4 : 5);
+      const frames = [0, 1, 2, 3, 4, 255, 256, 1023, 1024, 0, 17]
+        .concat(Array.from({ length: 20 }, () => Math.floor(rand() * 1025)))
+        .map((n, i) => bytesOf(n, i));
+      const bytes = encodeFrames(framing, frames);
+      // The echo re-encodes the very frames that were decoded: the same bytes.
+      await roundTrip(a, bytes, bytes, "whole");
+      await roundTrip(b, bytes, bytes, "random", 1);
+      await roundTrip(a, bytes, bytes, "random", 2);
+      const small = encodeFrames(framing, frames.filter((f) => f.length < 300));
+      await roundTrip(b, small, small, "bytes");
+      assert.equal(rig.server.connections().length, 2);
+
+      // a announces a 1025-byte frame: its connection ends with FrameTooLarge.
+      const serverA = rig.serverSide(a);
+      const serverB = rig.serverSide(b);
+      await writeAll(a, Uint8Array.of(0, 0, 4, 1));
+      const reason = await within(serverA.closed, 5000, "server side of a closes");
+      assert.ok(reason instanceof FrameTooLarge, `closed with ${reason}`);
+      assert.equal(reason.length, 1025);
+      assert.equal(reason.maxLength, 1024);
+      assert.deepEqual(await within(readToEnd(a), 5000, "a sees the close"), new Uint8Array(0));
+      // Logged once, with the reason.
+      assert.equal(rig.logged.length, 1, `logged: ${rig.logged}`);
+      assert.ok(rig.logged[0].includes(reason));
+      assert.deepEqual(rig.server.connections(), [serverB]);
+      assert.equal(rig.server.status, "running");
+
+      // b goes on echoing, and new connections are served.
+      await roundTrip(b, bytes, bytes, "random", 3);
+      const c = await rig.open();
+      sockets.push(c);
+      await roundTrip(c, small, small, "whole");
+      assert.equal(rig.server.connections().length, 2);
+      assert.equal(rig.logged.length, 1);
+    } finally {
+      await within(rig.server.stop(), 10_000, "server stop");
+      for (const s of sockets) closeQuietly(s);
+    }
+  });
+
+  Deno.test(`end to end (${kind}): lines echo at any split; malformed UTF-8 and long lines end only their connection`, async () => {
+    const framing = lines({ maxLength: 64 });
+    const rig = await echoServer(kind, framing);
+    const sockets: Conn[] = [];
+    try {
+      const [a, b, c] = [await rig.open(), await rig.open(), await rig.open()];
+      sockets.push(a, b, c);
+      const frames = [
+        "hello",
+        "",
+        "wörld ✓ 😀",
+        "€".repeat(21) + "x",
+        "x".repeat(64),
+        "\uFEFF",
+        "a\rb",
+      ];
+      // Sent with mixed endings; echoed with "\n" endings.
+      const sent = utf8.encode(frames.map((f, i) => f + (i % 2 ? "\r\n" : "\n")).join(""));
+      const echoed = encodeFrames(framing, frames);
+      for (const conn of [a, b, c]) await roundTrip(conn, sent, echoed, "whole");
+      await roundTrip(a, sent, echoed, "bytes");
+      await roundTrip(b, sent, echoed, "random", 7);
+      const [serverA, serverB, serverC] = [a, b, c].map((s) => rig.serverSide(s));
+
+      // a: invalid UTF-8 → MalformedFrame.
+      await writeAll(a, Uint8Array.of(0x6f, 0xc3, 0x28, 0x0a));
+      const reasonA = await within(serverA.closed, 5000, "server side of a closes");
+      assert.ok(reasonA instanceof MalformedFrame, `closed with ${reasonA}`);
+      assert.deepEqual(await within(readToEnd(a), 5000, "a sees the close"), new Uint8Array(0));
+      // c: 65 bytes with no newline → FrameTooLarge before any newline comes.
+      await writeAll(c, utf8.encode("y".repeat(65)));
+      const reasonC = await within(serverC.closed, 5000, "server side of c closes");
+      assert.ok(reasonC instanceof FrameTooLarge, `closed with ${reasonC}`);
+      assert.equal(reasonC.maxLength, 64);
+      assert.ok(reasonC.length > 64);
+      await within(readToEnd(c), 5000, "c sees the close");
+
+      assert.equal(rig.logged.length, 2, `logged: ${rig.logged}`);
+      assert.ok(rig.logged[0].includes(reasonA));
+      assert.ok(rig.logged[1].includes(reasonC));
+      assert.deepEqual(rig.server.connections(), [serverB]);
+      await roundTrip(b, sent, echoed, "random", 8);
+    } finally {
+      await within(rig.server.stop(), 10_000, "server stop");
+      for (const s of sockets) closeQuietly(s);
+    }
+  });
+
+  Deno.test(`end to end (${kind}): raw() echoes the byte stream unchanged`, async () => {
+    const rig = await echoServer(kind, raw());
+    const socket = await rig.open();
+    try {
+      const bytes = bytesOf(20_000, 11);
+      await roundTrip(socket, bytes, bytes, "random", 4);
+      await roundTrip(socket, bytes.subarray(0, 500), bytes.subarray(0, 500), "bytes");
+      assert.equal(rig.logged.length, 0);
+    } finally {
+      await within(rig.server.stop(), 10_000, "server stop");
+      closeQuietly(socket);
+    }
+  });
+}
+
+Deno.test("end to end (memory): a user framing works through serve() and connect()", async () => {
+  const framing = netstrings(100);
+  const rig = await echoServer("memory", framing);
+  const frames = ["hello", "", "wörld ✓", "z".repeat(100)];
+  const got: string[] = [];
+  let want = { count: frames.length, ...Promise.withResolvers<void>() };
+  const transport = memory((rig.server.addr as { name: string }).name);
+  const client = await connect(async function* () {
+    let ev = yield frames.map((f) => send(f));
+    for (;;) {
+      if (ev.type === "packet") {
+        got.push(ev.data);
+        if (got.length === want.count) want.resolve();
+      } else if (ev.type === "disconnect" || ev.type === "shutdown") return;
+      ev = yield;
+    }
+  }, { transport, framing });
+  const raw = await rig.open();
+  try {
+    await within(want.promise, 5000, "netstring echoes");
+    assert.deepEqual(got, frames);
+    // The connection handle's send encodes with the framing too.
+    want = { count: frames.length + 1, ...Promise.withResolvers<void>() };
+    client.send("via handle");
+    await within(want.promise, 5000, "echo of a send through the handle");
+    assert.deepEqual(got, [...frames, "via handle"]);
+    // A raw socket speaking netstrings is echoed; a malformed one ends with MalformedFrame.
+    const hi = utf8.encode("2:hi,");
+    await roundTrip(raw, hi, hi, "bytes");
+    await writeAll(raw, utf8.encode("3:abc;"));
+    const reason = await within(rig.serverSide(raw).closed, 5000, "raw side closes");
+    assert.ok(reason instanceof MalformedFrame);
+    assert.equal(rig.logged.length, 1);
+  } finally {
+    await within(client.stop(), 5000, "client stop");
+    await within(rig.server.stop(), 10_000, "server stop");
+    closeQuietly(raw);
+  }
+});
