@@ -13,6 +13,7 @@ import {
   type Connection,
   defaultRegistry,
   type Event,
+  type Framing,
   lines,
   type Registry,
   send,
@@ -45,6 +46,13 @@ export interface ChatOptions {
 }
 
 const NAME = /^[A-Za-z0-9_-]{1,20}$/;
+
+// Lines from users are limited to 4096 bytes; what the server sends may be longer (a relayed
+// line carries its sender's name, /who lists everyone), so sending has a looser bound.
+const CHAT_FRAMING: Framing<string> = {
+  ...lines({ maxLength: 1024 * 1024 }),
+  decoder: lines({ maxLength: 4096 }).decoder,
+};
 
 /** Start a chat server. */
 export async function chatServer(options: ChatOptions = {}): Promise<Server<string>> {
@@ -94,7 +102,7 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
         const out: string[] = [];
         if (line === "") {
           // nothing to say
-        } else if (line.startsWith("/nick")) {
+        } else if (line === "/nick" || line.startsWith("/nick ")) {
           const name = line.slice(5).trim();
           const old = conn.name;
           if (!NAME.test(name)) {
@@ -118,7 +126,9 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
           out.push("* choose a name first: /nick NAME");
         } else if (line.startsWith("/msg ")) {
           const [, to, ...words] = line.split(/\s+/);
-          const target = await registry.lookup(to);
+          // By name only: `lookup` also finds connections by id, unnamed ones included.
+          const found = await registry.lookup(to);
+          const target = found?.name === to ? found : undefined;
           if (!target || words.length === 0) {
             out.push(target ? "* usage: /msg NAME TEXT" : `* nobody is called ${to}`);
           } else {
@@ -140,7 +150,7 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
   const server = await serve(chatter, {
     port: options.port ?? 7000,
     hostname: options.hostname,
-    framing: lines({ maxLength: 4096 }),
+    framing: CHAT_FRAMING,
     registry,
     transport: options.transport,
     name: options.name ?? "chat",
