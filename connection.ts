@@ -262,6 +262,7 @@ class Driver<T> implements DriverControl<T> {
   #named = new Map<string, Timer>();
   #calls = new Map<number, PendingCall>();
   #forceTimer: Timer | undefined;
+  #timedOut = false; // the shutdown timeout forced the end: pending output is dropped
 
   constructor(socket: Conn, handler: Handler<T>, opts: DriverOptions<T>) {
     this.socket = socket;
@@ -346,6 +347,7 @@ class Driver<T> implements DriverControl<T> {
         }
         if (this.#queued - this.#written > WRITE_HIGH_WATER) await this.#drained();
         else if (this.#out.length >= KEEP_WRITE_BUFFER) this.#flush();
+        else if (this.#out.length > 0) this.#flushSoon(); // even if the next event is queued
         const next = this.#next();
         input = isPromise(next) ? await next : next;
         if (input === undefined) break;
@@ -356,7 +358,7 @@ class Driver<T> implements DriverControl<T> {
       this.#busy = false;
     }
     await this.#closeGenerator();
-    await this.#finish(reason, false);
+    await this.#finish(reason, this.#timedOut);
   }
 
   // Run the handler's finally (gen.return()), tolerating a finally that throws.
@@ -382,9 +384,12 @@ class Driver<T> implements DriverControl<T> {
   #perform(yielded: Yielded): Run {
     if (yielded === undefined) return Run.Continue;
     if (Array.isArray(yielded)) {
+      // Every action of the step is performed, in order, even after a `stop` or `hibernate`
+      // (`[hibernate(s), send(x)]` still sends x); then `stop` wins over `hibernate`.
       let outcome = Run.Continue;
-      for (let i = 0; i < yielded.length && outcome === Run.Continue; i++) {
-        outcome = this.#act(yielded[i]);
+      for (let i = 0; i < yielded.length; i++) {
+        const next = this.#act(yielded[i]);
+        if (next === Run.Stop || outcome === Run.Continue) outcome = next;
       }
       return outcome;
     }
@@ -418,14 +423,14 @@ class Driver<T> implements DriverControl<T> {
         return Run.Stop;
       case "recv":
         if (this.#opts.mode !== "passive") {
-          throw new ProtocolError("recv is only for passive mode (mode: \"passive\")");
+          throw new ProtocolError('recv is only for passive mode (mode: "passive")');
         }
         this.#requestFrame(action.timeoutMs);
         return Run.Continue;
       default:
-        throw new ProtocolError(`handler yielded something that is not an action: ${
-          describeReason(action)
-        }`);
+        throw new ProtocolError(
+          `handler yielded something that is not an action: ${describeReason(action)}`,
+        );
     }
   }
 
@@ -623,13 +628,7 @@ class Driver<T> implements DriverControl<T> {
       throw err;
     }
     // Coalesce sends made in the same tick into one write.
-    if (!this.#flushQueued) {
-      this.#flushQueued = true;
-      queueMicrotask(() => {
-        this.#flushQueued = false;
-        this.#flush();
-      });
-    }
+    this.#flushSoon();
     if (!sync) return undefined;
     return new Promise((resolve, reject) => {
       this.#syncWaiters.push({ at: this.#queued, resolve, reject });
@@ -637,6 +636,18 @@ class Driver<T> implements DriverControl<T> {
   }
 
   #flushQueued = false;
+
+  // Write what is pending once the current synchronous work is done: sends of the same tick
+  // (from outside, or from steps run back to back) share one write, and output never waits
+  // for the handler to go idle (it may take a queued event, then await something for long).
+  #flushSoon(): void {
+    if (this.#flushQueued) return;
+    this.#flushQueued = true;
+    queueMicrotask(() => {
+      this.#flushQueued = false;
+      this.#flush();
+    });
+  }
   #closeReason: unknown = undefined;
 
   #flush(): void {
@@ -714,6 +725,9 @@ class Driver<T> implements DriverControl<T> {
       return;
     }
     this.#deadline = Infinity;
+    // An event already waits in the mailbox (the handler is held back, by a slow peer say):
+    // it came in time, and taking it cancels the timeout.
+    if (this.#head < this.#queue.length) return;
     this.#push({ type: "timeout" });
   };
 
@@ -747,7 +761,9 @@ class Driver<T> implements DriverControl<T> {
       const ref = ++nextCall;
       const timer = setTimeout(() => {
         this.#calls.delete(ref);
-        reject(new TimeoutError(`call to connection ${this.handle.id} timed out after ${timeout} ms`));
+        reject(
+          new TimeoutError(`call to connection ${this.handle.id} timed out after ${timeout} ms`),
+        );
       }, timeout);
       this.#calls.set(ref, { resolve, reject, timer });
       const from: From = { ref };
@@ -780,6 +796,7 @@ class Driver<T> implements DriverControl<T> {
   // Shutdown timed out: end the connection now, whatever the handler is doing.
   #force(reason: unknown): void {
     if (this.#done) return;
+    this.#timedOut = true;
     if (this.#busy) {
       // The handler is inside a step (a stuck await, perhaps): do not wait for it.
       const gen = this.#gen;
@@ -790,6 +807,13 @@ class Driver<T> implements DriverControl<T> {
     }
     // The handler waits at a yield (or is hibernated): wake the loop, which runs its finally.
     this.#fail(reason);
+    if (this.#writing) {
+      // It may be held back by a peer that does not read: break the write so it goes on.
+      this.#writeBroken = true;
+      try {
+        this.socket.close();
+      } catch { /* already closed */ }
+    }
   }
 
   // A framing error ends the connection, as soon as the handler is back at a yield.
