@@ -262,6 +262,9 @@ class Driver<T> implements DriverControl<T> {
   #named = new Map<string, Timer>();
   #calls = new Map<number, PendingCall>();
   #forceTimer: Timer | undefined;
+  #armedTimeout = false; // the current step armed the event timeout itself
+  #idleArmed = false; // the armed event timeout is the idle timeout
+  readonly #idleMs: number | undefined;
   #timedOut = false; // the shutdown timeout forced the end: pending output is dropped
 
   constructor(socket: Conn, handler: Handler<T>, opts: DriverOptions<T>) {
@@ -271,6 +274,7 @@ class Driver<T> implements DriverControl<T> {
     this.handle = new Connection<T>(this);
     this.closed = new Promise((resolve) => this.#resolveClosed = resolve);
     this.#decoder = opts.framing.decoder();
+    this.#idleMs = opts.idleTimeout;
     this.#emit = (frame: T) => {
       this.#pushed++;
       if (this.#opts.mode === "passive") this.#frames.push(frame);
@@ -334,7 +338,11 @@ class Driver<T> implements DriverControl<T> {
           this.#gen = null;
           break;
         }
+        this.#armedTimeout = false;
         const outcome = this.#perform(step.value);
+        // The default event timeout: a connection that hears nothing for idleTimeout ms is
+        // asked to shut down, unless its handler armed an event timeout of its own.
+        if (this.#idleMs !== undefined && !this.#armedTimeout) this.#armIdle();
         if (outcome === Run.Stop) {
           reason = this.#stopReason;
           break;
@@ -412,7 +420,11 @@ class Driver<T> implements DriverControl<T> {
         return Run.Continue;
       }
       case "setTimeout":
-        if (action.name === undefined) this.#armEventTimeout(action.ms);
+        if (action.name === undefined) {
+          this.#armedTimeout = true;
+          this.#idleArmed = false;
+          this.#armEventTimeout(action.ms);
+        }
         else this.#armNamed(action.name, action.ms);
         return Run.Continue;
       case "hibernate":
@@ -725,11 +737,21 @@ class Driver<T> implements DriverControl<T> {
       return;
     }
     this.#deadline = Infinity;
+    if (this.#idleArmed) {
+      this.#idleArmed = false;
+      if (this.#head === this.#queue.length) this.shutdown("idle");
+      return;
+    }
     // An event already waits in the mailbox (the handler is held back, by a slow peer say):
     // it came in time, and taking it cancels the timeout.
     if (this.#head < this.#queue.length) return;
     this.#push({ type: "timeout" });
   };
+
+  #armIdle(): void {
+    this.#idleArmed = true;
+    this.#armEventTimeout(this.#idleMs!);
+  }
 
   #cancelEventTimeout(): void {
     this.#deadline = Infinity;

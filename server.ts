@@ -40,6 +40,12 @@ export interface ServeOptions<T = Uint8Array> {
   maxConnections?: number;
   /** Milliseconds a transport handshake (TLS) may take (default 10000). */
   handshakeTimeout?: number;
+  /**
+   * The default event timeout of every connection (off unless set): a connection that gets no
+   * event for this many ms, while its handler has armed no event timeout of its own, is sent
+   * `shutdown` with reason `"idle"` (and forced after `shutdownTimeout`). Ends silent peers.
+   */
+  idleTimeout?: number;
   /** Milliseconds a connection has to finish after `shutdown` before it is forced (default 5000). */
   shutdownTimeout?: number;
   /** Where connections are recorded (default: the process's memory registry). */
@@ -98,6 +104,7 @@ export class Server<T = Uint8Array> {
   #handler: Handler<T>;
   readonly #options: ServeOptions<T>;
   readonly #acceptors: Acceptor[] = [];
+  readonly #loops: Promise<void>[] = []; // the acceptors' loops, which stop() waits for
   readonly #drivers = new Map<string, DriverControl<T>>();
   #status: ServerStatus = "running";
   #max: number;
@@ -119,7 +126,11 @@ export class Server<T = Uint8Array> {
         info: { id, addr: listener.addr, state: "accepting" as const, accepted: 0 },
       };
       this.#acceptors.push(acceptor);
-      this.#acceptLoop(acceptor);
+      this.#loops.push(
+        this.#acceptLoop(acceptor).catch((err) =>
+          this.#logger.error(`etcp: server ${this.name}: acceptor ${id} failed:`, err)
+        ),
+      );
     });
   }
 
@@ -151,7 +162,18 @@ export class Server<T = Uint8Array> {
 
   /** What each acceptor is doing. */
   acceptors(): AcceptorInfo[] {
-    return this.#acceptors.map((a) => ({ ...a.info }));
+    // Reported from the server's state, so that suspend() or a lowered limit shows at once,
+    // even for an acceptor still blocked in accept().
+    return this.#acceptors.map(({ info }) => ({
+      ...info,
+      state: info.state === "stopped"
+        ? "stopped"
+        : this.#status === "suspended"
+        ? "suspended"
+        : this.#drivers.size >= this.#max
+        ? "waiting"
+        : "accepting",
+    }));
   }
 
   /**
@@ -188,9 +210,12 @@ export class Server<T = Uint8Array> {
     if (this.#stopping) return this.#stopping;
     this.#status = "stopping";
     const timeout = options.timeout ?? this.#options.shutdownTimeout;
-    this.#stopping = Promise.all(
-      Array.from(this.#drivers.values(), (d) => d.shutdown(reason, timeout)),
-    ).then(() => {
+    // The acceptors' loops end once their pending accept has failed on the closed listener:
+    // only then is the listening socket really gone (and new connects refused).
+    this.#stopping = Promise.all([
+      ...Array.from(this.#drivers.values(), (d) => d.shutdown(reason, timeout)),
+      ...this.#loops,
+    ]).then(() => {
       this.#status = "stopped";
       this.#resolveFinished();
     });
@@ -280,6 +305,7 @@ export class Server<T = Uint8Array> {
       kind: "server",
       logger: this.#logger,
       shutdownTimeout: options.shutdownTimeout ?? 5000,
+      idleTimeout: options.idleTimeout,
       onClose: (conn) => {
         this.#drivers.delete(conn.id);
         this.#openGate();
@@ -354,7 +380,12 @@ export async function serve<T = Uint8Array>(
   const signal = options.signal;
   if (signal) {
     if (signal.aborted) server.stop(signal.reason);
-    else signal.addEventListener("abort", () => server.stop(signal.reason), { once: true });
+    else {
+      const onAbort = () => server.stop(signal.reason);
+      signal.addEventListener("abort", onAbort, { once: true });
+      // A long-lived signal must not keep stopped servers alive.
+      server.finished.then(() => signal.removeEventListener("abort", onAbort));
+    }
   }
   return server;
 }
