@@ -30,14 +30,7 @@
  * @module
  */
 
-export {
-  hibernate,
-  recv,
-  reply,
-  send,
-  setTimeout,
-  stop,
-} from "./actions.ts";
+export { hibernate, recv, reply, send, setTimeout, stop } from "./actions.ts";
 export type {
   Action,
   CallEvent,

@@ -50,5 +50,7 @@ const conn = await connect(
 );
 const echoed = await done.promise;
 const seconds = (performance.now() - started) / 1000;
-console.log(`${echoed} frames echoed in ${seconds.toFixed(2)} s (${(echoed / seconds).toFixed(0)}/s)`);
+console.log(
+  `${echoed} frames echoed in ${seconds.toFixed(2)} s (${(echoed / seconds).toFixed(0)}/s)`,
+);
 await conn.closed;

@@ -38,8 +38,7 @@ class MemoryConn implements Conn {
   #bytes = 0;
   #eof = false; // the peer will write no more
   #closed = false;
-  #reader: { p: Uint8Array; resolve(n: number | null): void; reject(e: Error): void } | null =
-    null;
+  #reader: { p: Uint8Array; resolve(n: number | null): void; reject(e: Error): void } | null = null;
   #drained: Array<{ resolve(): void; reject(e: Error): void }> = [];
 
   constructor(local: string, remote: string, limit: number) {

@@ -27,6 +27,13 @@ export function tcp(options: TcpOptions = {}): Transport {
   return {
     name: "tcp",
     listen({ hostname = "0.0.0.0", port = 0, reusePort }: ListenOptions): Listener {
+      // Without --unstable-net, Deno.listen({ reusePort: true }) exits the whole process (code
+      // 70) instead of throwing; Deno.listenDatagram is gated by the same flag, so check it.
+      if (reusePort && !("listenDatagram" in Deno)) {
+        throw new Deno.errors.NotSupported(
+          'reusePort (and acceptors > 1) needs --unstable-net, or "unstable": ["net"] in deno.json',
+        );
+      }
       const listener = Deno.listen({ transport: "tcp", hostname, port, reusePort });
       return {
         addr: listener.addr,
