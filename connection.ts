@@ -63,6 +63,10 @@ const LINGER_MS = 5000;
 
 type Timer = ReturnType<typeof setTimeout>;
 
+// Shared by every connection until it needs an array of its own, so that idle connections
+// stay small. Frozen: a push onto it would be a bug, and throws.
+const NONE: never[] = Object.freeze([]) as unknown as never[];
+
 let nextConnection = 0;
 let nextCall = 0;
 
@@ -212,9 +216,10 @@ export function createConnection<T>(
 class Driver<T> implements DriverControl<T> {
   readonly socket: Conn;
   readonly handle: Connection<T>;
-  readonly closed: Promise<unknown>;
   name: string | undefined;
-  #resolveClosed!: (reason: unknown) => void;
+  #closed: Promise<unknown> | null = null; // made when first asked for
+  #resolveClosed: ((reason: unknown) => void) | null = null;
+  #settled = false;
   readonly #opts: DriverOptions<T>;
   #handler: Handler<T>;
   #upgradeTo: { handler: Handler<T>; codeChange?: CodeChange } | null = null;
@@ -227,7 +232,7 @@ class Driver<T> implements DriverControl<T> {
   hibernating = false;
 
   // Mailbox.
-  #queue: Array<Event<T> | undefined> = [];
+  #queue: Array<Event<T> | undefined> = NONE;
   #head = 0;
   #packets = 0; // packets in the queue, for flow control
   #waiter: ((ev: Event<T> | undefined) => void) | null = null;
@@ -243,7 +248,7 @@ class Driver<T> implements DriverControl<T> {
   #disconnected = false;
   #recvWanted = false;
   #recvTimer: Timer | undefined;
-  #frames: T[] = []; // passive mode: decoded frames not yet asked for
+  #frames: T[] = NONE; // passive mode: decoded frames not yet asked for
 
   // Writing.
   #out = new WriteBuffer();
@@ -252,15 +257,15 @@ class Driver<T> implements DriverControl<T> {
   #writeBroken = false;
   #queued = 0; // bytes ever queued
   #written = 0; // bytes ever written
-  #syncWaiters: SyncWaiter[] = [];
-  #drainWaiters: Array<() => void> = [];
+  #syncWaiters: SyncWaiter[] = NONE;
+  #drainWaiters: Array<() => void> = NONE;
 
   // Timers.
   #deadline = Infinity; // of the event timeout
   #eventTimer: Timer | undefined;
   #eventTimerAt = Infinity;
-  #named = new Map<string, Timer>();
-  #calls = new Map<number, PendingCall>();
+  #named: Map<string, Timer> | null = null; // made on first use: idle connections stay small
+  #calls: Map<number, PendingCall> | null = null;
   #forceTimer: Timer | undefined;
   #armedTimeout = false; // the current step armed the event timeout itself
   #idleArmed = false; // the armed event timeout is the idle timeout
@@ -272,14 +277,24 @@ class Driver<T> implements DriverControl<T> {
     this.#handler = handler;
     this.#opts = opts;
     this.handle = new Connection<T>(this);
-    this.closed = new Promise((resolve) => this.#resolveClosed = resolve);
     this.#decoder = opts.framing.decoder();
     this.#idleMs = opts.idleTimeout;
     this.#emit = (frame: T) => {
       this.#pushed++;
-      if (this.#opts.mode === "passive") this.#frames.push(frame);
-      else this.#push({ type: "packet", data: frame }, true);
+      if (this.#opts.mode === "passive") {
+        if (this.#frames === NONE) this.#frames = [];
+        this.#frames.push(frame);
+      } else this.#push({ type: "packet", data: frame }, true);
     };
+  }
+
+  get closed(): Promise<unknown> {
+    if (this.#closed === null) {
+      this.#closed = this.#settled
+        ? Promise.resolve(this.#closeReason)
+        : new Promise((resolve) => this.#resolveClosed = resolve);
+    }
+    return this.#closed;
   }
 
   start(): void {
@@ -411,9 +426,9 @@ class Driver<T> implements DriverControl<T> {
         return Run.Continue;
       case "reply": {
         const ref = action.from?.ref;
-        const call = this.#calls.get(ref);
+        const call = this.#calls?.get(ref);
         if (call) {
-          this.#calls.delete(ref);
+          this.#calls!.delete(ref);
           clearTimeout(call.timer);
           call.resolve(action.value);
         }
@@ -424,8 +439,7 @@ class Driver<T> implements DriverControl<T> {
           this.#armedTimeout = true;
           this.#idleArmed = false;
           this.#armEventTimeout(action.ms);
-        }
-        else this.#armNamed(action.name, action.ms);
+        } else this.#armNamed(action.name, action.ms);
         return Run.Continue;
       case "hibernate":
         this.#state = action.state;
@@ -456,12 +470,14 @@ class Driver<T> implements DriverControl<T> {
       waiter(ev);
       return;
     }
+    if (this.#queue === NONE) this.#queue = [];
     this.#queue.push(ev);
     if (isPacket) this.#packets++;
   }
 
   #unshift(ev: Event<T>): void {
     if (this.#head > 0) this.#queue[--this.#head] = ev;
+    else if (this.#queue === NONE) this.#queue = [ev];
     else this.#queue.unshift(ev);
     if (ev.type === "packet") this.#packets++;
   }
@@ -643,6 +659,7 @@ class Driver<T> implements DriverControl<T> {
     this.#flushSoon();
     if (!sync) return undefined;
     return new Promise((resolve, reject) => {
+      if (this.#syncWaiters === NONE) this.#syncWaiters = [];
       this.#syncWaiters.push({ at: this.#queued, resolve, reject });
     });
   }
@@ -686,12 +703,20 @@ class Driver<T> implements DriverControl<T> {
       this.#writeBroken = true;
       this.#out.reset(0);
       const error = err instanceof Error ? err : new Error(String(err));
-      for (const w of this.#syncWaiters.splice(0)) w.reject(error);
+      for (const w of this.#takeSyncWaiters()) w.reject(error);
       if (!this.#done) this.#disconnect(error);
     } finally {
       this.#writing = false;
-      for (const resolve of this.#drainWaiters.splice(0)) resolve();
+      const drained = this.#drainWaiters;
+      this.#drainWaiters = NONE;
+      for (const resolve of drained) resolve();
     }
+  }
+
+  #takeSyncWaiters(): SyncWaiter[] {
+    const waiters = this.#syncWaiters;
+    this.#syncWaiters = NONE;
+    return waiters;
   }
 
   #settleSyncWaiters(): void {
@@ -705,7 +730,9 @@ class Driver<T> implements DriverControl<T> {
   #drained(): Promise<void> {
     this.#flush();
     if (!this.#writing) return Promise.resolve();
-    return new Promise((resolve) => this.#drainWaiters.push(resolve));
+    if (this.#drainWaiters === NONE) this.#drainWaiters = [];
+    const waiters = this.#drainWaiters;
+    return new Promise((resolve) => waiters.push(resolve));
   }
 
   // ---- Timers -------------------------------------------------------------------------------
@@ -722,10 +749,12 @@ class Driver<T> implements DriverControl<T> {
     if (this.#eventTimer !== undefined && this.#eventTimerAt <= at) return;
     clearTimeout(this.#eventTimer);
     this.#eventTimerAt = at;
-    this.#eventTimer = setTimeout(this.#onEventTimer, ms);
+    this.#eventTimer = setTimeout(this.#onEventTimer ??= () => this.#eventTimerFired(), ms);
   }
 
-  #onEventTimer = (): void => {
+  #onEventTimer: (() => void) | null = null; // made on first use
+
+  #eventTimerFired(): void {
     this.#eventTimer = undefined;
     this.#eventTimerAt = Infinity;
     const deadline = this.#deadline;
@@ -733,7 +762,7 @@ class Driver<T> implements DriverControl<T> {
     const left = deadline - performance.now();
     if (left > 1) {
       this.#eventTimerAt = deadline;
-      this.#eventTimer = setTimeout(this.#onEventTimer, left);
+      this.#eventTimer = setTimeout(this.#onEventTimer!, left);
       return;
     }
     this.#deadline = Infinity;
@@ -746,7 +775,7 @@ class Driver<T> implements DriverControl<T> {
     // it came in time, and taking it cancels the timeout.
     if (this.#head < this.#queue.length) return;
     this.#push({ type: "timeout" });
-  };
+  }
 
   #armIdle(): void {
     this.#idleArmed = true;
@@ -758,16 +787,16 @@ class Driver<T> implements DriverControl<T> {
   }
 
   #armNamed(name: string, ms: number | null): void {
-    const old = this.#named.get(name);
+    const old = this.#named?.get(name);
     if (old !== undefined) {
       clearTimeout(old);
-      this.#named.delete(name);
+      this.#named!.delete(name);
     }
     if (ms === null) return;
-    this.#named.set(
+    (this.#named ??= new Map()).set(
       name,
       setTimeout(() => {
-        this.#named.delete(name);
+        this.#named?.delete(name);
         this.#push({ type: "timeout", name });
       }, ms),
     );
@@ -782,12 +811,12 @@ class Driver<T> implements DriverControl<T> {
     return new Promise((resolve, reject) => {
       const ref = ++nextCall;
       const timer = setTimeout(() => {
-        this.#calls.delete(ref);
+        this.#calls?.delete(ref);
         reject(
           new TimeoutError(`call to connection ${this.handle.id} timed out after ${timeout} ms`),
         );
       }, timeout);
-      this.#calls.set(ref, { resolve, reject, timer });
+      (this.#calls ??= new Map()).set(ref, { resolve, reject, timer });
       const from: From = { ref };
       this.#push({ type: "call", message, from });
     });
@@ -872,15 +901,15 @@ class Driver<T> implements DriverControl<T> {
       this.socket.close();
     } catch { /* already closed */ }
     const closedErr = new ConnectionClosed(this.handle.id, reason);
-    for (const call of this.#calls.values()) {
+    for (const call of this.#calls?.values() ?? []) {
       clearTimeout(call.timer);
       call.reject(closedErr);
     }
-    this.#calls.clear();
-    for (const w of this.#syncWaiters.splice(0)) w.reject(closedErr);
-    this.#queue.length = 0;
+    this.#calls = null;
+    for (const w of this.#takeSyncWaiters()) w.reject(closedErr);
+    this.#queue = NONE;
     this.#head = 0;
-    this.#frames.length = 0;
+    this.#frames = NONE;
     try {
       const removed = this.#opts.registry.remove(this.handle.id);
       if (isPromise(removed)) await removed.catch(() => {});
@@ -892,15 +921,16 @@ class Driver<T> implements DriverControl<T> {
       );
     }
     this.#opts.onClose?.(this.handle);
-    this.#resolveClosed(reason);
+    this.#settled = true;
+    this.#resolveClosed?.(reason);
   }
 
   #clearTimers(): void {
     clearTimeout(this.#eventTimer);
     this.#eventTimer = undefined;
     this.#deadline = Infinity;
-    for (const timer of this.#named.values()) clearTimeout(timer);
-    this.#named.clear();
+    for (const timer of this.#named?.values() ?? []) clearTimeout(timer);
+    this.#named = null;
     this.#clearRecv();
     clearTimeout(this.#forceTimer);
   }

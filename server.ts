@@ -10,6 +10,7 @@ import {
   type Connection,
   createConnection,
   type DriverControl,
+  type DriverOptions,
   type Logger,
   type Mode,
   type StopOptions,
@@ -110,6 +111,8 @@ export class Server<T = Uint8Array> {
   #max: number;
   #gate!: { promise: Promise<void>; open(): void };
   #stopping: Promise<void> | null = null;
+  // One settings object shared by every connection of this server.
+  readonly #driverOptions: DriverOptions<T>;
 
   /** Made by {@linkcode serve}; not constructed directly. */
   constructor(handler: Handler<T>, options: ServeOptions<T>, listeners: Listener[]) {
@@ -120,6 +123,21 @@ export class Server<T = Uint8Array> {
     this.#max = options.maxConnections ?? 1024;
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
     this.#renewGate();
+    this.#driverOptions = {
+      framing: options.framing ?? (raw() as unknown as Framing<T>),
+      mode: options.mode ?? "active",
+      highWaterMark: options.highWaterMark ?? 16,
+      registry: this.registry,
+      owner: this.name,
+      kind: "server",
+      logger: options.logger ?? console,
+      shutdownTimeout: options.shutdownTimeout ?? 5000,
+      idleTimeout: options.idleTimeout,
+      onClose: (conn) => {
+        this.#drivers.delete(conn.id);
+        this.#openGate();
+      },
+    };
     listeners.forEach((listener, id) => {
       const acceptor = {
         listener,
@@ -296,21 +314,7 @@ export class Server<T = Uint8Array> {
 
   #startConnection(socket: Conn): void {
     const options = this.#options;
-    const driver = createConnection(socket, this.#handler, {
-      framing: options.framing ?? (raw() as unknown as Framing<T>),
-      mode: options.mode ?? "active",
-      highWaterMark: options.highWaterMark ?? 16,
-      registry: this.registry,
-      owner: this.name,
-      kind: "server",
-      logger: this.#logger,
-      shutdownTimeout: options.shutdownTimeout ?? 5000,
-      idleTimeout: options.idleTimeout,
-      onClose: (conn) => {
-        this.#drivers.delete(conn.id);
-        this.#openGate();
-      },
-    });
+    const driver = createConnection(socket, this.#handler, this.#driverOptions);
     this.#drivers.set(driver.handle.id, driver);
     const handshake = (socket as { handshake?: () => Promise<unknown> }).handshake;
     if (typeof handshake !== "function") {
