@@ -24,7 +24,7 @@ export interface ConnectOptions<T = Uint8Array> {
   framing?: Framing<T>;
   /** `"active"` (default) or `"passive"`. */
   mode?: Mode;
-  /** Active mode: frames the mailbox may hold before reading pauses (default 16). */
+  /** Active mode: frames the mailbox may hold before reading pauses (default 1: read on once the handler has acted on every frame read). */
   highWaterMark?: number;
   /** Milliseconds the connect (and any handshake) may take (default 10000). */
   connectTimeout?: number;
@@ -86,7 +86,7 @@ export async function connect<T = Uint8Array>(
   const driver = createConnection(socket, handler, {
     framing: options.framing ?? (raw() as unknown as Framing<T>),
     mode: options.mode ?? "active",
-    highWaterMark: options.highWaterMark ?? 16,
+    highWaterMark: options.highWaterMark ?? 1,
     registry,
     owner: "client",
     kind: "client",

@@ -235,14 +235,17 @@ class Driver<T> implements DriverControl<T> {
   #queue: Array<Event<T> | undefined> = NONE;
   #head = 0;
   #packets = 0; // packets in the queue, for flow control
-  #waiter: ((ev: Event<T> | undefined) => void) | null = null;
+  #waiting = false; // the handler waits for an event
+  #blocked = false; // the handler waits for its output to drain
+  #ending = false;
 
   // Reading.
   readonly #decoder: Decoder<T>;
   readonly #emit: (frame: T) => void;
   #readBuf: Uint8Array | null = null;
   #parkBuf: Uint8Array | null = null;
-  #readerPaused: (() => void) | null = null;
+  #reading = false;
+  #readerPaused = false; // frames were read: the next read waits for the handler
   #pushed = 0; // frames decoded so far
   #eof = false;
   #disconnected = false;
@@ -284,7 +287,7 @@ class Driver<T> implements DriverControl<T> {
       if (this.#opts.mode === "passive") {
         if (this.#frames === NONE) this.#frames = [];
         this.#frames.push(frame);
-      } else this.#push({ type: "packet", data: frame }, true);
+      } else this.#push({ type: "packet", data: frame });
     };
   }
 
@@ -314,74 +317,146 @@ class Driver<T> implements DriverControl<T> {
     } catch (err) {
       this.#opts.logger.error("etcp: registry", err);
     }
-    if (this.#opts.mode === "active") this.#readLoop();
-    this.#run();
+    if (this.#opts.mode === "active") this.#read();
+    this.#loop(undefined);
   }
 
   // ---- The handler's loop ------------------------------------------------------------------
+  //
+  // No long-lived async function: the handler is stepped while it has events to act on, and
+  // the loop simply returns when it waits (`#waiting`) or an async step is pending (`#busy`).
+  // A plain `function*` handler thus runs a whole mailbox without a single promise.
 
-  async #run(): Promise<void> {
-    let reason: unknown = "normal";
-    let input: Event<T> | undefined = undefined;
-    try {
-      for (;;) {
-        if (this.#gen === null) {
-          // Start, or wake from hibernation: the new generator runs to its first yield, whose
-          // actions are performed; the waking event is then its first input.
-          if (this.hibernating) {
-            const next = this.#next();
-            const ev = isPromise(next) ? await next : next;
-            if (ev === undefined) break;
-            this.#unshift(ev);
-            this.hibernating = false;
-            const upgrade = this.#upgradeTo;
-            if (upgrade) {
-              this.#upgradeTo = null;
-              this.#handler = upgrade.handler;
-              if (upgrade.codeChange) this.#state = upgrade.codeChange(this.#state);
-            }
+  // Step the handler with `input` (undefined: a new generator's first step), and on while
+  // events are at hand.
+  #loop(input: Event<T> | undefined): void {
+    while (!this.#ending) {
+      if (this.#gen === null) {
+        // Start, or wake from hibernation: the new generator runs to its first yield, whose
+        // actions are performed; the waking event (`input`) is then its first event.
+        if (this.hibernating) {
+          this.#unshift(input!);
+          this.hibernating = false;
+          const upgrade = this.#upgradeTo;
+          if (upgrade) {
+            this.#upgradeTo = null;
+            this.#handler = upgrade.handler;
+            if (upgrade.codeChange) this.#state = upgrade.codeChange(this.#state);
           }
+        }
+        try {
           this.#gen = this.#handler(this.handle, this.#state);
-          input = undefined;
+        } catch (err) {
+          return this.#end(err);
         }
-        this.#busy = true;
-        let step = this.#gen.next(input!);
-        if (isPromise(step)) step = await step;
-        this.#busy = false;
-        if (this.#done) return; // forced while the handler was busy
-        if (step.done) {
-          this.#gen = null;
-          break;
-        }
-        this.#armedTimeout = false;
-        const outcome = this.#perform(step.value);
-        // The default event timeout: a connection that hears nothing for idleTimeout ms is
-        // asked to shut down, unless its handler armed an event timeout of its own.
-        if (this.#idleMs !== undefined && !this.#armedTimeout) this.#armIdle();
-        if (outcome === Run.Stop) {
-          reason = this.#stopReason;
-          break;
-        }
-        if (outcome === Run.Hibernate) {
-          this.#gen = null; // dropped: its finally does not run
-          this.hibernating = true;
-          this.#releaseBuffers();
-          continue;
-        }
-        if (this.#queued - this.#written > WRITE_HIGH_WATER) await this.#drained();
-        else if (this.#out.length >= KEEP_WRITE_BUFFER) this.#flush();
-        else if (this.#out.length > 0) this.#flushSoon(); // even if the next event is queued
-        const next = this.#next();
-        input = isPromise(next) ? await next : next;
-        if (input === undefined) break;
+        input = undefined;
       }
-      if (this.#forced) reason = this.#forced.reason;
-    } catch (err) {
-      reason = err;
-      this.#busy = false;
+      let step: IteratorResult<Yielded, void> | Promise<IteratorResult<Yielded, void>>;
+      try {
+        step = this.#gen.next(input!);
+      } catch (err) {
+        this.#gen = null; // it threw: it is done, its finally has run
+        return this.#end(err);
+      }
+      if (isPromise(step)) {
+        this.#busy = true;
+        step.then(
+          this.#onStep ??= (s) => this.#stepped(s),
+          this.#onStepError ??= (e) => {
+            this.#busy = false;
+            this.#gen = null;
+            if (!this.#done) this.#end(e);
+          },
+        );
+        return;
+      }
+      const next = this.#afterStep(step);
+      if (next === undefined) return;
+      input = next;
     }
-    await this.#closeGenerator();
-    await this.#finish(reason, this.#timedOut);
+  }
+
+  #onStep: ((step: IteratorResult<Yielded, void>) => void) | null = null;
+  #onStepError: ((err: unknown) => void) | null = null;
+
+  #stepped(step: IteratorResult<Yielded, void>): void {
+    this.#busy = false;
+    if (this.#done) return; // forced while the handler was busy
+    const next = this.#afterStep(step);
+    if (next !== undefined) this.#loop(next);
+  }
+
+  // Perform a step's actions; return the next event, or undefined when the handler must wait
+  // (or the connection ends).
+  #afterStep(step: IteratorResult<Yielded, void>): Event<T> | undefined {
+    if (step.done) {
+      this.#gen = null;
+      this.#end(this.#forced ? this.#forced.reason : "normal");
+      return undefined;
+    }
+    this.#armedTimeout = false;
+    let outcome: Run;
+    try {
+      outcome = this.#perform(step.value);
+    } catch (err) {
+      this.#end(err);
+      return undefined;
+    }
+    // The default event timeout: a connection that hears nothing for idleTimeout ms is
+    // asked to shut down, unless its handler armed an event timeout of its own.
+    if (this.#idleMs !== undefined && !this.#armedTimeout) this.#armIdle();
+    if (outcome === Run.Stop) {
+      this.#end(this.#stopReason);
+      return undefined;
+    }
+    if (outcome === Run.Hibernate) {
+      this.#gen = null; // dropped: its finally does not run
+      this.hibernating = true;
+      this.#releaseBuffers();
+    } else if (this.#out.length >= KEEP_WRITE_BUFFER) {
+      this.#flush();
+    } else if (this.#out.length > 0) {
+      this.#flushSoon(); // even if the next event is queued
+    }
+    if (this.#queued - this.#written > WRITE_HIGH_WATER) {
+      // The peer reads slower than the handler writes: hold the handler until it catches up.
+      this.#flush();
+      if (this.#writing) {
+        this.#blocked = true;
+        return undefined;
+      }
+    }
+    return this.#nextOrWait();
+  }
+
+  // The next event, or undefined after arranging to be woken when one comes.
+  #nextOrWait(): Event<T> | undefined {
+    if (this.#forced) {
+      this.#end(this.#forced.reason);
+      return undefined;
+    }
+    this.#resumeReader();
+    const ev = this.#take();
+    if (ev !== undefined) return ev;
+    this.#flush();
+    this.#waiting = true;
+    return undefined;
+  }
+
+  // Go on after waiting (an event came) or being blocked (output drained).
+  #continue(): void {
+    this.#waiting = false;
+    this.#blocked = false;
+    const ev = this.#nextOrWait();
+    if (ev !== undefined) this.#loop(ev);
+  }
+
+  // End the connection: run the handler's finally, then close. Once.
+  #end(reason: unknown): void {
+    if (this.#ending) return;
+    this.#ending = true;
+    this.#waiting = false;
+    this.#closeGenerator().then(() => this.#finish(reason, this.#timedOut));
   }
 
   // Run the handler's finally (gen.return()), tolerating a finally that throws.
@@ -462,18 +537,26 @@ class Driver<T> implements DriverControl<T> {
 
   // ---- Mailbox ------------------------------------------------------------------------------
 
-  #push(ev: Event<T>, isPacket = false): void {
+  #push(ev: Event<T>): void {
     if (this.#done) return;
-    const waiter = this.#waiter;
-    if (waiter !== null) {
-      this.#waiter = null;
-      waiter(ev);
-      return;
-    }
     if (this.#queue === NONE) this.#queue = [];
     this.#queue.push(ev);
-    if (isPacket) this.#packets++;
+    if (ev.type === "packet") this.#packets++;
+    else if (this.#waiting && !this.#wakeQueued) {
+      // Woken in a microtask, not here: whoever sent this (another handler, perhaps) goes on
+      // first, as with any asynchronous message.
+      this.#wakeQueued = true;
+      queueMicrotask(
+        this.#wakeTask ??= () => {
+          this.#wakeQueued = false;
+          if (this.#waiting) this.#continue();
+        },
+      );
+    }
   }
+
+  #wakeQueued = false;
+  #wakeTask: (() => void) | null = null;
 
   #unshift(ev: Event<T>): void {
     if (this.#head > 0) this.#queue[--this.#head] = ev;
@@ -495,92 +578,81 @@ class Driver<T> implements DriverControl<T> {
     return ev;
   }
 
-  // The next event for the handler: at once from the mailbox, or a promise of it. `undefined`
-  // means the connection is being forced to end.
-  #next(): Event<T> | undefined | Promise<Event<T> | undefined> {
-    if (this.#forced) return undefined;
-    this.#resumeReader();
-    return this.#take() ?? this.#wait();
-  }
-
-  // The mailbox is empty: write what is pending, and wait.
-  #wait(): Promise<Event<T> | undefined> {
-    this.#flush();
-    return new Promise((resolve) => {
-      this.#waiter = (ev) => {
-        if (ev !== undefined) this.#cancelEventTimeout();
-        resolve(ev);
-      };
-    });
-  }
-
   deliver(ev: Event<T>): void {
     this.#push(ev);
   }
 
   // ---- Reading ------------------------------------------------------------------------------
+  //
+  // One read at a time, chained by callbacks. Active mode: after a read that produced frames,
+  // the next read waits until the handler has acted on them and asks for its next event with
+  // fewer than highWaterMark frames queued (#resumeReader), so a slow handler slows its peer,
+  // and a handler that hibernates is parked before the next read is issued.
+
+  #read(): void {
+    if (this.#reading || this.#done) return;
+    this.#reading = true;
+    const buf = this.hibernating && this.#decoder.buffered === 0
+      ? this.#parkBuf ??= new Uint8Array(1) // parked on the smallest read
+      : this.#readBuf ??= new Uint8Array(MIN_READ);
+    this.#readInto = buf;
+    this.socket.read(buf).then(
+      this.#onRead ??= (n) => this.#readDone(n),
+      this.#onReadError ??= (err) => this.#readFailed(err),
+    );
+  }
+
+  #readInto: Uint8Array | null = null;
+  #onRead: ((n: number | null) => void) | null = null;
+  #onReadError: ((err: unknown) => void) | null = null;
+
+  #readDone(n: number | null): void {
+    this.#reading = false;
+    if (this.#done) return;
+    if (n === null) {
+      this.#eof = true;
+      this.#disconnect(undefined);
+      return;
+    }
+    const buf = this.#readInto!;
+    this.#readInto = null;
+    const before = this.#pushed;
+    try {
+      this.#decoder.decode(n === buf.length ? buf : buf.subarray(0, n), this.#emit);
+    } catch (err) {
+      // A framing error: this connection cannot go on.
+      this.#fail(err);
+      return;
+    }
+    if (buf === this.#readBuf) {
+      // Grow while reads fill the buffer; shrink back after a small read.
+      if (n === buf.length && n < MAX_READ) this.#readBuf = new Uint8Array(n * 4);
+      else if (n < MIN_READ && buf.length > MIN_READ) this.#readBuf = null;
+    }
+    if (this.#opts.mode === "passive") {
+      this.#deliverFrame();
+      if (this.#recvWanted) this.#read();
+    } else if (this.#pushed === before) {
+      this.#read(); // no whole frame yet
+    } else {
+      this.#readerPaused = true;
+      if (this.#waiting) this.#continue();
+    }
+  }
+
+  #readFailed(err: unknown): void {
+    this.#reading = false;
+    if (this.#done) return;
+    this.#eof = true;
+    this.#disconnect(err instanceof Error ? err : new Error(String(err)));
+  }
 
   // Called when the handler asks for its next event (so after it acted on the last one, and
   // knows whether it hibernates): the reader goes on unless the mailbox is full.
   #resumeReader(): void {
-    const resume = this.#readerPaused;
-    if (resume !== null && this.#packets < this.#opts.highWaterMark) {
-      this.#readerPaused = null;
-      resume();
-    }
-  }
-
-  #pauseReader(): Promise<void> {
-    return new Promise((resolve) => this.#readerPaused = resolve);
-  }
-
-  async #readLoop(): Promise<void> {
-    const socket = this.socket;
-    const passive = this.#opts.mode === "passive";
-    try {
-      for (;;) {
-        // Passive: read only while a recv waits for a frame.
-        while (passive && !this.#recvWanted) {
-          await this.#pauseReader();
-          if (this.#done) return;
-        }
-        let buf: Uint8Array;
-        if (this.hibernating && this.#decoder.buffered === 0) {
-          buf = this.#parkBuf ??= new Uint8Array(1); // parked on the smallest read
-        } else {
-          buf = this.#readBuf ??= new Uint8Array(MIN_READ);
-        }
-        const n = await socket.read(buf);
-        if (this.#done) return;
-        if (n === null) {
-          this.#eof = true;
-          this.#disconnect(undefined);
-          return;
-        }
-        const before = this.#pushed;
-        this.#decoder.decode(n === buf.length ? buf : buf.subarray(0, n), this.#emit);
-        if (buf === this.#readBuf) {
-          // Grow while reads fill the buffer; shrink back after a small read.
-          if (n === buf.length && n < MAX_READ) this.#readBuf = new Uint8Array(n * 4);
-          else if (n < MIN_READ && buf.length > MIN_READ) this.#readBuf = null;
-        }
-        if (passive) {
-          this.#deliverFrame();
-        } else if (this.#pushed !== before) {
-          // Active: go on once the handler has acted on these frames (see #resumeReader).
-          await this.#pauseReader();
-          if (this.#done) return;
-        }
-      }
-    } catch (err) {
-      if (this.#done) return;
-      if (isSocketError(err)) {
-        this.#eof = true;
-        this.#disconnect(err as Error);
-      } else {
-        // A framing error: this connection cannot go on.
-        this.#fail(err);
-      }
+    if (this.#readerPaused && this.#packets < this.#opts.highWaterMark) {
+      this.#readerPaused = false;
+      this.#read();
     }
   }
 
@@ -609,23 +681,17 @@ class Driver<T> implements DriverControl<T> {
       this.#recvWanted = false;
       this.#clearRecv();
       this.#push({ type: "disconnect" });
-    } else if (!this.#readerStarted) {
-      this.#readerStarted = true;
-      this.#readLoop();
     } else {
-      const resume = this.#readerPaused;
-      this.#readerPaused = null;
-      resume?.();
+      this.#read();
     }
   }
-
-  #readerStarted = false;
 
   #deliverFrame(): void {
     if (!this.#recvWanted || this.#frames.length === 0) return;
     this.#recvWanted = false;
     this.#clearRecv();
     this.#push({ type: "packet", data: this.#frames.shift()! });
+    if (this.#waiting) this.#continue();
   }
 
   #clearRecv(): void {
@@ -665,6 +731,7 @@ class Driver<T> implements DriverControl<T> {
   }
 
   #flushQueued = false;
+  #flushTask: (() => void) | null = null;
 
   // Write what is pending once the current synchronous work is done: sends of the same tick
   // (from outside, or from steps run back to back) share one write, and output never waits
@@ -672,45 +739,66 @@ class Driver<T> implements DriverControl<T> {
   #flushSoon(): void {
     if (this.#flushQueued) return;
     this.#flushQueued = true;
-    queueMicrotask(() => {
-      this.#flushQueued = false;
-      this.#flush();
-    });
+    queueMicrotask(
+      this.#flushTask ??= () => {
+        this.#flushQueued = false;
+        this.#flush();
+      },
+    );
   }
   #closeReason: unknown = undefined;
 
+  // Start writing what is pending, unless a write is under way (it goes on with the rest).
   #flush(): void {
-    if (!this.#writing && this.#out.length > 0 && !this.#writeBroken) this.#writeLoop();
+    if (this.#writing || this.#out.length === 0 || this.#writeBroken) return;
+    const buf = this.#out;
+    this.#out = this.#spare;
+    this.#spare = buf;
+    this.#writing = true;
+    this.#write(buf.bytes());
   }
 
-  async #writeLoop(): Promise<void> {
-    this.#writing = true;
-    try {
-      while (this.#out.length > 0) {
-        const buf = this.#out;
-        this.#out = this.#spare;
-        this.#spare = buf;
-        let bytes = buf.bytes();
-        while (bytes.length > 0) {
-          const n = await this.socket.write(bytes);
-          this.#written += n;
-          bytes = bytes.subarray(n);
-        }
-        buf.reset(KEEP_WRITE_BUFFER);
-        this.#settleSyncWaiters();
-      }
-    } catch (err) {
-      this.#writeBroken = true;
-      this.#out.reset(0);
-      const error = err instanceof Error ? err : new Error(String(err));
-      for (const w of this.#takeSyncWaiters()) w.reject(error);
-      if (!this.#done) this.#disconnect(error);
-    } finally {
-      this.#writing = false;
-      const drained = this.#drainWaiters;
-      this.#drainWaiters = NONE;
-      for (const resolve of drained) resolve();
-    }
+  #pendingWrite: Uint8Array | null = null;
+  #onWrite: ((n: number) => void) | null = null;
+  #onWriteError: ((err: unknown) => void) | null = null;
+
+  #write(bytes: Uint8Array): void {
+    this.#pendingWrite = bytes;
+    this.socket.write(bytes).then(
+      this.#onWrite ??= (n) => this.#wrote(n),
+      this.#onWriteError ??= (err) => this.#writeFailed(err),
+    );
+  }
+
+  #wrote(n: number): void {
+    this.#written += n;
+    const rest = this.#pendingWrite!;
+    if (n < rest.length) return this.#write(rest.subarray(n)); // a partial write
+    this.#pendingWrite = null;
+    this.#spare.reset(KEEP_WRITE_BUFFER);
+    this.#settleSyncWaiters();
+    this.#writing = false;
+    if (this.#out.length > 0 && !this.#writeBroken) return this.#flush(); // queued meanwhile
+    this.#drainedNow();
+  }
+
+  #writeFailed(err: unknown): void {
+    this.#pendingWrite = null;
+    this.#writeBroken = true;
+    this.#writing = false;
+    this.#out.reset(0);
+    const error = err instanceof Error ? err : new Error(String(err));
+    for (const w of this.#takeSyncWaiters()) w.reject(error);
+    if (!this.#done) this.#disconnect(error);
+    this.#drainedNow();
+  }
+
+  // Nothing is being written any more: wake whoever waits for that.
+  #drainedNow(): void {
+    const drained = this.#drainWaiters;
+    this.#drainWaiters = NONE;
+    for (const resolve of drained) resolve();
+    if (this.#blocked && !this.#done) this.#continue();
   }
 
   #takeSyncWaiters(): SyncWaiter[] {
@@ -871,9 +959,7 @@ class Driver<T> implements DriverControl<T> {
   #fail(err: unknown): void {
     if (this.#done || this.#forced) return;
     this.#forced = { reason: err };
-    const waiter = this.#waiter;
-    this.#waiter = null;
-    waiter?.(undefined);
+    if (this.#waiting) this.#continue();
   }
 
   // ---- Ending -------------------------------------------------------------------------------
@@ -882,12 +968,9 @@ class Driver<T> implements DriverControl<T> {
     if (this.#done) return;
     this.#done = true;
     this.#closeReason = reason;
+    this.#ending = true;
+    this.#waiting = false;
     this.#clearTimers();
-    const waiter = this.#waiter;
-    this.#waiter = null;
-    waiter?.(undefined);
-    this.#readerPaused?.();
-    this.#readerPaused = null;
     if (!forced && !this.#writeBroken) {
       // Let pending output reach the socket, for a while.
       let timer: Timer | undefined;
@@ -940,18 +1023,6 @@ class Driver<T> implements DriverControl<T> {
 function isShutdownReason(reason: unknown): boolean {
   return typeof reason === "object" && reason !== null &&
     (reason as { shutdown?: unknown }).shutdown === true;
-}
-
-function isSocketError(err: unknown): boolean {
-  return err instanceof Deno.errors.ConnectionReset ||
-    err instanceof Deno.errors.ConnectionAborted ||
-    err instanceof Deno.errors.BrokenPipe ||
-    err instanceof Deno.errors.NotConnected ||
-    err instanceof Deno.errors.UnexpectedEof ||
-    err instanceof Deno.errors.TimedOut ||
-    err instanceof Deno.errors.BadResource ||
-    err instanceof Deno.errors.Interrupted ||
-    (err instanceof Error && "code" in err && typeof err.code === "string");
 }
 
 /** A short text for an address, for logs. */

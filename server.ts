@@ -33,7 +33,7 @@ export interface ServeOptions<T = Uint8Array> {
   framing?: Framing<T>;
   /** `"active"` (default) or `"passive"`. */
   mode?: Mode;
-  /** Active mode: frames a connection's mailbox may hold before reading pauses (default 16). */
+  /** Active mode: frames a connection's mailbox may hold before reading pauses (default 1: read on once the handler has acted on every frame read). */
   highWaterMark?: number;
   /** Listening sockets accepting in parallel (default 1; more than 1 uses `reusePort`). */
   acceptors?: number;
@@ -126,7 +126,7 @@ export class Server<T = Uint8Array> {
     this.#driverOptions = {
       framing: options.framing ?? (raw() as unknown as Framing<T>),
       mode: options.mode ?? "active",
-      highWaterMark: options.highWaterMark ?? 16,
+      highWaterMark: options.highWaterMark ?? 1,
       registry: this.registry,
       owner: this.name,
       kind: "server",
