@@ -349,6 +349,11 @@ class Driver<T> implements DriverControl<T> {
         } catch (err) {
           return this.#end(err);
         }
+        if (typeof this.#gen?.next !== "function") {
+          const got = describeReason(this.#gen);
+          this.#gen = null;
+          return this.#end(new ProtocolError(`handler returned ${got}: not a generator`));
+        }
         input = undefined;
       }
       let step: IteratorResult<Yielded, void> | Promise<IteratorResult<Yielded, void>>;
@@ -359,6 +364,7 @@ class Driver<T> implements DriverControl<T> {
         return this.#end(err);
       }
       if (isPromise(step)) {
+        this.#async = true;
         this.#busy = true;
         step.then(
           this.#onStep ??= (s) => this.#stepped(s),
@@ -415,8 +421,10 @@ class Driver<T> implements DriverControl<T> {
       this.#releaseBuffers();
     } else if (this.#out.length >= KEEP_WRITE_BUFFER) {
       this.#flush();
-    } else if (this.#out.length > 0) {
-      this.#flushSoon(); // even if the next event is queued
+    } else if (this.#out.length > 0 && this.#async && this.#head < this.#queue.length) {
+      // More events are queued, so this is not written before the handler next waits. An
+      // async handler may await something long on the way: make sure output goes out then.
+      this.#flushLater();
     }
     if (this.#queued - this.#written > WRITE_HIGH_WATER) {
       // The peer reads slower than the handler writes: hold the handler until it catches up.
@@ -456,18 +464,22 @@ class Driver<T> implements DriverControl<T> {
     if (this.#ending) return;
     this.#ending = true;
     this.#waiting = false;
-    this.#closeGenerator().then(() => this.#finish(reason, this.#timedOut));
+    // A finally that throws replaces the reason (as a throw from finally does in JavaScript,
+    // and a crashing terminate/2 in Erlang): that error is the close reason, logged once.
+    this.#closeGenerator().then((thrown) =>
+      this.#finish(thrown ? thrown.error : reason, this.#timedOut)
+    );
   }
 
-  // Run the handler's finally (gen.return()), tolerating a finally that throws.
-  async #closeGenerator(): Promise<void> {
+  // Run the handler's finally (gen.return()); what it throws is returned, not thrown.
+  async #closeGenerator(): Promise<{ error: unknown } | undefined> {
     const gen = this.#gen;
     this.#gen = null;
     if (!gen) return;
     try {
       await gen.return();
-    } catch (err) {
-      this.#opts.logger.error(`etcp: connection ${this.handle.id}: error in finally:`, err);
+    } catch (error) {
+      return { error };
     }
   }
 
@@ -510,6 +522,15 @@ class Driver<T> implements DriverControl<T> {
         return Run.Continue;
       }
       case "setTimeout":
+        if (
+          (action.ms !== null && (typeof action.ms !== "number" || Number.isNaN(action.ms))) ||
+          (action.name !== undefined && typeof action.name !== "string")
+        ) {
+          throw new ProtocolError(
+            `bad setTimeout(${String(action.ms)}, ${String(action.name)}): ms must be a ` +
+              "number or null, name a string",
+          );
+        }
         if (action.name === undefined) {
           this.#armedTimeout = true;
           this.#idleArmed = false;
@@ -732,6 +753,22 @@ class Driver<T> implements DriverControl<T> {
 
   #flushQueued = false;
   #flushTask: (() => void) | null = null;
+  #async = false; // the handler is an async generator
+  #flushTimer: Timer | undefined;
+  #flushTimerTask: (() => void) | null = null;
+
+  // Write what is pending after the current burst of steps, at the next macrotask: steps that
+  // need no I/O all run first (their output then goes out in one write when the handler waits).
+  #flushLater(): void {
+    if (this.#flushTimer !== undefined) return;
+    this.#flushTimer = setTimeout(
+      this.#flushTimerTask ??= () => {
+        this.#flushTimer = undefined;
+        this.#flush();
+      },
+      0,
+    );
+  }
 
   // Write what is pending once the current synchronous work is done: sends of the same tick
   // (from outside, or from steps run back to back) share one write, and output never waits
@@ -1016,6 +1053,7 @@ class Driver<T> implements DriverControl<T> {
     this.#named = null;
     this.#clearRecv();
     clearTimeout(this.#forceTimer);
+    clearTimeout(this.#flushTimer);
   }
 }
 
