@@ -124,6 +124,10 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
     const n = this.#size;
     const end = chunk.length;
     let i = 0;
+    // Whole frames of this chunk are views of one copy of it, made at the first: a buffer
+    // allocation per read rather than per frame.
+    let copy: Uint8Array | null = null;
+    let copyAt = 0;
     while (i < end) {
       const frame = this.#frame;
       if (frame !== null) {
@@ -156,7 +160,11 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
       }
       if (length > this.#max) throw new FrameTooLarge(length, this.#max);
       if (end - i >= length) {
-        emit(chunk.slice(i, i + length));
+        if (copy === null) {
+          copy = chunk.slice(i);
+          copyAt = i;
+        }
+        emit(copy.subarray(i - copyAt, i - copyAt + length));
         i += length;
       } else {
         const partial = new Uint8Array(length);
@@ -231,7 +239,12 @@ class LinesDecoder implements Decoder<string> {
 
   decode(chunk: Uint8Array, emit: (frame: string) => void): void {
     let start = 0;
+    let blockTried = false;
     for (;;) {
+      if (!blockTried && this.#held.length === 0) {
+        blockTried = true;
+        start = this.#block(chunk, start, emit);
+      }
       const nl = chunk.indexOf(NEWLINE, start);
       if (nl < 0) {
         if (start < chunk.length) {
@@ -261,6 +274,28 @@ class LinesDecoder implements Decoder<string> {
       emit(text);
       start = nl + 1;
     }
+  }
+
+  // The fast path: every whole line from `start` on, decoded with one call. Returns where it
+  // stopped; on a line too long or bad UTF-8 it does nothing, and the line-by-line path emits
+  // the good lines before throwing for the bad one.
+  #block(chunk: Uint8Array, start: number, emit: (frame: string) => void): number {
+    const last = chunk.lastIndexOf(NEWLINE);
+    if (last <= start) return start;
+    for (let p = start; p <= last;) {
+      const nl = chunk.indexOf(NEWLINE, p);
+      const length = nl > p && chunk[nl - 1] === CR ? nl - p - 1 : nl - p;
+      if (length > this.#max) return start;
+      p = nl + 1;
+    }
+    let text: string;
+    try {
+      text = this.#text.decode(chunk.subarray(start, last));
+    } catch {
+      return start;
+    }
+    for (const line of text.split("\n")) emit(line.endsWith("\r") ? line.slice(0, -1) : line);
+    return last + 1;
   }
 }
 
