@@ -84,7 +84,8 @@ export async function runJson(
   cwd?: string,
 ): Promise<Record<string, number>> {
   const child = spawn(cmd, cwd);
-  const what = cmd.slice(3).join(" ");
+  // "deno run -A bench/x.ts …" is shown from the script on.
+  const what = (cmd[0] === Deno.execPath() ? cmd.slice(3) : cmd).join(" ");
   const status = await within(child.process.status, timeoutMs, null);
   if (!status) {
     kill(child.process, "SIGKILL");

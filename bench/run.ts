@@ -4,13 +4,16 @@
 //     [--connections 50] [--size 64] [--depth 16] [--bulk-size 65536]
 //     [--idle-connections 2000] [--only SUBSTR[,SUBSTR]]
 //     [--servers raw,etcp[,etcp-sync,etcp-hibernate]] [--etcp-cmd CMD|raw]
-//     [--json]
+//     [--client c|deno] [--json]
 //
 // Each run starts a fresh server process, waits for its `listening on
-// HOST:PORT` line, drives it with bench/load.ts or bench/idle.ts (separate
-// processes) and stops it. Load scenarios run `rounds` times, servers
-// alternating, and the best round counts: the noise of a shared 2-core
-// machine only ever slows a run down. Prints a markdown table on stdout
+// HOST:PORT` line, drives it with the load client or bench/idle.ts (separate
+// processes) and stops it. The load client is bench/load.c, compiled once per
+// run with `cc -O2` into a temporary directory: it costs a fraction of the
+// CPU of bench/load.ts, which saturates a core before a fast server does.
+// Without a working `cc`, bench/load.ts runs instead (same flags, same JSON).
+// Load scenarios run `rounds` times, servers alternating, and the best round
+// counts: the noise of a shared 2-core machine only ever slows a run down. Prints a markdown table on stdout
 // (progress on stderr) and, with --json, one JSON line after it.
 import { parseFlags, within } from "./_common.ts";
 import { killAll, runJson, spawn } from "./_children.ts";
@@ -28,6 +31,8 @@ const USAGE = `usage: deno run -A bench/run.ts [options]
   --etcp-cmd CMD         runs CMD instead of "deno run -A examples/echo_server.ts"
                          for the etcp servers (also env ETCP_CMD); "raw" puts
                          raw_echo.ts in their place: a harness self-test, ratios ≈ 1
+  --client c|deno        the load client: bench/load.c (compiled with cc) or
+                         bench/load.ts; default: C if cc compiles it, else Deno
   --json                 also print all results as one JSON line`;
 const opts = parseFlags(Deno.args, {
   duration: 2,
@@ -41,18 +46,69 @@ const opts = parseFlags(Deno.args, {
   only: "",
   servers: "raw,etcp",
   "etcp-cmd": Deno.env.get("ETCP_CMD") ?? "",
+  client: "auto",
   json: false,
 }, USAGE);
+if (!["auto", "c", "deno"].includes(opts.client)) {
+  console.error(`--client must be c or deno, not ${opts.client}\n\n${USAGE}`);
+  Deno.exit(2);
+}
 
 const DENO = Deno.execPath();
 const BENCH = new URL(".", import.meta.url).pathname;
 const ROOT = new URL("..", import.meta.url).pathname;
 const EXAMPLE = `${ROOT}examples/echo_server.ts`;
-// load.ts and idle.ts bound themselves; these are backstops.
+// The load clients and idle.ts bound themselves; these are backstops.
 const LOAD_TIMEOUT_MS = (opts.warmup + opts.duration) * 1000 + 15_000;
 const IDLE_TIMEOUT_MS = 75_000;
 const LISTEN_TIMEOUT_MS = 20_000; // a first run may compile the server
 const NOISY_PCT = 25; // other processes' CPU that marks a run as disturbed
+
+// ------------------------------------------------------------- load client
+
+interface LoadClient {
+  /** "C" or "Deno", for the table */
+  name: string;
+  /** the command, to which the scenario's flags are appended */
+  cmd: string[];
+}
+
+const DENO_CLIENT: LoadClient = { name: "Deno", cmd: [DENO, "run", "-A", `${BENCH}load.ts`] };
+let tempDir: string | undefined;
+
+/** Compiles bench/load.c (once per run); falls back to load.ts unless
+ * `--client c` insists. */
+async function loadClient(): Promise<LoadClient> {
+  if (opts.client === "deno") return DENO_CLIENT;
+  let why: string;
+  try {
+    tempDir = await Deno.makeTempDir({ prefix: "etcp-bench-" });
+    const bin = `${tempDir}/etcp-load`;
+    const out = await new Deno.Command("cc", {
+      args: ["-O2", "-o", bin, `${BENCH}load.c`],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    if (out.success) return { name: "C", cmd: [bin] };
+    why = `cc failed (exit code ${out.code}):\n${new TextDecoder().decode(out.stderr).trim()}`;
+  } catch (e) {
+    why = e instanceof Deno.errors.NotFound ? "no cc found" : `cc: ${e}`;
+  }
+  if (opts.client === "c") throw new Error(`--client c: ${why}`);
+  console.error(`${why}\nfalling back to the Deno load client (bench/load.ts)`);
+  return DENO_CLIENT;
+}
+
+function removeTempDir() {
+  if (!tempDir) return;
+  try {
+    Deno.removeSync(tempDir, { recursive: true });
+  } catch { /* already gone */ }
+  tempDir = undefined;
+}
+// Also on Deno.exit (the signal handlers of _children.ts).
+globalThis.addEventListener("unload", removeTempDir);
 
 // ------------------------------------------------------------------ servers
 
@@ -131,7 +187,7 @@ async function startServer(def: ServerDef, variant: Variant): Promise<Running> {
 interface Scenario {
   name: string;
   variant: Variant;
-  tool: "load.ts" | "idle.ts";
+  tool: "load" | "idle";
   args: string[];
   unit: string;
 }
@@ -151,42 +207,42 @@ const SCENARIOS: Scenario[] = [
   {
     name: `ping-pong ${bytes(opts.size)}, depth 1`,
     variant: "load",
-    tool: "load.ts",
+    tool: "load",
     args: load("echo", opts.size, 1),
     unit: "frames/s",
   },
   {
     name: `pipelined ${bytes(opts.size)}, depth ${opts.depth}`,
     variant: "load",
-    tool: "load.ts",
+    tool: "load",
     args: load("echo", opts.size, opts.depth),
     unit: "frames/s",
   },
   {
     name: `bulk ${bytes(opts["bulk-size"])}, depth 1`,
     variant: "load",
-    tool: "load.ts",
+    tool: "load",
     args: load("echo", opts["bulk-size"], 1),
     unit: "frames/s",
   },
   {
     name: `accept rate (connect, ${bytes(opts.size)}, close)`,
     variant: "load",
-    tool: "load.ts",
+    tool: "load",
     args: load("accept", opts.size, 1),
     unit: "conn/s",
   },
   {
     name: "idle memory per conn (raw --park 65536)",
     variant: "idle",
-    tool: "idle.ts",
+    tool: "idle",
     args: idle,
     unit: "B/conn",
   },
   {
     name: "idle memory hibernated (raw --park 1)",
     variant: "hibernated",
-    tool: "idle.ts",
+    tool: "idle",
     args: idle,
     unit: "B/conn",
   },
@@ -196,7 +252,7 @@ const SCENARIOS: Scenario[] = [
 interface Run {
   /** frames (or connections) per second, or idle bytes per connection */
   value: number;
-  /** the JSON line of load.ts or idle.ts */
+  /** the JSON line of the load client or idle.ts */
   data: Record<string, number>;
 }
 
@@ -208,15 +264,16 @@ interface Result {
   failures: string[];
 }
 
-async function measure(s: Scenario, def: ServerDef): Promise<Run> {
+async function measure(s: Scenario, def: ServerDef, client: LoadClient): Promise<Run> {
   const server = await startServer(def, s.variant);
   try {
     const data = await runJson([
-      ...[DENO, "run", "-A", `${BENCH}${s.tool}`, ...s.args],
+      ...(s.tool === "idle" ? [DENO, "run", "-A", `${BENCH}idle.ts`] : client.cmd),
+      ...s.args,
       ...["--host", server.host, "--port", `${server.port}`],
-      ...[s.tool === "idle.ts" ? "--pid" : "--server-pid", `${server.pid}`],
-    ], s.tool === "idle.ts" ? IDLE_TIMEOUT_MS : LOAD_TIMEOUT_MS);
-    const value = s.tool === "idle.ts" ? data.perConnBytes : data.framesPerSec;
+      ...[s.tool === "idle" ? "--pid" : "--server-pid", `${server.pid}`],
+    ], s.tool === "idle" ? IDLE_TIMEOUT_MS : LOAD_TIMEOUT_MS);
+    const value = s.tool === "idle" ? data.perConnBytes : data.framesPerSec;
     return { value, data };
   } finally {
     await server.stop();
@@ -230,7 +287,7 @@ const si = (n: number) =>
 
 function valueCell(s: Scenario, r: Run): string {
   const d = r.data;
-  const v = s.tool === "idle.ts"
+  const v = s.tool === "idle"
     ? `${(r.value / 1024).toFixed(1)} KiB/conn`
     : `${si(r.value)} ${s.unit}${d.otherCpuPct > NOISY_PCT ? " †" : ""}`;
   if (d.errors || d.corrupt) {
@@ -241,19 +298,20 @@ function valueCell(s: Scenario, r: Run): string {
 }
 
 // Columns shown for each server, from its best run (load runs only).
-const DETAILS: [string, (d: Record<string, number>) => string][] = [
+const details = (client: LoadClient): [string, (d: Record<string, number>) => string][] => [
   ["p50/p99 µs", (d) => d.p50us == null ? "–" : `${d.p50us} / ${d.p99us}`],
   ["MB/s", (d) => d.mbPerSec.toFixed(1)],
   ["server µs/frame", (d) => d.serverUsPerFrame?.toFixed(2) ?? "–"],
   [
-    "CPU: load s, load/server/other %",
+    `CPU: ${client.name} client s, client/server/other %`,
     (d) =>
       `${d.cpuSeconds.toFixed(1)} s, ` +
       [d.cpuPct, d.serverCpuPct, d.otherCpuPct].map(Math.round).join("/"),
   ],
 ];
 
-function table(servers: ServerDef[], results: Result[]): string {
+function table(servers: ServerDef[], results: Result[], client: LoadClient): string {
+  const DETAILS = details(client);
   const ratios = servers.includes(RAW) ? servers.filter((d) => d !== RAW) : [];
   const header = [
     "scenario",
@@ -267,7 +325,7 @@ function table(servers: ServerDef[], results: Result[]): string {
     const raw = of(RAW)?.best;
     const detail = (d: ServerDef, show: (d: Record<string, number>) => string) => {
       const best = of(d)?.best;
-      return best && s.tool === "load.ts" ? show(best.data) : "–";
+      return best && s.tool === "load" ? show(best.data) : "–";
     };
     return [[
       s.name,
@@ -298,7 +356,32 @@ function machine() {
   };
 }
 
-function report(servers: ServerDef[], results: Result[]) {
+// Above this share of a core in a best run, the load client may be the limit.
+const CLIENT_BUSY_PCT = 90;
+
+/** The load client's CPU (% of one core) over all load runs, for the header. */
+function clientCpu(client: LoadClient, results: Result[]): string {
+  const load = (r: Result) => SCENARIOS.find((s) => s.name === r.scenario)?.tool === "load";
+  const pcts = results.filter(load).flatMap((r) => r.runs.map((run) => run.data.cpuPct))
+    .filter((x) => typeof x === "number").toSorted((a, b) => a - b);
+  const what = client.name === "C"
+    ? "C (bench/load.c, cc -O2, one thread, epoll)"
+    : "Deno (bench/load.ts)";
+  if (!pcts.length) return `load client: ${what}`;
+  const busiest = Math.max(
+    ...results.filter(load).map((r) => r.best?.data.cpuPct ?? 0),
+  );
+  const median = pcts[Math.floor(pcts.length / 2)];
+  return `load client: ${what}; its CPU in the measured windows: ${Math.round(pcts[0])}–${
+    Math.round(pcts[pcts.length - 1])
+  }% of one core (median ${Math.round(median)}%)${
+    busiest > CLIENT_BUSY_PCT
+      ? ` ⚠ a best run took ${Math.round(busiest)}%: there the client may be the limit`
+      : ""
+  }`;
+}
+
+function report(servers: ServerDef[], results: Result[], client: LoadClient) {
   const m = machine();
   console.log(`## etcp bench, ${new Date().toISOString()}
 
@@ -308,18 +391,21 @@ load: ${opts.connections} connections, best of ${opts.rounds} runs of ${opts.war
   } connections, one echoed frame each, server RSS growth${
     opts["etcp-cmd"] ? `; etcp = ${opts["etcp-cmd"]}` : ""
   }
+${clientCpu(client, results)}
 
-${table(servers, results)}
+${table(servers, results, client)}
 
 Ratios: other/raw (rates: higher is better; memory: lower is better).
 MB/s: echoed frame bytes, one way. Server µs/frame: the server's CPU per echoed
 frame (per connection in the accept row); it tells servers apart even when the
 load client is the limit (its CPU near 100%). CPU: the load client's CPU
 seconds over its life, then the % of one core used in the measured window by
-the load client, the server and all other processes. † marks a best run during
+the load client, the server (over 100: its helper threads) and all other
+processes. On loopback most of the C client's CPU is kernel TCP work that any
+peer pays per write and read, little is its own code. † marks a best run during
 which other processes used over ${NOISY_PCT}% of a core: rerun on a quieter machine.`);
   if (opts.json) {
-    console.log(JSON.stringify({ machine: m, options: opts, results }));
+    console.log(JSON.stringify({ machine: m, options: opts, loadClient: client.name, results }));
   }
 }
 
@@ -346,7 +432,9 @@ async function main() {
     }
   }
 
-  const rounds = (s: Scenario) => s.tool === "load.ts" ? opts.rounds : 1;
+  const client = scenarios.some((s) => s.tool === "load") ? await loadClient() : DENO_CLIENT;
+  console.error(`load client: ${client.name} (${client.cmd.join(" ")})`);
+  const rounds = (s: Scenario) => s.tool === "load" ? opts.rounds : 1;
   const total = scenarios.reduce((n, s) => n + rounds(s), 0) * servers.length;
   let step = 0;
   const results: Result[] = [];
@@ -363,10 +451,13 @@ async function main() {
       for (const [i, def] of servers.entries()) {
         const label = `[${++step}/${total}] ${s.name}, ${def.name}`;
         try {
-          const run = await measure(s, def);
+          const run = await measure(s, def, client);
           rs[i].runs.push(run);
-          const other = run.data.otherCpuPct !== undefined
-            ? ` (other CPU ${Math.round(run.data.otherCpuPct)}%)`
+          const d = run.data;
+          const other = d.otherCpuPct !== undefined
+            ? ` (CPU: client ${Math.round(d.cpuPct)}%, server ${
+              Math.round(d.serverCpuPct)
+            }%, other ${Math.round(d.otherCpuPct)}%)`
             : "";
           console.error(`${label}: ${valueCell(s, run)}${other}`);
         } catch (e) {
@@ -376,12 +467,12 @@ async function main() {
         }
       }
     }
-    const better = s.tool === "idle.ts"
+    const better = s.tool === "idle"
       ? (a: Run, b: Run) => a.value - b.value
       : (a: Run, b: Run) => b.value - a.value;
     for (const r of rs) r.best = r.runs.toSorted(better)[0];
   }
-  report(servers, results);
+  report(servers, results, client);
   // A benchmark that lost or mangled frames is a failed run, whatever its speed.
   const bad = results.some((r) =>
     r.failures.length || r.runs.some((run) => run.data.errors || run.data.corrupt)
@@ -396,4 +487,5 @@ try {
   Deno.exitCode = 1;
 } finally {
   killAll();
+  removeTempDir();
 }
