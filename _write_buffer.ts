@@ -6,6 +6,24 @@ import type { FrameWriter } from "./framing.ts";
 const EMPTY = new Uint8Array(0);
 const textEncoder = new TextEncoder();
 
+// Large buffers given up by one connection serve the next that needs one, so that sending big
+// frames does not allocate (and zero) a large buffer per write. Bounded: it holds at most this
+// many.
+const POOL_SIZE = 8;
+const pool: Uint8Array[] = [];
+
+function allocate(size: number): Uint8Array {
+  for (let i = pool.length - 1; i >= 0; i--) {
+    if (pool[i].length >= size) {
+      const buf = pool[i];
+      pool[i] = pool[pool.length - 1];
+      pool.pop();
+      return buf;
+    }
+  }
+  return new Uint8Array(size);
+}
+
 export class WriteBuffer implements FrameWriter {
   #buf: Uint8Array = EMPTY;
   #len = 0;
@@ -19,16 +37,19 @@ export class WriteBuffer implements FrameWriter {
     return this.#buf.subarray(0, this.#len);
   }
 
-  /** Forget the contents; keep the memory unless it grew past `keep` bytes. */
+  /** Forget the contents; keep the memory unless it grew past `keep` bytes (then it is pooled). */
   reset(keep = Infinity): void {
     this.#len = 0;
-    if (this.#buf.length > keep) this.#buf = EMPTY;
+    if (this.#buf.length > keep) {
+      if (this.#buf.length >= 16 * 1024 && pool.length < POOL_SIZE) pool.push(this.#buf);
+      this.#buf = EMPTY;
+    }
   }
 
   #reserve(extra: number): void {
     const need = this.#len + extra;
     if (need <= this.#buf.length) return;
-    const grown = new Uint8Array(Math.max(need, this.#buf.length * 2, 256));
+    const grown = allocate(Math.max(need, this.#buf.length * 2, 256));
     grown.set(this.#buf.subarray(0, this.#len));
     this.#buf = grown;
   }

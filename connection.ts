@@ -227,6 +227,7 @@ class Driver<T> implements DriverControl<T> {
   #busy = false; // inside a step of the handler
   #done = false;
   #forced: { reason: unknown } | null = null;
+  #badInput: { reason: unknown } | null = null; // a framing error, once the frames before it are taken
   #stopReason: unknown = "normal";
   #state: unknown = undefined;
   hibernating = false;
@@ -270,6 +271,7 @@ class Driver<T> implements DriverControl<T> {
   #named: Map<string, Timer> | null = null; // made on first use: idle connections stay small
   #calls: Map<number, PendingCall> | null = null;
   #forceTimer: Timer | undefined;
+  #forceAt = Infinity; // when a shutdown in progress will be forced (bounds the linger too)
   #armedTimeout = false; // the current step armed the event timeout itself
   #idleArmed = false; // the armed event timeout is the idle timeout
   readonly #idleMs: number | undefined;
@@ -446,6 +448,11 @@ class Driver<T> implements DriverControl<T> {
     this.#resumeReader();
     const ev = this.#take();
     if (ev !== undefined) return ev;
+    if (this.#badInput !== null) {
+      this.#forced = this.#badInput;
+      this.#end(this.#forced.reason);
+      return undefined;
+    }
     this.#flush();
     this.#waiting = true;
     return undefined;
@@ -613,9 +620,10 @@ class Driver<T> implements DriverControl<T> {
   #read(): void {
     if (this.#reading || this.#done) return;
     this.#reading = true;
-    const buf = this.hibernating && this.#decoder.buffered === 0
-      ? this.#parkBuf ??= new Uint8Array(1) // parked on the smallest read
-      : this.#readBuf ??= new Uint8Array(MIN_READ);
+    const buf = this.#decoder.readInto?.() ?? // the rest of a large frame, read in place
+      (this.hibernating && this.#decoder.buffered === 0
+        ? this.#parkBuf ??= new Uint8Array(1) // parked on the smallest read
+        : this.#readBuf ??= new Uint8Array(MIN_READ));
     this.#readInto = buf;
     this.socket.read(buf).then(
       this.#onRead ??= (n) => this.#readDone(n),
@@ -641,8 +649,10 @@ class Driver<T> implements DriverControl<T> {
     try {
       this.#decoder.decode(n === buf.length ? buf : buf.subarray(0, n), this.#emit);
     } catch (err) {
-      // A framing error: this connection cannot go on.
-      this.#fail(err);
+      // A framing error: this connection cannot go on. The frames decoded before it are still
+      // delivered; the connection ends when the handler asks for an event past them.
+      this.#badInput = { reason: err };
+      if (this.#waiting) this.#continue();
       return;
     }
     if (buf === this.#readBuf) {
@@ -824,7 +834,13 @@ class Driver<T> implements DriverControl<T> {
     this.#writeBroken = true;
     this.#writing = false;
     this.#out.reset(0);
-    const error = err instanceof Error ? err : new Error(String(err));
+    // Forced (the driver closed the socket under the write): callers learn that the
+    // connection closed, and why, rather than the socket's "operation canceled".
+    const error = this.#forced !== null
+      ? new ConnectionClosed(this.handle.id, this.#forced.reason)
+      : err instanceof Error
+      ? err
+      : new Error(String(err));
     for (const w of this.#takeSyncWaiters()) w.reject(error);
     if (!this.#done) this.#disconnect(error);
     this.#drainedNow();
@@ -964,6 +980,7 @@ class Driver<T> implements DriverControl<T> {
   shutdown(reason: unknown, timeout = this.#opts.shutdownTimeout): Promise<void> {
     if (!this.#done && this.#forceTimer === undefined) {
       this.#push({ type: "shutdown", reason });
+      this.#forceAt = performance.now() + timeout;
       this.#forceTimer = setTimeout(() => this.#force(reason), timeout);
     }
     return this.closed.then(() => {});
@@ -1009,11 +1026,13 @@ class Driver<T> implements DriverControl<T> {
     this.#waiting = false;
     this.#clearTimers();
     if (!forced && !this.#writeBroken) {
-      // Let pending output reach the socket, for a while.
+      // Let pending output reach the socket, for a while: no longer than a shutdown in
+      // progress allows (the owner's stop timeout bounds the whole end).
+      const linger = Math.min(LINGER_MS, Math.max(0, this.#forceAt - performance.now()));
       let timer: Timer | undefined;
       await Promise.race([
         this.#drained(),
-        new Promise<void>((resolve) => timer = setTimeout(resolve, LINGER_MS)),
+        new Promise<void>((resolve) => timer = setTimeout(resolve, linger)),
       ]);
       clearTimeout(timer);
     }

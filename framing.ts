@@ -29,6 +29,11 @@ export interface Decoder<T> {
   decode(chunk: Uint8Array, emit: (frame: T) => void): void;
   /** Bytes held for a frame not yet complete. */
   readonly buffered: number;
+  /**
+   * Optional: the rest of a large frame in progress, for the next read to fill in place (saving
+   * a copy). The caller then passes the filled part of that same view to `decode`.
+   */
+  readInto?(): Uint8Array | undefined;
 }
 
 /**
@@ -103,6 +108,9 @@ export function raw(): Framing<Uint8Array> {
   return RAW;
 }
 
+// A frame with at least this much still to come is read straight into its own buffer.
+const DIRECT_READ = 16 * 1024;
+
 class LengthPrefixedDecoder implements Decoder<Uint8Array> {
   readonly #size: 1 | 2 | 4;
   readonly #max: number;
@@ -117,10 +125,31 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
   }
 
   get buffered(): number {
-    return this.#headerBytes + this.#filled;
+    // A frame in progress holds its header too, so 0 means "at a frame boundary".
+    return this.#frame !== null ? this.#size + this.#filled : this.#headerBytes;
+  }
+
+  readInto(): Uint8Array | undefined {
+    const frame = this.#frame;
+    if (frame === null || frame.length - this.#filled < DIRECT_READ) return undefined;
+    return frame.subarray(this.#filled);
   }
 
   decode(chunk: Uint8Array, emit: (frame: Uint8Array) => void): void {
+    const frame = this.#frame;
+    if (
+      frame !== null && chunk.buffer === frame.buffer &&
+      chunk.byteOffset === frame.byteOffset + this.#filled
+    ) {
+      // Read in place (see readInto): nothing to copy.
+      this.#filled += chunk.length;
+      if (this.#filled === frame.length) {
+        this.#frame = null;
+        this.#filled = 0;
+        emit(frame);
+      }
+      return;
+    }
     const n = this.#size;
     const end = chunk.length;
     let i = 0;
@@ -307,7 +336,8 @@ export interface LinesOptions {
 
 /**
  * UTF-8 text lines ended by `\n` or `\r\n`. Frames are strings without the line ending; a sent
- * string gets `\n` appended.
+ * string gets `\n` appended (`\r\n` if it ends with `\r`, which thus arrives intact). Sending a
+ * string that contains `\n` throws a `TypeError`: one frame is one line.
  *
  * @example
  * ```ts
@@ -326,6 +356,8 @@ export function lines(options: LinesOptions = {}): Framing<string> {
       if (typeof frame !== "string") {
         throw new TypeError(`cannot send ${typeof frame} as a line: expected a string`);
       }
+      // One frame is one line: a "\n" inside would reach the peer as several.
+      if (frame.includes("\n")) throw new TypeError("cannot send a line that contains \\n");
       // Up to 3 UTF-8 bytes per UTF-16 unit: only a long string needs measuring.
       if (frame.length * 3 > maxLength) {
         const bytes = textEncoder.encode(frame);
@@ -334,6 +366,8 @@ export function lines(options: LinesOptions = {}): Framing<string> {
       } else {
         out.writeString(frame);
       }
+      // A line that ends with "\r" gets "\r\n", of which the peer strips only the "\r\n".
+      if (frame.charCodeAt(frame.length - 1) === CR) out.writeUint(CR, 1);
       out.writeUint(NEWLINE, 1);
     },
   };
