@@ -399,7 +399,9 @@ class Driver<T> implements DriverControl<T> {
   #afterStep(step: IteratorResult<Yielded, void>): Event<T> | undefined {
     if (step.done) {
       this.#gen = null;
-      this.#end(this.#forced ? this.#forced.reason : "normal");
+      // (A framing error not yet reached still names the end: the input was bad.)
+      const ended = this.#forced ?? this.#badInput;
+      this.#end(ended ? ended.reason : "normal");
       return undefined;
     }
     this.#armedTimeout = false;
@@ -652,6 +654,7 @@ class Driver<T> implements DriverControl<T> {
       // A framing error: this connection cannot go on. The frames decoded before it are still
       // delivered; the connection ends when the handler asks for an event past them.
       this.#badInput = { reason: err };
+      if (this.#opts.mode === "passive") this.#deliverFrame(); // to a waiting recv
       if (this.#waiting) this.#continue();
       return;
     }
@@ -909,7 +912,9 @@ class Driver<T> implements DriverControl<T> {
     this.#deadline = Infinity;
     if (this.#idleArmed) {
       this.#idleArmed = false;
-      if (this.#head === this.#queue.length) this.shutdown("idle");
+      // Idle: nothing came, or the handler has been held all along by a peer that does not
+      // read its output (events may wait behind that: they do not make it any less stuck).
+      if (this.#head === this.#queue.length || this.#blocked) this.shutdown("idle");
       return;
     }
     // An event already waits in the mailbox (the handler is held back, by a slow peer say):

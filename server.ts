@@ -44,7 +44,9 @@ export interface ServeOptions<T = Uint8Array> {
   /**
    * The default event timeout of every connection (off unless set): a connection that gets no
    * event for this many ms, while its handler has armed no event timeout of its own, is sent
-   * `shutdown` with reason `"idle"` (and forced after `shutdownTimeout`). Ends silent peers.
+   * `shutdown` with reason `"idle"` (and forced after `shutdownTimeout`). So is one whose
+   * handler has been held back that long by a peer that does not read its output. Ends silent
+   * peers, and peers that stop reading.
    */
   idleTimeout?: number;
   /** Milliseconds a connection has to finish after `shutdown` before it is forced (default 5000). */
@@ -291,6 +293,9 @@ export class Server<T = Uint8Array> {
         backoff = 0;
       } catch (err) {
         if (this.#stopping !== null) return;
+        // A peer that reset before it was accepted: that connection is gone, not the listener.
+        // Go on at once and quietly (as Ranch does): no log, no backoff stalling the others.
+        if (isPeerGone(err)) continue;
         // Out of file descriptors and the like: wait a little and go on accepting.
         backoff = Math.min(1000, backoff * 2 || 10);
         this.#logger.error(`etcp: server ${this.name}: accept failed, retrying:`, err);
@@ -331,6 +336,12 @@ export class Server<T = Uint8Array> {
       },
     );
   }
+}
+
+function isPeerGone(err: unknown): boolean {
+  return err instanceof Deno.errors.ConnectionReset ||
+    err instanceof Deno.errors.ConnectionAborted ||
+    err instanceof Deno.errors.NotConnected;
 }
 
 function closeQuietly(socket: Conn): void {

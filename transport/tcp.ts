@@ -40,7 +40,12 @@ export function tcp(options: TcpOptions = {}): Transport {
         close: () => listener.close(),
         async accept() {
           const conn = await listener.accept();
-          conn.setNoDelay(noDelay);
+          try {
+            conn.setNoDelay(noDelay);
+          } catch (err) {
+            conn.close(); // the peer is already gone: do not leak its socket
+            throw err;
+          }
           return conn;
         },
       };
