@@ -9,7 +9,7 @@ const textEncoder = new TextEncoder();
 // Large buffers given up by one connection serve the next that needs one, so that sending big
 // frames does not allocate (and zero) a large buffer per write. Bounded: it holds at most this
 // many.
-const POOL_SIZE = 8;
+const POOL_SIZE = 32;
 const pool: Uint8Array[] = [];
 
 function allocate(size: number): Uint8Array {

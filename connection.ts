@@ -54,6 +54,7 @@ export interface DriverOptions<T> {
 // grow while reads fill them.
 const MIN_READ = 4096;
 const MAX_READ = 64 * 1024;
+const SHRINK_AFTER = 16;
 // Pending output past which the handler is not resumed until the peer has read some.
 const WRITE_HIGH_WATER = 1024 * 1024;
 // Output buffers larger than this are released after writing rather than kept.
@@ -634,6 +635,7 @@ class Driver<T> implements DriverControl<T> {
   }
 
   #readInto: Uint8Array | null = null;
+  #smallReads = 0; // consecutive reads that used little of a grown buffer
   #onRead: ((n: number | null) => void) | null = null;
   #onReadError: ((err: unknown) => void) | null = null;
 
@@ -659,9 +661,15 @@ class Driver<T> implements DriverControl<T> {
       return;
     }
     if (buf === this.#readBuf) {
-      // Grow while reads fill the buffer; shrink back after a small read.
-      if (n === buf.length && n < MAX_READ) this.#readBuf = new Uint8Array(n * 4);
-      else if (n < MIN_READ && buf.length > MIN_READ) this.#readBuf = null;
+      // Grow while reads fill the buffer; shrink back after a run of small reads (not after
+      // one: the tail of a large frame would make every frame reallocate it).
+      if (n === buf.length) {
+        this.#smallReads = 0;
+        if (n < MAX_READ) this.#readBuf = new Uint8Array(n * 4);
+      } else if (buf.length > MIN_READ && n < MIN_READ && ++this.#smallReads === SHRINK_AFTER) {
+        this.#smallReads = 0;
+        this.#readBuf = null;
+      }
     }
     if (this.#opts.mode === "passive") {
       this.#deliverFrame();
