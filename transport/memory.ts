@@ -149,7 +149,7 @@ let pairs = 0;
  *
  * @example
  * ```ts
- * import { connect, memory, send, serve } from "./mod.ts";
+ * import { connect, memory, send, serve } from "../mod.ts";
  * const transport = memory("doc-example");
  * const server = await serve(async function* () {
  *   yield send(new TextEncoder().encode("hi"));

@@ -17,7 +17,7 @@ export interface TcpOptions {
  *
  * @example
  * ```ts
- * import { serve, tcp } from "./mod.ts";
+ * import { serve, tcp } from "../mod.ts";
  * const server = await serve(async function* () {}, { port: 0, transport: tcp() });
  * await server.stop();
  * ```

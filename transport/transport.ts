@@ -68,7 +68,7 @@ export interface ConnectOptions {
  *
  * @example A transport that logs every accepted connection
  * ```ts
- * import { tcp, type Transport } from "./mod.ts";
+ * import { tcp, type Transport } from "../mod.ts";
  * const base = tcp();
  * const logged: Transport = {
  *   name: "logged-tcp",
