@@ -627,14 +627,14 @@ class Driver<T> implements DriverControl<T> {
       (this.hibernating && this.#decoder.buffered === 0
         ? this.#parkBuf ??= new Uint8Array(1) // parked on the smallest read
         : this.#readBuf ??= new Uint8Array(MIN_READ));
-    this.#readInto = buf;
+    this.#readingInto = buf;
     this.socket.read(buf).then(
       this.#onRead ??= (n) => this.#readDone(n),
       this.#onReadError ??= (err) => this.#readFailed(err),
     );
   }
 
-  #readInto: Uint8Array | null = null;
+  #readingInto: Uint8Array | null = null; // the buffer of the read under way
   #smallReads = 0; // consecutive reads that used little of a grown buffer
   #onRead: ((n: number | null) => void) | null = null;
   #onReadError: ((err: unknown) => void) | null = null;
@@ -647,8 +647,8 @@ class Driver<T> implements DriverControl<T> {
       this.#disconnect(undefined);
       return;
     }
-    const buf = this.#readInto!;
-    this.#readInto = null;
+    const buf = this.#readingInto!;
+    this.#readingInto = null;
     const before = this.#pushed;
     try {
       this.#decoder.decode(n === buf.length ? buf : buf.subarray(0, n), this.#emit);
