@@ -493,12 +493,17 @@ class Driver<T> implements DriverControl<T> {
     }
   }
 
-  // Hibernating: nothing but the decoder's state and the socket is kept.
+  // Hibernating: nothing but the decoder's state and the socket is kept (callbacks are made
+  // again on the next use).
   #releaseBuffers(): void {
     this.#readBuf = null;
     this.#flush();
     if (this.#out.length === 0) this.#out.reset(0);
-    if (!this.#writing) this.#spare.reset(0);
+    if (!this.#writing) {
+      this.#spare.reset(0);
+      this.#onWrite = null;
+    }
+    this.#onStep = this.#onStepError = null;
   }
 
   #perform(yielded: Yielded): Run {
@@ -629,15 +634,18 @@ class Driver<T> implements DriverControl<T> {
         : this.#readBuf ??= new Uint8Array(MIN_READ));
     this.#readingInto = buf;
     this.socket.read(buf).then(
-      this.#onRead ??= (n) => this.#readDone(n),
-      this.#onReadError ??= (err) => this.#readFailed(err),
+      this.#onRead ??= (result: number | null | Error) =>
+        typeof result === "number" || result === null
+          ? this.#readDone(result)
+          : this.#readFailed(result),
+      this.#onRead,
     );
   }
 
   #readingInto: Uint8Array | null = null; // the buffer of the read under way
   #smallReads = 0; // consecutive reads that used little of a grown buffer
-  #onRead: ((n: number | null) => void) | null = null;
-  #onReadError: ((err: unknown) => void) | null = null;
+  // One callback for both outcomes (a count, or an error): one closure per connection, not two.
+  #onRead: ((result: number | null | Error) => void) | null = null;
 
   #readDone(n: number | null): void {
     this.#reading = false;
@@ -817,14 +825,14 @@ class Driver<T> implements DriverControl<T> {
   }
 
   #pendingWrite: Uint8Array | null = null;
-  #onWrite: ((n: number) => void) | null = null;
-  #onWriteError: ((err: unknown) => void) | null = null;
+  #onWrite: ((result: number | Error) => void) | null = null; // as #onRead
 
   #write(bytes: Uint8Array): void {
     this.#pendingWrite = bytes;
     this.socket.write(bytes).then(
-      this.#onWrite ??= (n) => this.#wrote(n),
-      this.#onWriteError ??= (err) => this.#writeFailed(err),
+      this.#onWrite ??= (result: number | Error) =>
+        typeof result === "number" ? this.#wrote(result) : this.#writeFailed(result),
+      this.#onWrite,
     );
   }
 
