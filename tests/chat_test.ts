@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { type ChatOptions, chatServer } from "../examples/chat_server.ts";
 import { FrameTooLarge, MemoryRegistry, type Server } from "../mod.ts";
+import { closeQuietly, HOST, pause, portOf, tracked, writeAll } from "./_support.ts";
 
 const WELCOME =
   "* welcome! choose a name with /nick NAME; /who lists people, /msg NAME TEXT whispers";
@@ -29,7 +30,7 @@ class LineClient {
   }
 
   static async open(port: number): Promise<LineClient> {
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    const conn = await Deno.connect({ hostname: HOST, port });
     conn.setNoDelay(true); // no Nagle wait between small lines
     return new LineClient(conn);
   }
@@ -39,9 +40,8 @@ class LineClient {
     await this.write(encoder.encode(text + "\n"));
   }
 
-  async write(bytes: Uint8Array): Promise<void> {
-    let rest = bytes;
-    while (rest.length > 0) rest = rest.subarray(await this.#conn.write(rest));
+  write(bytes: Uint8Array): Promise<void> {
+    return writeAll(this.#conn, bytes);
   }
 
   /**
@@ -96,9 +96,7 @@ class LineClient {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    try {
-      this.#conn.close();
-    } catch { /* already closed */ }
+    closeQuietly(this.#conn);
     // A read left pending by a failed wait ends with the close: nothing to report then.
     this.#reading?.catch(() => {});
   }
@@ -120,11 +118,11 @@ async function withChat(
 ): Promise<void> {
   const server = await chatServer({
     port: 0,
-    hostname: "127.0.0.1",
+    hostname: HOST,
     registry: new MemoryRegistry(),
     ...options,
   });
-  const port = (server.addr as Deno.NetAddr).port;
+  const port = portOf(server.addr);
   const clients: LineClient[] = [];
   const guest = async () => {
     const client = await LineClient.open(port);
@@ -325,23 +323,21 @@ Deno.test("chat: an idle user is warned, then disconnected; an active user is no
     const [sleepy, busy] = await people("sleepy", "busy");
     const sleepyConn = userNamed(server, "sleepy");
     const quietSince = performance.now(); // sleepy's last line was its /nick
-    const sleepyGone = (async () => {
+    const sleepyGone = tracked((async () => {
       await sleepy.expect("* you have been idle; you will be disconnected in 0.15 s");
       const warnedAt = performance.now();
       await sleepy.expect("* disconnected for inactivity");
       const kickedAt = performance.now();
       await sleepy.expect(null);
       return { warnedAfter: warnedAt - quietSince, kickedAfter: kickedAt - warnedAt };
-    })();
-    let sleepyDone = false;
-    sleepyGone.then(() => sleepyDone = true, () => sleepyDone = true);
+    })());
 
     // busy says something every 40 ms (well inside idleWarnMs) for longer than warn + kick,
     // and until sleepy is gone; every answer must be the /who list or sleepy's departure.
     const start = performance.now();
     const heard: string[] = [];
-    while (!sleepyDone || performance.now() - start < warnMs + kickMs + 100) {
-      await new Promise((resolve) => setTimeout(resolve, 40)); // pacing, not synchronisation
+    while (!sleepyGone.settled() || performance.now() - start < warnMs + kickMs + 100) {
+      await pause(40); // pacing, not synchronisation
       await busy.send("/who");
       for (;;) {
         const line = await busy.readLine();
@@ -351,7 +347,7 @@ Deno.test("chat: an idle user is warned, then disconnected; an active user is no
         assert.equal(line, "* sleepy left");
       }
     }
-    const { warnedAfter, kickedAfter } = await sleepyGone;
+    const { warnedAfter, kickedAfter } = await sleepyGone.promise;
     // On time: not early, and not much late (the margin absorbs a loaded event loop).
     assert.ok(warnedAfter >= warnMs * 0.8, `warned after ${warnedAfter} ms`);
     assert.ok(warnedAfter < warnMs + 250, `warned after ${warnedAfter} ms`);

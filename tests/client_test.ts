@@ -4,7 +4,6 @@
 
 import assert from "node:assert/strict";
 import {
-  type Addr,
   type Conn,
   connect,
   Connection,
@@ -12,7 +11,6 @@ import {
   type Event,
   type Handler,
   lines,
-  type Logger,
   MemoryRegistry,
   reply,
   send,
@@ -22,65 +20,12 @@ import {
   type Transport,
   type Yielded,
 } from "../mod.ts";
+import { capturingLogger, HOST, Inbox, portOf, tracked, within } from "./_support.ts";
 
-const HOST = "127.0.0.1";
+/** How long a test waits for an inbox's next value (ms). */
+const NEXT_MS = 3000;
 
 // ---- Helpers ------------------------------------------------------------------------------
-
-function portOf(addr: Addr): number {
-  assert.equal(addr.transport, "tcp");
-  return (addr as Deno.NetAddr).port;
-}
-
-/** `promise`, or a rejection after `ms`: keeps every test bounded in time. */
-async function within<V>(ms: number, promise: Promise<V>, what = "operation"): Promise<V> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** Whether `promise` has settled yet. */
-function tracked<V>(promise: Promise<V>): { promise: Promise<V>; settled: () => boolean } {
-  let settled = false;
-  promise.then(() => settled = true, () => settled = true);
-  return { promise, settled: () => settled };
-}
-
-function capturingLogger(): Logger & { calls: unknown[][] } {
-  const calls: unknown[][] = [];
-  return { calls, error: (...data: unknown[]) => void calls.push(data) };
-}
-
-/** A queue of values with a bounded wait for the next one. */
-class Inbox<V> {
-  readonly #items: V[] = [];
-  readonly #waiters: Array<(value: V) => void> = [];
-  readonly all: V[] = [];
-
-  push(value: V): void {
-    this.all.push(value);
-    const waiter = this.#waiters.shift();
-    if (waiter) waiter(value);
-    else this.#items.push(value);
-  }
-
-  next(ms = 3000): Promise<V> {
-    if (this.#items.length > 0) return Promise.resolve(this.#items.shift()!);
-    return within(ms, new Promise<V>((resolve) => this.#waiters.push(resolve)), "next event");
-  }
-
-  get pending(): number {
-    return this.#items.length;
-  }
-}
 
 /**
  * The server side: greets with "hello", echoes lines, closes its side on "quit", and ends on
@@ -89,8 +34,8 @@ class Inbox<V> {
 async function startServer(): Promise<
   Server<string> & { conns: Inbox<Connection<string>>; ended: Inbox<string> }
 > {
-  const conns = new Inbox<Connection<string>>();
-  const ended = new Inbox<string>(); // ids of server connections, as they end
+  const conns = new Inbox<Connection<string>>(NEXT_MS);
+  const ended = new Inbox<string>(NEXT_MS); // ids of server connections, as they end
   const server = await serve(
     async function* (conn: Connection<string>): AsyncGenerator<Yielded, void, Event<string>> {
       conns.push(conn);
@@ -130,7 +75,7 @@ interface Recorder {
  */
 function recorder({ replyToCalls = true, ignoreShutdown = false } = {}): Recorder {
   const rec: Recorder = {
-    events: new Inbox(),
+    events: new Inbox(NEXT_MS),
     finallies: 0,
     handler: async function* (): AsyncGenerator<Yielded, void, Event<string>> {
       try {
@@ -258,7 +203,7 @@ Deno.test("connect(): connectTimeout gives a TimeoutError; a late socket is clos
   await late.promise;
   await Promise.resolve();
   assert.equal(closed, 1);
-  assert.equal(rec.events.all.length, 0, "the handler never ran");
+  assert.equal(rec.events.pushed, 0, "the handler never ran");
 });
 
 Deno.test("connect() to a closed port rejects with ConnectionRefused", async () => {

@@ -30,8 +30,12 @@ import {
   type Transport,
   type Yielded,
 } from "../mod.ts";
+import { capturingLogger, Inbox, tracked, within } from "./_support.ts";
 
 // ---- Helpers ------------------------------------------------------------------------------
+
+/** How long a test waits for an inbox's next value (ms). */
+const NEXT_MS = 2000;
 
 type Gen = AsyncGenerator<Yielded, void, Event<string>>;
 type Handler = (
@@ -43,51 +47,6 @@ let names = 0;
 /** A memory transport on a name no other test uses. */
 function transportFor(label: string, bufferSize?: number): Transport {
   return memory(`connection-test-${label}-${++names}`, bufferSize ? { bufferSize } : {});
-}
-
-/** An unbounded async queue: `push` now, `next()` later (or the other way round). */
-class Inbox<V> {
-  readonly #items: V[] = [];
-  readonly #waiters: Array<(v: V) => void> = [];
-  push(v: V): void {
-    const waiter = this.#waiters.shift();
-    if (waiter) waiter(v);
-    else this.#items.push(v);
-  }
-  next(ms = 2000): Promise<V> {
-    if (this.#items.length > 0) return Promise.resolve(this.#items.shift()!);
-    return within(ms, new Promise<V>((resolve) => this.#waiters.push(resolve)), "inbox.next");
-  }
-  get size(): number {
-    return this.#items.length;
-  }
-}
-
-/** `promise`, or a rejection after `ms`: keeps every test bounded even when the driver is wrong. */
-async function within<V>(ms: number, promise: Promise<V>, what = "operation"): Promise<V> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** Remembers whether `promise` has settled. */
-function tracked<V>(promise: Promise<V>): { promise: Promise<V>; settled(): boolean } {
-  let settled = false;
-  promise.then(() => settled = true, () => settled = true);
-  return { promise, settled: () => settled };
-}
-
-function recorder(): { logged: unknown[][]; logger: { error(...a: unknown[]): void } } {
-  const logged: unknown[][] = [];
-  return { logged, logger: { error: (...a: unknown[]) => void logged.push(a) } };
 }
 
 /** A lines() server whose connections (their handles, in accept order) land in `conns`. */
@@ -102,7 +61,7 @@ async function lineServer(
     [Symbol.asyncDispose](): Promise<void>;
   }
 > {
-  const conns = new Inbox<Connection<string>>();
+  const conns = new Inbox<Connection<string>>(NEXT_MS);
   const seen = new WeakSet<Connection<string>>();
   const server = await serve<string>((conn: Connection<string>, state?: unknown) => {
     if (!seen.has(conn)) {
@@ -147,7 +106,7 @@ async function* echo(): Gen {
 
 /** A client that queues every line it receives in `lines`. */
 function collector(): { lines: Inbox<string>; handler: Handler } {
-  const got = new Inbox<string>();
+  const got = new Inbox<string>(NEXT_MS);
   return {
     lines: got,
     handler: async function* (): Gen {
@@ -155,6 +114,21 @@ function collector(): { lines: Inbox<string>; handler: Handler } {
         const ev: Event<string> = yield;
         if (ev.type === "packet") got.push(ev.data);
         else if (ev.type === "shutdown" || ev.type === "disconnect") return;
+      }
+    },
+  };
+}
+
+/** A client that queues every event in `events`, and ends on shutdown. */
+function eventCollector(): { events: Inbox<Event<string>>; handler: Handler } {
+  const events = new Inbox<Event<string>>(NEXT_MS);
+  return {
+    events,
+    handler: async function* (): Gen {
+      for (;;) {
+        const ev: Event<string> = yield;
+        if (ev.type === "shutdown") return;
+        events.push(ev);
       }
     },
   };
@@ -272,7 +246,7 @@ Deno.test("packet: a frame from the peer arrives as a packet event, and send ans
     assert.equal(ev.type, "packet");
     if (ev.type === "packet") yield [send(ev.data.toUpperCase()), stop()];
   });
-  const got = new Inbox<Event<string>>();
+  const got = new Inbox<Event<string>>(NEXT_MS);
   await using client = await lineClient(transport, async function* (): Gen {
     let ev: Event<string> = yield send("ping");
     for (;;) {
@@ -363,7 +337,7 @@ Deno.test("call: the connection dying before it replies rejects the caller with 
 Deno.test("call: no reply in time rejects with TimeoutError; the late reply is ignored", async () => {
   const transport = transportFor("call-timeout");
   await using _s = await lineServer(transport, idle);
-  const { logged, logger } = recorder();
+  const logger = capturingLogger();
   await using client = await lineClient(transport, async function* (): Gen {
     const held: CallEvent[] = [];
     let answering = false;
@@ -389,39 +363,27 @@ Deno.test("call: no reply in time rejects with TimeoutError; the late reply is i
   assert.ok(performance.now() - started >= 25, "rejected before the timeout");
   client.cast("answer now"); // replies to the timed-out call: ignored, nothing breaks
   assert.equal(await client.call("next"), "answer to next");
-  assert.deepEqual(logged, []);
+  assert.deepEqual(logger.calls, []);
 });
 
 Deno.test("cast: delivered as a cast event with its message, in order", async () => {
   const transport = transportFor("cast");
   await using _s = await lineServer(transport, idle);
-  const got = new Inbox<Event<string>>();
-  await using client = await lineClient(transport, async function* (): Gen {
-    for (;;) {
-      const ev: Event<string> = yield;
-      if (ev.type === "shutdown") return;
-      got.push(ev);
-    }
-  });
+  const { events, handler } = eventCollector();
+  await using client = await lineClient(transport, handler);
   client.cast({ n: 1 });
   client.cast("two");
-  assert.deepEqual(await got.next(), { type: "cast", message: { n: 1 } });
-  assert.deepEqual(await got.next(), { type: "cast", message: "two" });
+  assert.deepEqual(await events.next(), { type: "cast", message: { n: 1 } });
+  assert.deepEqual(await events.next(), { type: "cast", message: "two" });
 });
 
 Deno.test("info: delivered as an info event with its message", async () => {
   const transport = transportFor("info");
   await using _s = await lineServer(transport, idle);
-  const got = new Inbox<Event<string>>();
-  await using client = await lineClient(transport, async function* (): Gen {
-    for (;;) {
-      const ev: Event<string> = yield;
-      if (ev.type === "shutdown") return;
-      got.push(ev);
-    }
-  });
+  const { events, handler } = eventCollector();
+  await using client = await lineClient(transport, handler);
   client.info(["down", 7]);
-  assert.deepEqual(await got.next(), { type: "info", message: ["down", 7] });
+  assert.deepEqual(await events.next(), { type: "info", message: ["down", 7] });
 });
 
 // ---- Timers -------------------------------------------------------------------------------
@@ -429,7 +391,7 @@ Deno.test("info: delivered as an info event with its message", async () => {
 Deno.test("event timeout: fires once, without a name, when no event comes", async () => {
   const transport = transportFor("timeout-fires");
   await using _s = await lineServer(transport, idle);
-  const got = new Inbox<Event<string>>();
+  const got = new Inbox<Event<string>>(NEXT_MS);
   await using _client = await lineClient(transport, async function* (): Gen {
     got.push(yield arm(20));
     // It does not fire again: the next event is a later marker.
@@ -537,7 +499,7 @@ Deno.test("event timeout: does not fire while an event waits in the mailbox (han
 Deno.test("event timeout: setTimeout(null) disarms it", async () => {
   const transport = transportFor("timeout-null");
   await using _s = await lineServer(transport, idle);
-  const got = new Inbox<Event<string>>();
+  const got = new Inbox<Event<string>>(NEXT_MS);
   await using _client = await lineClient(transport, async function* (): Gen {
     got.push(yield [arm(20), arm(null), arm(80, "marker")]);
     for (;;) if ((yield).type === "shutdown") return;
@@ -636,7 +598,7 @@ Deno.test("named timer: arming a name again replaces its timer", async () => {
 
 Deno.test("passive: frames are read only on recv, one packet per recv, in order", async () => {
   const counted = counting(transportFor("passive"));
-  const got = new Inbox<string>();
+  const got = new Inbox<string>(NEXT_MS);
   await using s = await lineServer(counted.transport, async function* (): Gen {
     let ev: Event<string> = yield;
     for (;;) {
@@ -706,7 +668,7 @@ Deno.test("passive: recv after the peer closed yields the buffered frames, then 
 Deno.test("active: yielding recv ends the connection with ProtocolError (logged, finally run)", async () => {
   const transport = transportFor("active-recv");
   await using _s = await lineServer(transport, idle);
-  const { logged, logger } = recorder();
+  const logger = capturingLogger();
   let finallyRan = false;
   const client = await lineClient(transport, async function* (): Gen {
     try {
@@ -719,8 +681,8 @@ Deno.test("active: yielding recv ends the connection with ProtocolError (logged,
   assert.ok(reason instanceof ProtocolError, `expected ProtocolError, got ${reason}`);
   assert.match(reason.message, /passive/);
   assert.ok(finallyRan);
-  assert.equal(logged.length, 1);
-  assert.ok(logged[0].includes(reason));
+  assert.equal(logger.calls.length, 1);
+  assert.ok(logger.calls[0].includes(reason));
 });
 
 // ---- Disconnect and half-close ------------------------------------------------------------
@@ -773,7 +735,7 @@ Deno.test("half-close: after the peer's closeWrite the handler gets disconnect a
 Deno.test("shutdown: conn.stop(reason) delivers shutdown with the reason; returning ends it normally", async () => {
   const transport = transportFor("shutdown");
   await using _s = await lineServer(transport, idle);
-  const { logged, logger } = recorder();
+  const logger = capturingLogger();
   const got: Event<string>[] = [];
   const client = await lineClient(transport, async function* (): Gen {
     for (;;) {
@@ -785,13 +747,13 @@ Deno.test("shutdown: conn.stop(reason) delivers shutdown with the reason; return
   await within(1000, client.stop("maintenance", { timeout: 1000 }));
   assert.deepEqual(got, [{ type: "shutdown", reason: "maintenance" }]);
   assert.equal(await client.closed, "normal");
-  assert.deepEqual(logged, []);
+  assert.deepEqual(logger.calls, []);
 });
 
 Deno.test("shutdown: a handler that ignores it is forced after the timeout, and its finally runs", async () => {
   const transport = transportFor("shutdown-forced");
   await using _s = await lineServer(transport, idle);
-  const { logged, logger } = recorder();
+  const logger = capturingLogger();
   const got: string[] = [];
   let finallyRan = false;
   const client = await lineClient(transport, async function* (): Gen {
@@ -811,7 +773,11 @@ Deno.test("shutdown: a handler that ignores it is forced after the timeout, and 
   assert.deepEqual(got, ["shutdown bye", "timeout marker"]);
   assert.ok(finallyRan, "finally did not run");
   assert.equal(await client.closed, "bye");
-  assert.equal(logged.length, 1, "a forced end with a reason other than normal is logged once");
+  assert.equal(
+    logger.calls.length,
+    1,
+    "a forced end with a reason other than normal is logged once",
+  );
 });
 
 for (
@@ -832,7 +798,7 @@ for (
   Deno.test(`finally: runs when the handler ends by ${how}`, async () => {
     const transport = transportFor("finally");
     await using _s = await lineServer(transport, idle);
-    const { logger } = recorder();
+    const logger = capturingLogger();
     let finallyRan = 0;
     const client = await lineClient(transport, async function* (conn): Gen {
       try {
@@ -1071,7 +1037,7 @@ Deno.test("upgrade: a live connection gets `upgrade`, switches when it hibernate
 
 Deno.test("stop action: pending sends are flushed, then closed resolves with the reason, logged once", async () => {
   const transport = transportFor("stop-action");
-  const { logged, logger } = recorder();
+  const logger = capturingLogger();
   await using s = await lineServer(transport, async function* (): Gen {
     yield;
     yield [send("last words"), stop({ code: 42 })];
@@ -1083,14 +1049,16 @@ Deno.test("stop action: pending sends are flushed, then closed resolves with the
   assert.equal(await within(1000, readToEnd(peer)), "last words\n");
   peer.close();
   assert.deepEqual(await conn.closed, { code: 42 });
-  assert.equal(logged.length, 1);
-  assert.ok(logged[0].some((x) => typeof x === "object" && (x as { code?: number })?.code === 42));
+  assert.equal(logger.calls.length, 1);
+  assert.ok(
+    logger.calls[0].some((x) => typeof x === "object" && (x as { code?: number })?.code === 42),
+  );
 });
 
 Deno.test("return: closed resolves with normal, nothing is logged, pending writes are flushed first", async () => {
   // A small transport buffer: 20 × 10 kB cannot go out before the handler returns.
   const transport = transportFor("return", 1024);
-  const { logged, logger } = recorder();
+  const logger = capturingLogger();
   const big = (i: number) => `${i} ${"r".repeat(10_000)}`;
   await using s = await lineServer(transport, async function* (): Gen {
     yield Array.from({ length: 20 }, (_, i) => send(big(i)));
@@ -1102,12 +1070,12 @@ Deno.test("return: closed resolves with normal, nothing is logged, pending write
   peer.close();
   assert.equal(text, Array.from({ length: 20 }, (_, i) => big(i) + "\n").join(""));
   assert.equal(await conn.closed, "normal");
-  assert.deepEqual(logged, []);
+  assert.deepEqual(logger.calls, []);
 });
 
 Deno.test("throw: ends only that connection; closed is the error, logged once, pending calls rejected", async () => {
   const transport = transportFor("throw");
-  const { logged, logger } = recorder();
+  const logger = capturingLogger();
   const boom = new Error("boom");
   const heldCall = Promise.withResolvers<void>();
   await using s = await lineServer(transport, async function* (): Gen {
@@ -1131,8 +1099,8 @@ Deno.test("throw: ends only that connection; closed is the error, logged once, p
   assert.ok(err instanceof ConnectionClosed, `expected ConnectionClosed, got ${err}`);
   assert.equal(err.reason, boom);
   assert.equal(await a.closed, boom);
-  assert.equal(logged.length, 1);
-  assert.ok(logged[0].includes(boom));
+  assert.equal(logger.calls.length, 1);
+  assert.ok(logger.calls[0].includes(boom));
   // The other connection goes on.
   assert.equal(await within(1000, b.call("still there?")), "echo still there?");
   assert.deepEqual(s.server.connections().map((c) => c.id), [b.id]);
@@ -1149,7 +1117,7 @@ for (
   Deno.test(`yielding ${what} ends the connection with ProtocolError`, async () => {
     const transport = transportFor("garbage");
     await using _s = await lineServer(transport, idle);
-    const { logged, logger } = recorder();
+    const logger = capturingLogger();
     let finallyRan = false;
     const client = await lineClient(transport, async function* (): Gen {
       try {
@@ -1162,7 +1130,7 @@ for (
     const reason = await within(1000, client.closed);
     assert.ok(reason instanceof ProtocolError, `expected ProtocolError, got ${reason}`);
     assert.ok(finallyRan);
-    assert.equal(logged.length, 1);
+    assert.equal(logger.calls.length, 1);
   });
 }
 
@@ -1304,7 +1272,7 @@ Deno.test("sends are written while the handler awaits something between events",
 
 /** A client whose handler fires a named marker timer after `arm` casts; each firing lands in `fired`. */
 function markerClient() {
-  const fired = new Inbox<void>();
+  const fired = new Inbox<void>(NEXT_MS);
   const handler = async function* (): Gen {
     let ev: Event<string> = yield;
     for (;;) {
@@ -1403,7 +1371,7 @@ Deno.test("flow control: a peer that never reads stops the handler at the write 
     }
   });
   // The peer: passive, so it reads nothing until told to; then it receives everything.
-  const fired = new Inbox<number>();
+  const fired = new Inbox<number>(NEXT_MS);
   let received = 0;
   const allReceived = Promise.withResolvers<void>();
   await using client = await lineClient(transport, async function* (): Gen {
@@ -1446,7 +1414,7 @@ Deno.test("flow control: stopping a connection stuck on a peer that never reads 
   const transport = transportFor("flow-stop", 1024);
   const chunk = "s".repeat(60_000);
   let finallyRan = false;
-  const { logger } = recorder();
+  const logger = capturingLogger();
   const busy = Promise.withResolvers<void>();
   await using s = await lineServer(transport, async function* (): Gen {
     try {

@@ -23,37 +23,26 @@ import {
   serve,
   type Server,
 } from "../mod.ts";
+import {
+  capturingLogger,
+  closeQuietly,
+  concat,
+  HOST,
+  portOf,
+  prng,
+  readExactly,
+  within,
+  writeAll,
+} from "./_support.ts";
 
 const utf8 = new TextEncoder();
 
 // ---- Helpers ----------------------------------------------------------------------------------
 
-/** A small deterministic PRNG (mulberry32), so failures reproduce. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function bytesOf(length: number, seed: number): Uint8Array {
   const rand = prng(seed);
   const out = new Uint8Array(length);
   for (let i = 0; i < length; i++) out[i] = Math.floor(rand() * 256);
-  return out;
-}
-
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
   return out;
 }
 
@@ -137,21 +126,6 @@ function isMalformed(err: unknown): boolean {
   return true;
 }
 
-/** Race `promise` against a deadline, so that no test can hang; the timer is always cleared. */
-async function within<V>(promise: Promise<V>, ms: number, what: string): Promise<V> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 // ---- raw() ------------------------------------------------------------------------------------
 
 Deno.test("raw: each non-empty chunk is one frame, copied; empty chunks emit nothing", () => {
@@ -161,19 +135,22 @@ Deno.test("raw: each non-empty chunk is one frame, copied; empty chunks emit not
   for (const [at, chunks] of twoChunkSplits(bytes)) {
     const { frames, decoder } = decodeChunks(framing, chunks);
     assert.deepEqual(frames, chunks.filter((c) => c.length > 0), `split at ${at}`);
-    assert.deepEqual(concat(...frames), bytes);
+    assert.deepEqual(concat(frames), bytes);
     assert.equal(decoder.buffered, 0);
   }
   const single = decodeChunks(framing, byteByByte(bytes));
   assert.equal(single.frames.length, bytes.length);
-  assert.deepEqual(concat(...single.frames), bytes);
+  assert.deepEqual(concat(single.frames), bytes);
   assert.deepEqual(decodeFrames(framing, new Uint8Array(0)), []);
 });
 
 Deno.test("raw: encode writes bytes as is and strings as UTF-8; other types are a TypeError", () => {
   const framing = raw();
   const bytes = bytesOf(50, 2);
-  assert.deepEqual(encodeFrames(framing, [bytes, new Uint8Array(0), bytes]), concat(bytes, bytes));
+  assert.deepEqual(
+    encodeFrames(framing, [bytes, new Uint8Array(0), bytes]),
+    concat([bytes, bytes]),
+  );
   const asText = framing as unknown as Framing<string>;
   assert.deepEqual(encodeFrames(asText, ["héllo ✓"]), utf8.encode("héllo ✓"));
   const asAny = framing as unknown as Framing<unknown>;
@@ -192,15 +169,15 @@ Deno.test("lengthPrefixed: encodes a big-endian length of 1, 2 or 4 bytes", () =
   );
   assert.deepEqual(
     encodeFrames(lengthPrefixed(4), [payload]),
-    concat(Uint8Array.of(0, 0, 1, 44), payload),
+    concat([Uint8Array.of(0, 0, 1, 44), payload]),
   );
   assert.deepEqual(
     encodeFrames(lengthPrefixed(2), [payload]),
-    concat(Uint8Array.of(1, 44), payload),
+    concat([Uint8Array.of(1, 44), payload]),
   );
   assert.deepEqual(
     encodeFrames(lengthPrefixed(1), [payload.subarray(0, 255), new Uint8Array(0)]),
-    concat(Uint8Array.of(255), payload.subarray(0, 255), Uint8Array.of(0)),
+    concat([Uint8Array.of(255), payload.subarray(0, 255), Uint8Array.of(0)]),
   );
   // The default is 4 bytes; strings go out as UTF-8, their length counted in bytes.
   const len4 = lengthPrefixed() as unknown as Framing<string>;
@@ -249,10 +226,10 @@ Deno.test("lengthPrefixed: many frames in one chunk; a partial tail is held, the
   const got: Uint8Array[] = [];
   const last = bytesOf(20, 99);
   const tail = encodeFrames(framing, [last]);
-  decoder.decode(concat(bytes, tail.subarray(0, tail.length - 5)), (f) => got.push(f));
+  decoder.decode(concat([bytes, tail.subarray(0, tail.length - 5)]), (f) => got.push(f));
   assert.deepEqual(got, frames);
   assert.ok(decoder.buffered > 0, "the unfinished frame is held");
-  assert.deepEqual(decodeFrames(framing, concat(bytes, tail.subarray(0, 1))), frames);
+  assert.deepEqual(decodeFrames(framing, concat([bytes, tail.subarray(0, 1)])), frames);
   decoder.decode(tail.subarray(tail.length - 5), (f) => got.push(f));
   assert.deepEqual(got, [...frames, last]);
   assert.equal(decoder.buffered, 0);
@@ -290,7 +267,7 @@ Deno.test("lengthPrefixed: an oversized length throws FrameTooLarge as soon as t
   assert.throws(
     () =>
       framing.decoder().decode(
-        concat(encodeFrames(framing, good), Uint8Array.of(0, 0, 4, 1, 9)),
+        concat([encodeFrames(framing, good), Uint8Array.of(0, 0, 4, 1, 9)]),
         (f) => got.push(f),
       ),
     assertFrameTooLarge(1025, 1024),
@@ -629,8 +606,8 @@ interface Rig<T> {
 
 /** A server echoing every frame back, over `kind`, with a logger that records. */
 async function echoServer<T>(kind: Kind, framing: Framing<T>): Promise<Rig<T>> {
-  const logged: unknown[][] = [];
-  const logger = { error: (...a: unknown[]) => logged.push(a) };
+  const logger = capturingLogger();
+  const logged = logger.calls;
   const handler: Handler<T> = async function* () {
     let ev = yield;
     for (;;) {
@@ -656,12 +633,12 @@ async function echoServer<T>(kind: Kind, framing: Framing<T>): Promise<Rig<T>> {
       },
     };
   }
-  const server = await serve<T>(handler, { hostname: "127.0.0.1", port: 0, framing, logger });
-  const port = (server.addr as Deno.NetAddr).port;
+  const server = await serve<T>(handler, { hostname: HOST, port: 0, framing, logger });
+  const port = portOf(server.addr);
   return {
     server,
     logged,
-    open: () => Deno.connect({ hostname: "127.0.0.1", port }),
+    open: () => Deno.connect({ hostname: HOST, port }),
     serverSide(client) {
       const local = client.localAddr as Deno.NetAddr;
       const found = server.connections().find((c) =>
@@ -671,21 +648,6 @@ async function echoServer<T>(kind: Kind, framing: Framing<T>): Promise<Rig<T>> {
       return found;
     },
   };
-}
-
-async function writeAll(conn: Conn, bytes: Uint8Array): Promise<void> {
-  while (bytes.length > 0) bytes = bytes.subarray(await conn.write(bytes));
-}
-
-async function readExactly(conn: Conn, n: number): Promise<Uint8Array> {
-  const out = new Uint8Array(n);
-  let got = 0;
-  while (got < n) {
-    const m = await conn.read(out.subarray(got));
-    if (m === null) throw new Error(`end of stream after ${got} of ${n} bytes`);
-    got += m;
-  }
-  return out;
 }
 
 /** Reads until the peer closes: resolves with what came, whether it ended by EOF or reset. */
@@ -703,7 +665,7 @@ async function readToEnd(conn: Conn): Promise<Uint8Array> {
     if (n === null) break;
     parts.push(buf.slice(0, n));
   }
-  return concat(...parts);
+  return concat(parts);
 }
 
 /**
@@ -723,14 +685,8 @@ async function roundTrip(
     const chunks = how === "bytes" ? byteByByte(bytes) : randomChunks(bytes, prng(seed), 64);
     for (const chunk of chunks) await writeAll(conn, chunk);
   }
-  const echoed = await within(reading, 10_000, `echo of ${bytes.length} bytes (${how})`);
+  const echoed = await within(10_000, reading, `echo of ${bytes.length} bytes (${how})`);
   assert.deepEqual(echoed, expected, `echo (${how})`);
-}
-
-function closeQuietly(conn: Conn): void {
-  try {
-    conn.close();
-  } catch { /* already closed */ }
 }
 
 for (const kind of ["memory", "tcp"] as const) {
@@ -760,11 +716,11 @@ for (const kind of ["memory", "tcp"] as const) {
       const serverA = rig.serverSide(a);
       const serverB = rig.serverSide(b);
       await writeAll(a, Uint8Array.of(0, 0, 4, 1));
-      const reason = await within(serverA.closed, 5000, "server side of a closes");
+      const reason = await within(5000, serverA.closed, "server side of a closes");
       assert.ok(reason instanceof FrameTooLarge, `closed with ${reason}`);
       assert.equal(reason.length, 1025);
       assert.equal(reason.maxLength, 1024);
-      assert.deepEqual(await within(readToEnd(a), 5000, "a sees the close"), new Uint8Array(0));
+      assert.deepEqual(await within(5000, readToEnd(a), "a sees the close"), new Uint8Array(0));
       // Logged once, with the reason.
       assert.equal(rig.logged.length, 1, `logged: ${rig.logged}`);
       assert.ok(rig.logged[0].includes(reason));
@@ -779,7 +735,7 @@ for (const kind of ["memory", "tcp"] as const) {
       assert.equal(rig.server.connections().length, 2);
       assert.equal(rig.logged.length, 1);
     } finally {
-      await within(rig.server.stop(), 10_000, "server stop");
+      await within(10_000, rig.server.stop(), "server stop");
       for (const s of sockets) closeQuietly(s);
     }
   });
@@ -810,16 +766,16 @@ for (const kind of ["memory", "tcp"] as const) {
 
       // a: invalid UTF-8 → MalformedFrame.
       await writeAll(a, Uint8Array.of(0x6f, 0xc3, 0x28, 0x0a));
-      const reasonA = await within(serverA.closed, 5000, "server side of a closes");
+      const reasonA = await within(5000, serverA.closed, "server side of a closes");
       assert.ok(reasonA instanceof MalformedFrame, `closed with ${reasonA}`);
-      assert.deepEqual(await within(readToEnd(a), 5000, "a sees the close"), new Uint8Array(0));
+      assert.deepEqual(await within(5000, readToEnd(a), "a sees the close"), new Uint8Array(0));
       // c: 65 bytes with no newline → FrameTooLarge before any newline comes.
       await writeAll(c, utf8.encode("y".repeat(65)));
-      const reasonC = await within(serverC.closed, 5000, "server side of c closes");
+      const reasonC = await within(5000, serverC.closed, "server side of c closes");
       assert.ok(reasonC instanceof FrameTooLarge, `closed with ${reasonC}`);
       assert.equal(reasonC.maxLength, 64);
       assert.ok(reasonC.length > 64);
-      await within(readToEnd(c), 5000, "c sees the close");
+      await within(5000, readToEnd(c), "c sees the close");
 
       assert.equal(rig.logged.length, 2, `logged: ${rig.logged}`);
       assert.ok(rig.logged[0].includes(reasonA));
@@ -827,7 +783,7 @@ for (const kind of ["memory", "tcp"] as const) {
       assert.deepEqual(rig.server.connections(), [serverB]);
       await roundTrip(b, sent, echoed, "random", 8);
     } finally {
-      await within(rig.server.stop(), 10_000, "server stop");
+      await within(10_000, rig.server.stop(), "server stop");
       for (const s of sockets) closeQuietly(s);
     }
   });
@@ -841,7 +797,7 @@ for (const kind of ["memory", "tcp"] as const) {
       await roundTrip(socket, bytes.subarray(0, 500), bytes.subarray(0, 500), "bytes");
       assert.equal(rig.logged.length, 0);
     } finally {
-      await within(rig.server.stop(), 10_000, "server stop");
+      await within(10_000, rig.server.stop(), "server stop");
       closeQuietly(socket);
     }
   });
@@ -866,23 +822,23 @@ Deno.test("end to end (memory): a user framing works through serve() and connect
   }, { transport, framing });
   const raw = await rig.open();
   try {
-    await within(want.promise, 5000, "netstring echoes");
+    await within(5000, want.promise, "netstring echoes");
     assert.deepEqual(got, frames);
     // The connection handle's send encodes with the framing too.
     want = { count: frames.length + 1, ...Promise.withResolvers<void>() };
     client.send("via handle");
-    await within(want.promise, 5000, "echo of a send through the handle");
+    await within(5000, want.promise, "echo of a send through the handle");
     assert.deepEqual(got, [...frames, "via handle"]);
     // A raw socket speaking netstrings is echoed; a malformed one ends with MalformedFrame.
     const hi = utf8.encode("2:hi,");
     await roundTrip(raw, hi, hi, "bytes");
     await writeAll(raw, utf8.encode("3:abc;"));
-    const reason = await within(rig.serverSide(raw).closed, 5000, "raw side closes");
+    const reason = await within(5000, rig.serverSide(raw).closed, "raw side closes");
     assert.ok(reason instanceof MalformedFrame);
     assert.equal(rig.logged.length, 1);
   } finally {
-    await within(client.stop(), 5000, "client stop");
-    await within(rig.server.stop(), 10_000, "server stop");
+    await within(5000, client.stop(), "client stop");
+    await within(10_000, rig.server.stop(), "server stop");
     closeQuietly(raw);
   }
 });

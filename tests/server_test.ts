@@ -9,7 +9,6 @@ import {
   type Event,
   lengthPrefixed,
   lines,
-  type Logger,
   MemoryRegistry,
   send,
   serve,
@@ -18,47 +17,26 @@ import {
   type Yielded,
 } from "../mod.ts";
 import { echo, echoHibernating, echoSync } from "../examples/echo_server.ts";
+import {
+  assertFrameOf,
+  assertRefused,
+  capturingLogger,
+  closeQuietly,
+  concat,
+  HOST,
+  portOf,
+  prng,
+  randomFrame,
+  readExactly,
+  tracked,
+  wireOf,
+  within,
+  writeAll,
+} from "./_support.ts";
 
-const HOST = "127.0.0.1";
 const encoder = new TextEncoder();
 
 // ---- Helpers ------------------------------------------------------------------------------
-
-function portOf(addr: Addr): number {
-  assert.equal(addr.transport, "tcp");
-  return (addr as Deno.NetAddr).port;
-}
-
-/** `promise`, or a rejection after `ms`: keeps every test bounded in time. */
-async function within<V>(ms: number, promise: Promise<V>, what = "operation"): Promise<V> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** Whether `promise` has settled yet (checked after letting the event loop turn). */
-function tracked<V>(promise: Promise<V>): { promise: Promise<V>; settled: () => boolean } {
-  let settled = false;
-  promise.then(() => settled = true, () => settled = true);
-  return { promise, settled: () => settled };
-}
-
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  while (bytes.length > 0) bytes = bytes.subarray(await conn.write(bytes));
-}
-
-function capturingLogger(): Logger & { calls: unknown[][] } {
-  const calls: unknown[][] = [];
-  return { calls, error: (...data: unknown[]) => void calls.push(data) };
-}
 
 /** A raw TCP client speaking lines; it reads all the time, so `close()` leaves no op behind. */
 class LineClient {
@@ -120,9 +98,7 @@ class LineClient {
   }
 
   async close(): Promise<void> {
-    try {
-      this.conn.close();
-    } catch { /* already closed */ }
+    closeQuietly(this.conn);
     await this.ended;
   }
 }
@@ -139,13 +115,6 @@ async function* greeter(): AsyncGenerator<Yielded, void, Event<string>> {
 
 function serveLines(options: ServeOptions<string> = {}): Promise<Server<string>> {
   return serve(greeter, { hostname: HOST, port: 0, framing: lines(), ...options });
-}
-
-async function assertRefused(port: number): Promise<void> {
-  await assert.rejects(
-    Deno.connect({ hostname: HOST, port }),
-    Deno.errors.ConnectionRefused,
-  );
 }
 
 // ---- Options ------------------------------------------------------------------------------
@@ -624,37 +593,6 @@ Deno.test("a handler that throws ends only its connection, logged once; 20 other
 
 // ---- 50 concurrent clients against the echo example's handlers -------------------------
 
-/** A small seeded PRNG (mulberry32), so that failures reproduce. */
-function prng(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** FNV-1a over `bytes`. */
-function fnv1a(bytes: Uint8Array): number {
-  let h = 0x811c9dc5;
-  for (const b of bytes) h = Math.imul(h ^ b, 0x01000193) >>> 0;
-  return h;
-}
-
-/** Payload: client u16, seq u32, body, fnv1a(client..body) u32. */
-function makeFrame(client: number, seq: number, bodyLength: number, rand: () => number) {
-  const payload = new Uint8Array(6 + bodyLength + 4);
-  const view = new DataView(payload.buffer);
-  view.setUint16(0, client);
-  view.setUint32(2, seq);
-  for (let i = 0; i < bodyLength; i++) payload[6 + i] = (rand() * 256) | 0;
-  view.setUint32(6 + bodyLength, fnv1a(payload.subarray(0, 6 + bodyLength)));
-  const wire = new Uint8Array(4 + payload.length);
-  new DataView(wire.buffer).setUint32(0, payload.length);
-  wire.set(payload, 4);
-  return wire;
-}
-
 /**
  * One raw client: writes `frames` length-prefixed frames (some split across writes, some
  * several to a write), reads the echoes concurrently, and checks each one: order, sequence,
@@ -662,9 +600,11 @@ function makeFrame(client: number, seq: number, bodyLength: number, rand: () => 
  */
 async function echoClient(port: number, client: number, frames: number): Promise<void> {
   const rand = prng(client * 7919 + 1);
+  // Payloads: client u16, seq u32, random body, fnv1a(client..body) u32; length-prefixed.
   const sent = Array.from(
     { length: frames },
-    (_, seq) => makeFrame(client, seq, (rand() * (rand() < 0.1 ? 3000 : 120)) | 0, rand),
+    (_, seq) =>
+      wireOf([randomFrame(client, seq, (rand() * (rand() < 0.1 ? 3000 : 120)) | 0, rand)]),
   );
   const conn = await Deno.connect({ hostname: HOST, port });
   try {
@@ -681,15 +621,8 @@ async function echoClient(port: number, client: number, frames: number): Promise
         } else {
           // One to five whole frames in one write.
           const n = Math.min(sent.length - i, 1 + ((rand() * 5) | 0));
-          const parts = sent.slice(i, i + n);
+          await writeAll(conn, concat(sent.slice(i, i + n)));
           i += n;
-          const chunk = new Uint8Array(parts.reduce((sum, p) => sum + p.length, 0));
-          let at = 0;
-          for (const part of parts) {
-            chunk.set(part, at);
-            at += part.length;
-          }
-          await writeAll(conn, chunk);
         }
       }
       await conn.closeWrite();
@@ -711,14 +644,7 @@ async function echoClient(port: number, client: number, frames: number): Promise
         const wire = joined.subarray(at, at + 4 + length);
         const payload = wire.subarray(4);
         assert.ok(received < frames, `client ${client}: an extra (duplicated) frame`);
-        const view = new DataView(payload.buffer, payload.byteOffset, payload.length);
-        assert.equal(view.getUint16(0), client, `client ${client}: a frame of another client`);
-        assert.equal(view.getUint32(2), received, `client ${client}: lost or reordered`);
-        assert.equal(
-          view.getUint32(payload.length - 4),
-          fnv1a(payload.subarray(0, payload.length - 4)),
-          `client ${client}: frame ${received} corrupted`,
-        );
+        assertFrameOf(payload, client, received, `client ${client}, frame ${received}`);
         assert.deepEqual(wire, sent[received], `client ${client}: frame ${received} differs`);
         received++;
         at += 4 + length;
@@ -821,25 +747,6 @@ async function withEchoProcess(
   }
 }
 
-/** Read exactly `n` bytes. */
-async function readExactly(conn: Deno.Conn, n: number): Promise<Uint8Array> {
-  const out = new Uint8Array(n);
-  let at = 0;
-  while (at < n) {
-    const got = await conn.read(out.subarray(at));
-    if (got === null) throw new Error(`end of stream after ${at} of ${n} bytes`);
-    at += got;
-  }
-  return out;
-}
-
-function len4(payload: Uint8Array): Uint8Array {
-  const wire = new Uint8Array(4 + payload.length);
-  new DataView(wire.buffer).setUint32(0, payload.length);
-  wire.set(payload, 4);
-  return wire;
-}
-
 async function len4Exchange(port: number): Promise<void> {
   const conn = await Deno.connect({ hostname: HOST, port });
   try {
@@ -850,8 +757,8 @@ async function len4Exchange(port: number): Promise<void> {
       encoder.encode("last"),
     ];
     // All in one write, and then once more byte by byte for the first frame.
-    const all = frames.map(len4);
-    await writeAll(conn, new Uint8Array(all.flatMap((f) => [...f])));
+    const all = frames.map((frame) => wireOf([frame]));
+    await writeAll(conn, concat(all));
     for (const frame of all) assert.deepEqual(await readExactly(conn, frame.length), frame);
     for (const byte of all[0]) await writeAll(conn, new Uint8Array([byte]));
     assert.deepEqual(await readExactly(conn, all[0].length), all[0]);

@@ -1,6 +1,7 @@
-// Shared by the reliability suites (delivery, peer faults, lifecycle): bounded waits, seeded
-// randomness, self-checking payloads, an independent length-prefix codec for raw peers, and a
-// transport wrapper that chops and counts reads and writes.
+// Shared by the reliability suites: seeded randomness, self-checking payloads, a raw-socket
+// frame reader, a transport wrapper that chops and counts reads and writes, a recording server
+// and busy peers. The general test helpers (../_support.ts) are re-exported from here, so that
+// a reliability suite imports all it uses from this one file.
 
 import assert from "node:assert/strict";
 import {
@@ -10,7 +11,6 @@ import {
   type Event,
   lengthPrefixed,
   type Listener,
-  type Logger,
   send,
   serve,
   type ServeOptions,
@@ -18,82 +18,31 @@ import {
   type Transport,
   type Yielded,
 } from "../../mod.ts";
+import {
+  closeQuietly,
+  fnv1a,
+  HOST,
+  Inbox,
+  pause,
+  portOf,
+  prng,
+  wireOf,
+  within,
+  writeAll,
+} from "../_support.ts";
 
-export const HOST = "127.0.0.1";
-
-export function portOf(addr: Addr): number {
-  assert.equal(addr.transport, "tcp");
-  return (addr as Deno.NetAddr).port;
-}
-
-/** `promise`, or a rejection after `ms`: keeps every test bounded even when the library is wrong. */
-export async function within<V>(ms: number, promise: Promise<V>, what = "operation"): Promise<V> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** Remembers whether `promise` has settled. */
-export function tracked<V>(promise: Promise<V>): { promise: Promise<V>; settled(): boolean } {
-  let settled = false;
-  promise.then(() => settled = true, () => settled = true);
-  return { promise, settled: () => settled };
-}
-
-/** An unbounded async queue: `push` now, `next()` later (or the other way round). */
-export class Inbox<V> {
-  readonly #items: V[] = [];
-  readonly #waiters: Array<(v: V) => void> = [];
-  push(v: V): void {
-    const waiter = this.#waiters.shift();
-    if (waiter) waiter(v);
-    else this.#items.push(v);
-  }
-  next(ms = 5000, what = "inbox.next"): Promise<V> {
-    if (this.#items.length > 0) return Promise.resolve(this.#items.shift()!);
-    return within(ms, new Promise<V>((resolve) => this.#waiters.push(resolve)), what);
-  }
-  get size(): number {
-    return this.#items.length;
-  }
-}
-
-/** A logger that keeps what it is given. */
-export function capturingLogger(): Logger & { calls: unknown[][] } {
-  const calls: unknown[][] = [];
-  return { calls, error: (...data: unknown[]) => void calls.push(data) };
-}
-
-/** Resolves after `ms`: used only to shape load (a slow reader's pauses), never to wait for a result. */
-export function pause(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
+export * from "../_support.ts";
 
 // ---- Seeded randomness --------------------------------------------------------------------
 
-/** A small seeded PRNG (mulberry32). */
+/** A seeded PRNG ({@linkcode prng}) that also gives integers in a range. */
 export class Rand {
   readonly seed: number;
-  #a: number;
+  /** In [0, 1). */
+  readonly float: () => number;
   constructor(seed: number) {
     this.seed = seed >>> 0;
-    this.#a = this.seed;
-  }
-  /** In [0, 1). */
-  float(): number {
-    this.#a = (this.#a + 0x6d2b79f5) >>> 0;
-    let t = this.#a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    this.float = prng(this.seed);
   }
   /** An integer in [lo, hi]. */
   int(lo: number, hi: number): number {
@@ -121,13 +70,6 @@ export function seededTest(name: string, fn: (rand: Rand) => Promise<void>): voi
 }
 
 // ---- Self-checking payloads ---------------------------------------------------------------
-
-/** FNV-1a over `bytes`. */
-export function fnv1a(bytes: Uint8Array): number {
-  let h = 0x811c9dc5;
-  for (let i = 0; i < bytes.length; i++) h = Math.imul(h ^ bytes[i], 0x01000193);
-  return h >>> 0;
-}
 
 /** The smallest payload: stream u16, seq u32, checksum u32. */
 export const MIN_PAYLOAD = 10;
@@ -186,33 +128,6 @@ export class SequenceChecker {
   }
 }
 
-export function concat(parts: Uint8Array[]): Uint8Array {
-  let total = 0;
-  for (const p of parts) total += p.length;
-  const out = new Uint8Array(total);
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-
-/** Length-prefixed frames as Erlang's `{packet, N}` writes them (independent of the library). */
-export function wireOf(payloads: Uint8Array[], prefix: 1 | 2 | 4 = 4): Uint8Array {
-  const out = new Uint8Array(payloads.reduce((n, p) => n + prefix + p.length, 0));
-  const view = new DataView(out.buffer);
-  let at = 0;
-  for (const p of payloads) {
-    if (prefix === 1) view.setUint8(at, p.length);
-    else if (prefix === 2) view.setUint16(at, p.length);
-    else view.setUint32(at, p.length);
-    out.set(p, at + prefix);
-    at += prefix + p.length;
-  }
-  return out;
-}
-
 /** `bytes` cut at random points: about a third of the pieces are single bytes. */
 export function* randomPieces(
   bytes: Uint8Array,
@@ -226,10 +141,6 @@ export function* randomPieces(
     yield bytes.subarray(at, Math.min(bytes.length, at + n));
     at += n;
   }
-}
-
-export async function writeAll(conn: Conn, bytes: Uint8Array): Promise<void> {
-  while (bytes.length > 0) bytes = bytes.subarray(await conn.write(bytes));
 }
 
 /**
@@ -334,18 +245,18 @@ export interface WrapOptions {
   readMax?: number;
   /** Offer at most this many bytes to each write. */
   writeMax?: number;
-  /** Called the first time a socket takes only part of a write (not counting `writeMax` cuts). */
-  onPartialWrite?: () => void;
 }
 
 class WrappedConn implements Conn {
   readonly inner: Conn;
   readonly #opts: WrapOptions;
   readonly stats: IoStats;
-  constructor(inner: Conn, opts: WrapOptions, stats: IoStats) {
+  readonly #onPartialWrite: () => void;
+  constructor(inner: Conn, opts: WrapOptions, stats: IoStats, onPartialWrite: () => void) {
     this.inner = inner;
     this.#opts = opts;
     this.stats = stats;
+    this.#onPartialWrite = onPartialWrite;
   }
   get localAddr(): Addr {
     return this.inner.localAddr;
@@ -369,7 +280,7 @@ class WrappedConn implements Conn {
     this.stats.writes++;
     this.stats.bytesWritten += n;
     if (n < offered.length) {
-      if (this.stats.partialWrites++ === 0) this.#opts.onPartialWrite?.();
+      if (this.stats.partialWrites++ === 0) this.#onPartialWrite();
     }
     return n;
   }
@@ -381,13 +292,19 @@ class WrappedConn implements Conn {
   }
 }
 
-/** `base`, with every accepted and connected socket chopped and counted per `options`. */
+/**
+ * `base`, with every accepted and connected socket chopped and counted per `options`;
+ * `stalled` resolves the first time a socket takes only part of a write (not counting
+ * `writeMax` cuts): the kernel's buffer is full.
+ */
 export function wrapped(
   base: Transport,
   options: WrapOptions = {},
-): { transport: Transport; accepted: IoStats[]; connected: IoStats[] } {
+): { transport: Transport; accepted: IoStats[]; connected: IoStats[]; stalled: Promise<void> } {
   const accepted: IoStats[] = [];
   const connected: IoStats[] = [];
+  const stalled = Promise.withResolvers<void>();
+  const onPartialWrite = () => stalled.resolve();
   const fresh = (): IoStats => ({
     writes: 0,
     partialWrites: 0,
@@ -406,17 +323,17 @@ export function wrapped(
           const conn = await listener.accept();
           const stats = fresh();
           accepted.push(stats);
-          return new WrappedConn(conn, options, stats);
+          return new WrappedConn(conn, options, stats, onPartialWrite);
         },
       };
     },
     async connect(connectOptions) {
       const stats = fresh();
       connected.push(stats);
-      return new WrappedConn(await base.connect(connectOptions), options, stats);
+      return new WrappedConn(await base.connect(connectOptions), options, stats, onPartialWrite);
     },
   };
-  return { transport, accepted, connected };
+  return { transport, accepted, connected, stalled: stalled.promise };
 }
 
 // ---- A recording server -------------------------------------------------------------------
@@ -631,9 +548,7 @@ export class BusyPeer {
     try {
       return await this.ended;
     } finally {
-      try {
-        this.conn.close();
-      } catch { /* already closed */ }
+      closeQuietly(this.conn);
     }
   }
 }

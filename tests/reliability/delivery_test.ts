@@ -15,6 +15,7 @@ import {
   type Handler,
   lengthPrefixed,
   lines,
+  type Logger,
   memory,
   recv,
   send,
@@ -353,16 +354,18 @@ for (const [label, handler] of echoHandlers) {
 // ---- Server → peer: a slow reader, sendSync ---------------------------------------------
 
 /**
- * A server handler that, for each `info` message b, sends frames b*perBatch … (b+1)*perBatch-1
- * of stream 0 in one step. With `ignoreShutdown` it goes on through a shutdown (so that stop
- * has to force it).
+ * A server on a counted TCP transport ({@linkcode wrapped}) whose handler, for each `info`
+ * message b, sends frames b*perBatch … (b+1)*perBatch-1 of stream 0 in one step; its
+ * connections land in `conns`. With `ignoreShutdown` the handler goes on through a shutdown (so
+ * that stop has to force it).
  */
-function batchSender(
-  conns: Inbox<Connection<Uint8Array>>,
+async function batchServer(
   perBatch: number,
   size: number,
-  { ignoreShutdown = false } = {},
+  { ignoreShutdown = false, logger }: { ignoreShutdown?: boolean; logger: Logger },
 ) {
+  const io = wrapped(tcp());
+  const conns = new Inbox<Connection<Uint8Array>>();
   const state = { handled: 0, batchDone: new Inbox<number>() };
   const handler = async function* (conn: Connection<Uint8Array>): Gen {
     conns.push(conn);
@@ -382,16 +385,6 @@ function batchSender(
       }
     }
   };
-  return { state, handler };
-}
-
-Deno.test("TCP slow reader: 12 MB from handler sends and outside sendSyncs, the peer pausing between reads: flow control engages, nothing lost, every sendSync resolved in order and received", async () => {
-  const logger = capturingLogger();
-  const stalled = Promise.withResolvers<void>();
-  const io = wrapped(tcp(), { onPartialWrite: () => stalled.resolve() });
-  const conns = new Inbox<Connection<Uint8Array>>();
-  const BATCHES = 60, PER_BATCH = 20, SIZE = 5000, SYNCS = 1200; // 6 MB + 6 MB
-  const { state, handler } = batchSender(conns, PER_BATCH, SIZE);
   const server = await serve<Uint8Array>(handler, {
     hostname: HOST,
     port: 0,
@@ -399,6 +392,13 @@ Deno.test("TCP slow reader: 12 MB from handler sends and outside sendSyncs, the 
     framing: lengthPrefixed(4),
     logger,
   });
+  return { server, io, conns, state };
+}
+
+Deno.test("TCP slow reader: 12 MB from handler sends and outside sendSyncs, the peer pausing between reads: flow control engages, nothing lost, every sendSync resolved in order and received", async () => {
+  const logger = capturingLogger();
+  const BATCHES = 60, PER_BATCH = 20, SIZE = 5000, SYNCS = 1200; // 6 MB + 6 MB
+  const { server, io, conns, state } = await batchServer(PER_BATCH, SIZE, { logger });
   try {
     const peer = await Deno.connect({ hostname: HOST, port: portOf(server.addr) });
     try {
@@ -411,7 +411,7 @@ Deno.test("TCP slow reader: 12 MB from handler sends and outside sendSyncs, the 
       const received = new RawFrames(peer, {
         readSize: 32 * 1024,
         beforeRead: async () => {
-          if (!reading) await Promise.race([stalled.promise, producing.promise]);
+          if (!reading) await Promise.race([io.stalled, producing.promise]);
           reading = true;
           await pause(1);
         },
@@ -423,7 +423,7 @@ Deno.test("TCP slow reader: 12 MB from handler sends and outside sendSyncs, the 
       // At least SYNCS, and on until the socket has filled up (should the kernel's buffers
       // hold more than 12 MB), up to 50 MB.
       let full = false;
-      stalled.promise.then(() => full = true);
+      io.stalled.then(() => full = true);
       let syncs = 0;
       for (let seq = 0; seq < SYNCS || (!full && seq < 10_000); seq++, syncs++) {
         window.push(conn.sendSync(payload(1, seq, SIZE)).then(() => void resolved.push(seq)));
@@ -452,17 +452,7 @@ Deno.test("TCP slow reader: 12 MB from handler sends and outside sendSyncs, the 
 
 Deno.test("TCP slow reader, connection forced mid-stream: every sendSync that resolved was received, in order; the rest reject with ConnectionClosed", async () => {
   const logger = capturingLogger();
-  const conns = new Inbox<Connection<Uint8Array>>();
-  const { handler } = batchSender(conns, 20, 5000, { ignoreShutdown: true });
-  const stalled = Promise.withResolvers<void>();
-  const io = wrapped(tcp(), { onPartialWrite: () => stalled.resolve() });
-  const server = await serve<Uint8Array>(handler, {
-    hostname: HOST,
-    port: 0,
-    transport: io.transport,
-    framing: lengthPrefixed(4),
-    logger,
-  });
+  const { server, io, conns } = await batchServer(20, 5000, { ignoreShutdown: true, logger });
   try {
     const peer = await Deno.connect({ hostname: HOST, port: portOf(server.addr) });
     try {
@@ -486,7 +476,7 @@ Deno.test("TCP slow reader, connection forced mid-stream: every sendSync that re
         for (let seq = 0; !cutting; seq++) {
           const outcome = conn.sendSync(payload(1, seq, 5000)).then(() => {
             resolved.push(seq);
-            if (resolved.length >= 300) stalled.promise.then(() => cut.resolve());
+            if (resolved.length >= 300) io.stalled.then(() => cut.resolve());
           }, (err) => err);
           outcomes.push(outcome);
           window.push(outcome);

@@ -43,6 +43,7 @@ import {
   TimeoutError,
   type Yielded,
 } from "../../mod.ts";
+import { capturingLogger, closeQuietly } from "./_support.ts";
 
 const utf8 = new TextEncoder();
 
@@ -130,6 +131,20 @@ function positions(chunks: Uint8Array[]): number[] {
   return chunks.map((c) => pos += c.length);
 }
 
+/**
+ * `frames`, encoded and cut at `at`, decode to the same frames with no error, and `buffered`
+ * after each chunk is exactly the bytes of the frame in progress.
+ */
+function assertRoundTrip<T>(framing: Framing<T>, frames: T[], at: number[] | null): void {
+  const bytes = encode(framing, frames);
+  const chunks = chunksOf(bytes, at);
+  const got = feed(framing, chunks);
+  assert.equal(got.error, undefined);
+  assert.deepEqual(got.frames, frames);
+  const ends = boundaries(framing, frames);
+  assert.deepEqual(got.buffered, positions(chunks).map((p) => expectedBuffered(ends, p)));
+}
+
 const NUM_RUNS = 500;
 
 // ---- Framings: round trips --------------------------------------------------------------------
@@ -151,13 +166,7 @@ for (const { bytes, max, framing } of lengthPrefixedCases) {
     );
     fc.assert(
       fc.property(fc.array(frame, { maxLength: 30 }), cuts, (frames, at) => {
-        const bytes = encode(framing, frames);
-        const chunks = chunksOf(bytes, at);
-        const got = feed(framing, chunks);
-        assert.equal(got.error, undefined);
-        assert.deepEqual(got.frames, frames);
-        const ends = boundaries(framing, frames);
-        assert.deepEqual(got.buffered, positions(chunks).map((p) => expectedBuffered(ends, p)));
+        assertRoundTrip(framing, frames, at);
       }),
       { numRuns: NUM_RUNS },
     );
@@ -206,13 +215,7 @@ for (const max of [64 * 1024, 16, 3, 0]) {
   Deno.test(`fuzz: lines(max ${max}): random lines, cut anywhere, decode to the same lines`, () => {
     fc.assert(
       fc.property(fc.array(line, { maxLength: 30 }), cuts, (frames, at) => {
-        const bytes = encode(framing, frames);
-        const chunks = chunksOf(bytes, at);
-        const got = feed(framing, chunks);
-        assert.equal(got.error, undefined);
-        assert.deepEqual(got.frames, frames);
-        const ends = boundaries(framing, frames);
-        assert.deepEqual(got.buffered, positions(chunks).map((p) => expectedBuffered(ends, p)));
+        assertRoundTrip(framing, frames, at);
       }),
       { numRuns: NUM_RUNS },
     );
@@ -749,13 +752,13 @@ async function runModel(variant: Variant, cmds: Cmd[], end: End): Promise<void> 
   const clock = new VirtualClock();
   const transport = memory(`fuzz-driver-${++memoryNames}`);
   const seen: Seen[] = [];
-  const logged: unknown[][] = [];
+  const logger = capturingLogger();
   const accepted = Promise.withResolvers<Connection<string>>();
   const handler = recordingHandler(variant, seen);
   const server = await serve<string>((conn: Connection<string>, state?: unknown) => {
     accepted.resolve(conn);
     return handler(conn, state);
-  }, { transport, framing: lines(), logger: { error: (...a: unknown[]) => void logged.push(a) } });
+  }, { transport, framing: lines(), logger });
   clock.install();
   const model = new Model();
   const outcomes = new Map<number, Outcome>();
@@ -861,14 +864,12 @@ async function runModel(variant: Variant, cmds: Cmd[], end: End): Promise<void> 
     );
     // Only a reason other than "normal" is logged, once, with the reason.
     if (end === "stopWithReason") {
-      assert.equal(logged.length, 1);
-      assert.ok(logged[0].includes("custom reason"));
-    } else assert.deepEqual(logged, []);
+      assert.equal(logger.calls.length, 1);
+      assert.ok(logger.calls[0].includes("custom reason"));
+    } else assert.deepEqual(logger.calls, []);
   } finally {
     clock.uninstall();
-    try {
-      peer?.close();
-    } catch { /* closed */ }
+    if (peer) closeQuietly(peer);
     await server.stop("shutdown", { timeout: 0 });
   }
 }

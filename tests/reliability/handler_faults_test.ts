@@ -22,8 +22,20 @@ import {
   type Yielded,
 } from "../../mod.ts";
 import { echo } from "../../examples/echo_server.ts";
+import {
+  assertFrameOf,
+  capturingLogger,
+  closeQuietly,
+  HOST,
+  pause,
+  portOf,
+  prng,
+  randomFrame,
+  wireOf,
+  within,
+  writeAll,
+} from "./_support.ts";
 
-const HOST = "127.0.0.1";
 const ECHOERS = 50;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -32,52 +44,6 @@ type Gen = AsyncGenerator<Yielded, void, Event<Uint8Array>>;
 type SyncGen = Generator<Yielded, void, Event<Uint8Array>>;
 
 // ---- Helpers ------------------------------------------------------------------------------
-
-/** `promise`, or a rejection after `ms`: keeps every wait bounded. */
-async function within<V>(ms: number, promise: Promise<V>, what = "operation"): Promise<V> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
-/** A small seeded PRNG (mulberry32), so that failures reproduce. */
-function prng(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** FNV-1a over `bytes`. */
-function fnv1a(bytes: Uint8Array): number {
-  let h = 0x811c9dc5;
-  for (const b of bytes) h = Math.imul(h ^ b, 0x01000193) >>> 0;
-  return h;
-}
-
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  while (bytes.length > 0) bytes = bytes.subarray(await conn.write(bytes));
-}
-
-/** `payload` with its 4-byte big-endian length in front: one lengthPrefixed(4) frame. */
-function wire(payload: Uint8Array): Uint8Array {
-  const out = new Uint8Array(4 + payload.length);
-  new DataView(out.buffer).setUint32(0, payload.length);
-  out.set(payload, 4);
-  return out;
-}
 
 /**
  * Reads lengthPrefixed(4) frames off a raw socket with its own parser (independent of the
@@ -151,14 +117,7 @@ class Echoer {
   }
 
   #frame(seq: number, rand: () => number): Uint8Array {
-    const body = (rand() * (rand() < 0.05 ? 8000 : 200)) | 0;
-    const payload = new Uint8Array(6 + body + 4);
-    const view = new DataView(payload.buffer);
-    view.setUint16(0, this.id);
-    view.setUint32(2, seq);
-    for (let i = 0; i < body; i++) payload[6 + i] = (rand() * 256) | 0;
-    view.setUint32(6 + body, fnv1a(payload.subarray(0, 6 + body)));
-    return payload;
+    return randomFrame(this.id, seq, (rand() * (rand() < 0.05 ? 8000 : 200)) | 0, rand);
   }
 
   async #loop(): Promise<void> {
@@ -171,12 +130,7 @@ class Echoer {
           { length: 1 + ((rand() * 3) | 0) },
           () => this.#frame(seq++, rand),
         );
-        const bytes = new Uint8Array(batch.reduce((sum, p) => sum + 4 + p.length, 0));
-        let at = 0;
-        for (const payload of batch) {
-          bytes.set(wire(payload), at);
-          at += 4 + payload.length;
-        }
+        const bytes = wireOf(batch);
         if (rand() < 0.2 && bytes.length > 1) {
           const cut = 1 + ((rand() * (bytes.length - 1)) | 0);
           await writeAll(this.conn, bytes.subarray(0, cut));
@@ -188,14 +142,7 @@ class Echoer {
           const got = await reader.next();
           const tag = `echoer ${this.id}, frame ${this.echoed}`;
           assert.ok(got !== null, `${tag}: the connection ended (${reader.end})`);
-          const view = new DataView(got.buffer, got.byteOffset, got.length);
-          assert.equal(view.getUint16(0), this.id, `${tag}: a frame of another connection`);
-          assert.equal(view.getUint32(2), this.echoed, `${tag}: lost, duplicated or reordered`);
-          assert.equal(
-            view.getUint32(got.length - 4),
-            fnv1a(got.subarray(0, got.length - 4)),
-            `${tag}: checksum`,
-          );
+          assertFrameOf(got, this.id, this.echoed, tag);
           assert.deepEqual(got, sent, `${tag}: bytes differ`);
           this.echoed++;
         }
@@ -205,9 +152,7 @@ class Echoer {
       assert.equal(await reader.next(), null, `echoer ${this.id}: an extra frame`);
       assert.equal(reader.end, "eof");
     } finally {
-      try {
-        this.conn.close();
-      } catch { /* already closed */ }
+      closeQuietly(this.conn);
     }
   }
 
@@ -237,13 +182,11 @@ class Peer {
   }
 
   send(text: string): Promise<void> {
-    return writeAll(this.conn, wire(encoder.encode(text)));
+    return writeAll(this.conn, wireOf([encoder.encode(text)]));
   }
 
   close(): void {
-    try {
-      this.conn.close();
-    } catch { /* already closed */ }
+    closeQuietly(this.conn);
   }
 }
 
@@ -252,7 +195,9 @@ class Peer {
  * `openFault(handler)`, which run `handler`; 50 echoers keep it busy throughout.
  */
 class Bench {
-  readonly logged: unknown[][] = [];
+  readonly logger = capturingLogger();
+  /** The arguments of every `logger.error(...)` call. */
+  readonly logged = this.logger.calls;
   server!: Server<Uint8Array>;
   echoers: Echoer[] = [];
   #pending: Array<{ handler: Handler<Uint8Array>; got(conn: Connection<Uint8Array>): void }> = [];
@@ -270,10 +215,10 @@ class Bench {
         hostname: HOST,
         port: 0,
         framing: lengthPrefixed(4),
-        logger: { error: (...a: unknown[]) => void bench.logged.push(a) },
+        logger: bench.logger,
       },
     );
-    const port = (bench.server.addr as Deno.NetAddr).port;
+    const port = portOf(bench.server.addr);
     bench.echoers = await Promise.all(
       Array.from({ length: ECHOERS }, (_, i) => Echoer.open(port, i)),
     );
@@ -282,7 +227,7 @@ class Bench {
   }
 
   async #connected(n: number): Promise<void> {
-    while (this.server.connections().length < n) await sleep(2);
+    while (this.server.connections().length < n) await pause(2);
   }
 
   /** Waits until every echoer has echoed `frames` more verified frames (fails fast on error). */
@@ -293,7 +238,7 @@ class Bench {
     });
     failed.catch(() => {});
     const reached = (async () => {
-      while (this.echoers.some((e, i) => e.echoed < target[i])) await sleep(2);
+      while (this.echoers.some((e, i) => e.echoed < target[i])) await pause(2);
     })();
     await within(10_000, Promise.race([reached, failed]), `echoers: ${frames} frames ${what}`);
   }
@@ -304,7 +249,7 @@ class Bench {
   ): Promise<{ conn: Connection<Uint8Array>; peer: Peer }> {
     const accepted = Promise.withResolvers<Connection<Uint8Array>>();
     this.#pending.push({ handler, got: accepted.resolve });
-    const port = (this.server.addr as Deno.NetAddr).port;
+    const port = portOf(this.server.addr);
     const peer = new Peer(await Deno.connect({ hostname: HOST, port }));
     const conn = await within(3000, accepted.promise, "fault connection accepted");
     return { conn, peer };
@@ -322,11 +267,7 @@ class Bench {
     try {
       await within(10_000, Promise.all(this.echoers.map((e) => e.stop())), "echoers stop");
     } finally {
-      for (const e of this.echoers) {
-        try {
-          e.conn.close();
-        } catch { /* closed */ }
-      }
+      for (const e of this.echoers) closeQuietly(e.conn);
       await this.server.stop("shutdown", { timeout: 1000 });
     }
   }
@@ -489,7 +430,7 @@ const faults: Record<string, Fault> = {
       },
     async provoke(conn, peer) {
       await peer.send("one");
-      while (peer.frames.length < 1) await sleep(2);
+      while (peer.frames.length < 1) await pause(2);
       await conn.stop("maintenance", { timeout: 2000 });
     },
     reason: isError(finallyBoom),
@@ -532,7 +473,7 @@ const faults: Record<string, Fault> = {
       },
     async provoke(conn, peer) {
       await peer.send("one");
-      while (peer.frames.length < 1) await sleep(2);
+      while (peer.frames.length < 1) await pause(2);
       await conn.stop("maintenance", { timeout: 2000 });
     },
     reason: isError(shutdownBoom),
@@ -708,7 +649,7 @@ Deno.test("handler fault: stuck in an await on a packet: ended by conn.stop's ti
     await within(
       1000,
       (async () => {
-        while (!unwound) await sleep(2);
+        while (!unwound) await pause(2);
       })(),
     );
     await bench.close();
@@ -739,7 +680,7 @@ Deno.test("handler fault: stuck before its first yield: ended by conn.stop's tim
   } finally {
     peer?.close();
     never.resolve();
-    await sleep(10); // let the unwound generator finish
+    await pause(10); // let the unwound generator finish
     await bench.close();
   }
   assert.equal(bench.logged.length, 1);
@@ -803,7 +744,7 @@ Deno.test("handler faults: all at once, with 50 echoers; then server.stop forces
   } finally {
     for (const peer of peers) peer.close();
     never.resolve();
-    await sleep(10);
+    await pause(10);
     await bench.close();
   }
 });

@@ -18,8 +18,10 @@ import {
 } from "../../mod.ts";
 import { echo } from "../../examples/echo_server.ts";
 import {
+  assertRefused,
   BusyPeer,
   capturingLogger,
+  closeQuietly,
   HOST,
   openBusyPeers,
   pause,
@@ -40,13 +42,6 @@ const openPeers = openBusyPeers;
 /** Each of `peers` does `n` more round trips (a marker: meanwhile, others had every chance). */
 async function progress(peers: BusyPeer[], n: number, what = "busy peers"): Promise<void> {
   await within(20_000, Promise.all(peers.map((p) => p.progress(n))), what);
-}
-
-async function assertRefused(port: number): Promise<void> {
-  await assert.rejects(
-    () => Deno.connect({ hostname: HOST, port }),
-    Deno.errors.ConnectionRefused,
-  );
 }
 
 // ---- suspend / resume / stop with 200 busy connections -----------------------------------
@@ -273,9 +268,7 @@ Deno.test("start/stop 10 times in a row on the same port: each binds at once, se
           await within(3000, server.stop());
         }
       } finally {
-        try {
-          peer.close();
-        } catch { /* closed above */ }
+        closeQuietly(peer); // closed above when the peer closes first
       }
     } finally {
       await server.stop();

@@ -350,8 +350,7 @@ function firehose(
 
 Deno.test("a peer that never reads: the sending handler is held back with bounded output, other peers echo on, and stop({ timeout }) ends it on time", async () => {
   const logger = capturingLogger();
-  const stalled = Promise.withResolvers<void>();
-  const io = wrapped(tcp(), { onPartialWrite: () => stalled.resolve() });
+  const io = wrapped(tcp());
   const sent = { bytes: 0, steps: 0 };
   const conns = new Inbox<Connection<Uint8Array>>();
   const CHUNK = 256 * 1024;
@@ -379,7 +378,7 @@ Deno.test("a peer that never reads: the sending handler is held back with bounde
     const conn = await conns.next();
     const peers = await busyPeers(port, 5);
     conn.cast("go");
-    await within(10_000, stalled.promise, "the server's socket filling up");
+    await within(10_000, io.stalled, "the server's socket filling up");
     // Once it is held back (the socket full and 1 MB pending: a few more steps), give the
     // handler every chance to (wrongly) go on: the busy peers do many round trips meanwhile.
     await stillEchoing(peers, 100);
@@ -418,8 +417,7 @@ Deno.test("a peer that never reads: the sending handler is held back with bounde
 
 Deno.test("a peer that never reads, output pending below the high-water mark, handler returns on shutdown: stop({ timeout }) still ends it at the timeout", async () => {
   const logger = capturingLogger();
-  const stalled = Promise.withResolvers<void>();
-  const io = wrapped(tcp(), { onPartialWrite: () => stalled.resolve() });
+  const io = wrapped(tcp());
   const conns = new Inbox<Connection<Uint8Array>>();
   const CHUNK = 128 * 1024;
   const data = new Uint8Array(CHUNK);
@@ -450,7 +448,7 @@ Deno.test("a peer that never reads, output pending below the high-water mark, ha
     while (io.accepted[0].partialWrites === 0) {
       conn.cast("more");
       const written = conn.sendSync(new Uint8Array(1)).then(() => {}, () => {});
-      await within(3000, Promise.race([stalled.promise, written]), "filling the socket");
+      await within(3000, Promise.race([io.stalled, written]), "filling the socket");
     }
     conn.cast("more");
     const t0 = performance.now();
@@ -466,8 +464,7 @@ Deno.test("a peer that never reads, output pending below the high-water mark, ha
 Deno.test("a peer that sends but never reads, against the echo example with idleTimeout: once its output is stuck the connection is ended in bounded time; a busy peer is not", async () => {
   const IDLE = 300, SHUTDOWN = 200;
   const logger = capturingLogger();
-  const stalled = Promise.withResolvers<void>();
-  const io = wrapped(tcp(), { onPartialWrite: () => stalled.resolve() });
+  const io = wrapped(tcp());
   const server = await serve<Uint8Array>(echo, {
     hostname: HOST,
     port: 0,
@@ -490,7 +487,7 @@ Deno.test("a peer that sends but never reads, against the echo example with idle
       } catch { /* the server closed the connection */ }
       return performance.now();
     })();
-    await within(10_000, stalled.promise, "the echoes filling the server's socket");
+    await within(10_000, io.stalled, "the echoes filling the server's socket");
     const [stuck] = server.connections().filter((c) =>
       portOf(c.remoteAddr) === portOf(deaf.localAddr)
     );
