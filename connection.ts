@@ -52,7 +52,7 @@ export interface DriverOptions<T> {
 
 // The smallest and largest read buffers: reads start small (idle connections cost little) and
 // grow while reads fill them.
-const MIN_READ = 4096;
+const MIN_READ = 1024;
 const MAX_READ = 64 * 1024;
 const SHRINK_AFTER = 16;
 // Pending output past which the handler is not resumed until the peer has read some.
