@@ -24,6 +24,7 @@ import {
   type Transport,
   type Yielded,
 } from "../mod.ts";
+import { stopOnSignals } from "./_stop_on_signals.ts";
 
 /** Options of {@linkcode chatServer}. */
 export interface ChatOptions {
@@ -171,10 +172,5 @@ if (import.meta.main) {
       }
     },
   });
-  const shutdown = () => server.stop();
-  Deno.addSignalListener("SIGINT", shutdown);
-  Deno.addSignalListener("SIGTERM", shutdown);
-  await server.finished;
-  Deno.removeSignalListener("SIGINT", shutdown);
-  Deno.removeSignalListener("SIGTERM", shutdown);
+  await stopOnSignals(server);
 }

@@ -22,6 +22,7 @@ import {
   serve,
   type Yielded,
 } from "../mod.ts";
+import { stopOnSignals } from "./_stop_on_signals.ts";
 
 /** Echo every frame; end on disconnect or shutdown. */
 export async function* echo(): AsyncGenerator<Yielded, void, Event> {
@@ -98,10 +99,5 @@ if (import.meta.main) {
       if (addr.transport === "tcp") console.log(`listening on ${addr.hostname}:${addr.port}`);
     },
   });
-  const shutdown = () => server.stop();
-  Deno.addSignalListener("SIGINT", shutdown);
-  Deno.addSignalListener("SIGTERM", shutdown);
-  await server.finished;
-  Deno.removeSignalListener("SIGINT", shutdown);
-  Deno.removeSignalListener("SIGTERM", shutdown);
+  await stopOnSignals(server);
 }
