@@ -1030,7 +1030,7 @@ class Driver<T> implements DriverControl<T> {
     }
   }
 
-  // A framing error ends the connection, as soon as the handler is back at a yield.
+  // End the connection as soon as the handler is back at a yield (now, if it waits there).
   #fail(err: unknown): void {
     if (this.#done || this.#forced) return;
     this.#forced = { reason: err };
@@ -1074,7 +1074,7 @@ class Driver<T> implements DriverControl<T> {
       const removed = this.#opts.registry.remove(this.handle.id);
       if (isPromise(removed)) await removed.catch(() => {});
     } catch { /* the registry logs its own trouble */ }
-    if (reason !== "normal" && reason !== "shutdown" && !isShutdownReason(reason)) {
+    if (reason !== "normal" && reason !== "shutdown") {
       this.#opts.logger.error(
         `etcp: connection ${this.handle.id} (${formatAddr(this.socket.remoteAddr)}) ended:`,
         reason,
@@ -1095,12 +1095,6 @@ class Driver<T> implements DriverControl<T> {
     clearTimeout(this.#forceTimer);
     clearTimeout(this.#flushTimer);
   }
-}
-
-// Stopping for the owner's shutdown is not an error worth logging.
-function isShutdownReason(reason: unknown): boolean {
-  return typeof reason === "object" && reason !== null &&
-    (reason as { shutdown?: unknown }).shutdown === true;
 }
 
 /** A short text for an address, for logs. */
