@@ -5,8 +5,15 @@
  */
 
 import type { Handler } from "./actions.ts";
-import { type Connection, createConnection, type Logger, type Mode } from "./connection.ts";
-import { type Framing, raw } from "./framing.ts";
+import {
+  closeQuietly,
+  type Connection,
+  createConnection,
+  driverOptions,
+  type Logger,
+  type Mode,
+} from "./connection.ts";
+import type { Framing } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
@@ -78,21 +85,16 @@ export async function connect<T = Uint8Array>(
     try {
       await withTimeout(handshake.call(socket), timeout, `${target}: handshake`);
     } catch (err) {
-      socket.close();
+      closeQuietly(socket);
       throw err;
     }
   }
   const registry = options.registry ?? defaultRegistry;
-  const driver = createConnection(socket, handler, {
-    framing: options.framing ?? (raw() as unknown as Framing<T>),
-    mode: options.mode ?? "active",
-    highWaterMark: options.highWaterMark ?? 1,
-    registry,
-    owner: "client",
-    kind: "client",
-    logger: options.logger ?? console,
-    shutdownTimeout: options.shutdownTimeout ?? 5000,
-  });
+  const driver = createConnection(
+    socket,
+    handler,
+    driverOptions(options, { registry, owner: "client", kind: "client" }),
+  );
   driver.start();
   if (options.name !== undefined && !(await driver.handle.register(options.name))) {
     await driver.shutdown("name taken", 0);

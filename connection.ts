@@ -7,7 +7,7 @@
 
 import type { Action, Event, From, Handler, Yielded } from "./actions.ts";
 import { ConnectionClosed, describeReason, ProtocolError, TimeoutError } from "./errors.ts";
-import type { Decoder, Framing } from "./framing.ts";
+import { type Decoder, type Framing, raw } from "./framing.ts";
 import type { Registry, RegistryEntry } from "./registry.ts";
 import type { Addr, Conn } from "./transport/transport.ts";
 import { WriteBuffer } from "./_write_buffer.ts";
@@ -203,6 +203,37 @@ export interface DriverControl<T> {
   upgrade(handler: Handler<T>, codeChange?: CodeChange): void;
   shutdown(reason: unknown, timeout?: number): Promise<void>;
   readonly closed: Promise<unknown>;
+}
+
+/** The settings a server or client passes on to each connection, as its options give them. */
+export interface ConnectionSettings<T> {
+  framing?: Framing<T>;
+  mode?: Mode;
+  highWaterMark?: number;
+  shutdownTimeout?: number;
+  logger?: Logger;
+}
+
+/** Driver options from a server's or client's settings, with the defaults both share. */
+export function driverOptions<T>(
+  settings: ConnectionSettings<T>,
+  owned: Pick<DriverOptions<T>, "registry" | "owner" | "kind" | "idleTimeout" | "onClose">,
+): DriverOptions<T> {
+  return {
+    framing: settings.framing ?? (raw() as unknown as Framing<T>),
+    mode: settings.mode ?? "active",
+    highWaterMark: settings.highWaterMark ?? 1,
+    logger: settings.logger ?? console,
+    shutdownTimeout: settings.shutdownTimeout ?? 5000,
+    ...owned,
+  };
+}
+
+/** Close a socket that may be closed already. */
+export function closeQuietly(socket: Conn): void {
+  try {
+    socket.close();
+  } catch { /* already closed */ }
 }
 
 /** Make a connection driven by `handler` over `socket`, not yet started. */
@@ -1024,9 +1055,7 @@ class Driver<T> implements DriverControl<T> {
     if (this.#writing) {
       // It may be held back by a peer that does not read: break the write so it goes on.
       this.#writeBroken = true;
-      try {
-        this.socket.close();
-      } catch { /* already closed */ }
+      closeQuietly(this.socket);
     }
   }
 
@@ -1057,9 +1086,7 @@ class Driver<T> implements DriverControl<T> {
       ]);
       clearTimeout(timer);
     }
-    try {
-      this.socket.close();
-    } catch { /* already closed */ }
+    closeQuietly(this.socket);
     const closedErr = new ConnectionClosed(this.handle.id, reason);
     for (const call of this.#calls?.values() ?? []) {
       clearTimeout(call.timer);

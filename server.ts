@@ -6,16 +6,18 @@
 
 import type { Handler } from "./actions.ts";
 import {
+  closeQuietly,
   type CodeChange,
   type Connection,
   createConnection,
   type DriverControl,
   type DriverOptions,
+  driverOptions,
   type Logger,
   type Mode,
   type StopOptions,
 } from "./connection.ts";
-import { type Framing, raw } from "./framing.ts";
+import type { Framing } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Addr, Conn, Listener, Transport } from "./transport/transport.ts";
@@ -125,21 +127,16 @@ export class Server<T = Uint8Array> {
     this.#max = options.maxConnections ?? 1024;
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
     this.#renewGate();
-    this.#driverOptions = {
-      framing: options.framing ?? (raw() as unknown as Framing<T>),
-      mode: options.mode ?? "active",
-      highWaterMark: options.highWaterMark ?? 1,
+    this.#driverOptions = driverOptions(options, {
       registry: this.registry,
       owner: this.name,
       kind: "server",
-      logger: options.logger ?? console,
-      shutdownTimeout: options.shutdownTimeout ?? 5000,
       idleTimeout: options.idleTimeout,
       onClose: (conn) => {
         this.#drivers.delete(conn.id);
         this.#openGate();
       },
-    };
+    });
     listeners.forEach((listener, id) => {
       const acceptor = {
         listener,
@@ -342,12 +339,6 @@ function isPeerGone(err: unknown): boolean {
   return err instanceof Deno.errors.ConnectionReset ||
     err instanceof Deno.errors.ConnectionAborted ||
     err instanceof Deno.errors.NotConnected;
-}
-
-function closeQuietly(socket: Conn): void {
-  try {
-    socket.close();
-  } catch { /* already closed */ }
 }
 
 /**
