@@ -8,7 +8,12 @@
 
 import type { Connection } from "./connection.ts";
 
-/** Where a `call` came from; pass it to {@linkcode reply} to answer, now or from a later event. */
+/**
+ * Where a `call` came from; pass it to {@linkcode reply} to answer, now or from a later event,
+ * from this connection's handler or any other handler of the process (as Erlang's
+ * `gen_server:reply`). The call still fails with `ConnectionClosed` if the called connection
+ * ends before the reply.
+ */
 export interface From {
   /** A number unique to this call within the process, handy for logging. */
   readonly ref: number;
@@ -126,12 +131,32 @@ export interface RecvTimeoutEvent {
   readonly type: "recvTimeout";
 }
 
-/** The peer closed (or reset) its side. Writing may still work after a half-close. */
+/**
+ * One direction of the socket ended. `side: "read"`: the peer closed (or reset) its side, so no
+ * more packets come; writing may still work after a half-close. `side: "write"`: a write failed,
+ * so sends from now on are dropped; packets may still arrive, and the end of reading is
+ * reported by a second `disconnect` with `side: "read"`. Each side is reported at most once.
+ */
 export interface DisconnectEvent {
   /** Discriminant. */
   readonly type: "disconnect";
+  /** Which direction ended. */
+  readonly side: "read" | "write";
   /** The socket error, if it was not a clean close. */
   readonly error?: Error;
+}
+
+/**
+ * The framing could not decode the input (`FrameTooLarge`, `MalformedFrame`): every frame before
+ * the bad one was delivered, nothing more will be read, and the connection ends (with `error` as
+ * its reason) when the handler next waits. A handler may still answer, e.g.
+ * `yield send("line too long")`, which is written before the socket closes.
+ */
+export interface FrameErrorEvent {
+  /** Discriminant. */
+  readonly type: "frameError";
+  /** What the framing threw. */
+  readonly error: Error;
 }
 
 /** The owner is stopping: finish promptly; after the shutdown timeout the connection is forced. */
@@ -160,31 +185,53 @@ export type Event<T = unknown> =
   | TimeoutEvent
   | RecvTimeoutEvent
   | DisconnectEvent
+  | FrameErrorEvent
   | ShutdownEvent
   | UpgradeEvent;
+
+/**
+ * What a handler returns: a generator that yields actions and receives events of frame type
+ * `T`. Annotate a handler declared on its own with it, so that `yield` is typed:
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { type HandlerGenerator, send } from "./mod.ts";
+ * async function* echo(): HandlerGenerator<Uint8Array> {
+ *   for (let ev = yield; ev.type === "packet"; ev = yield send(ev.data));
+ * }
+ * const gen = echo();
+ * await gen.next();
+ * const step = await gen.next({ type: "packet", data: new Uint8Array([7]) });
+ * assert.deepEqual(step.value, send(new Uint8Array([7])));
+ * ```
+ */
+export type HandlerGenerator<T = Uint8Array> =
+  | AsyncGenerator<Yielded, void, Event<T>>
+  | Generator<Yielded, void, Event<T>>;
 
 /**
  * A connection's code: called once per connection (and again after each hibernation, with the
  * state it hibernated with). It yields actions and receives events.
  *
- * `T` is the frame type of the connection's framing.
+ * `T` is the frame type of the connection's framing: `serve` and `connect` infer it from their
+ * `framing` option, so a handler written inline gets typed events without annotations.
  */
 // deno-lint-ignore no-explicit-any
 export type Handler<T = any, S = any> = (
   conn: Connection<T>,
   state?: S,
-) =>
-  | AsyncGenerator<Yielded, void, Event<T>>
-  | Generator<Yielded, void, Event<T>>;
+) => HandlerGenerator<T>;
 
 /**
  * Write `data` with the connection's framing.
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { send } from "./mod.ts";
  * const action = send(new Uint8Array([1, 2, 3]));
- * console.assert(action.type === "send");
+ * assert.equal(action.type, "send");
  * ```
  */
 export function send(data: unknown): SendAction {
@@ -196,15 +243,19 @@ export function send(data: unknown): SendAction {
  *
  * @example
  * ```ts
- * import { reply, type Event, type Yielded } from "./mod.ts";
- * function* counter(): Generator<Yielded, void, Event> {
+ * import assert from "node:assert/strict";
+ * import { type HandlerGenerator, reply } from "./mod.ts";
+ * function* counter(): HandlerGenerator {
  *   let n = 0;
  *   let ev = yield;
  *   for (;;) {
  *     ev = ev.type === "call" ? yield reply(ev.from, ++n) : yield;
  *   }
  * }
- * counter();
+ * const gen = counter();
+ * gen.next();
+ * const from = { ref: 1 };
+ * assert.deepEqual(gen.next({ type: "call", message: "add", from }).value, reply(from, 1));
  * ```
  */
 export function reply(from: From, value: unknown): ReplyAction {
@@ -213,18 +264,30 @@ export function reply(from: From, value: unknown): ReplyAction {
 
 /**
  * Arm the event timeout (no name; any event cancels it) or a named timer (only
- * `setTimeout(null, name)` cancels it). `ms: null` disarms.
+ * `setTimeout(null, name)` cancels it). `ms: null` disarms; `Infinity` arms a timer that never
+ * fires (as Erlang's `infinity`); delays past 2^31 - 1 ms work (they are chained). A negative
+ * or NaN `ms` is a `RangeError`.
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { setTimeout } from "./mod.ts";
- * const idle = setTimeout(30_000);            // event timeout
- * const tick = setTimeout(1_000, "tick");     // named timer
- * const off = setTimeout(null, "tick");       // cancel it
- * console.assert(idle.ms === 30_000 && tick.name === "tick" && off.ms === null);
+ * const idle = setTimeout(30_000); // event timeout
+ * const tick = setTimeout(1_000, "tick"); // named timer
+ * const off = setTimeout(null, "tick"); // cancel it
+ * assert.equal(idle.ms, 30_000);
+ * assert.equal(tick.name, "tick");
+ * assert.equal(off.ms, null);
+ * assert.throws(() => setTimeout(-1), RangeError);
  * ```
  */
 export function setTimeout(ms: number | null, name?: string): SetTimeoutAction {
+  if (ms !== null && !(typeof ms === "number" && ms >= 0)) {
+    throw new RangeError(`setTimeout: ms must be a number >= 0, Infinity or null, not ${ms}`);
+  }
+  if (name !== undefined && typeof name !== "string") {
+    throw new TypeError(`setTimeout: name must be a string, not ${typeof name}`);
+  }
   return name === undefined ? { type: "setTimeout", ms } : { type: "setTimeout", ms, name };
 }
 
@@ -234,9 +297,9 @@ export function setTimeout(ms: number | null, name?: string): SetTimeoutAction {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { hibernate } from "./mod.ts";
- * const action = hibernate({ count: 1 });
- * console.assert(action.type === "hibernate");
+ * assert.deepEqual(hibernate({ count: 1 }), { type: "hibernate", state: { count: 1 } });
  * ```
  */
 export function hibernate(state?: unknown): HibernateAction {
@@ -248,8 +311,9 @@ export function hibernate(state?: unknown): HibernateAction {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { stop } from "./mod.ts";
- * console.assert(stop().reason === "normal");
+ * assert.equal(stop().reason, "normal");
  * ```
  */
 export function stop(reason: unknown = "normal"): StopAction {
@@ -262,10 +326,14 @@ export function stop(reason: unknown = "normal"): StopAction {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { recv } from "./mod.ts";
- * console.assert(recv(1_000).timeoutMs === 1_000);
+ * assert.equal(recv(1_000).timeoutMs, 1_000);
  * ```
  */
 export function recv(timeoutMs?: number): RecvAction {
+  if (timeoutMs !== undefined && !(typeof timeoutMs === "number" && timeoutMs >= 0)) {
+    throw new RangeError(`recv: timeoutMs must be a number >= 0, not ${timeoutMs}`);
+  }
   return timeoutMs === undefined ? { type: "recv" } : { type: "recv", timeoutMs };
 }

@@ -5,18 +5,19 @@
  */
 
 import type { Handler } from "./actions.ts";
-import {
-  closeQuietly,
-  type Connection,
-  createConnection,
-  driverOptions,
-  type Logger,
-  type Mode,
-} from "./connection.ts";
+import type { Connection, Logger, Mode } from "./connection.ts";
+import { NameTaken } from "./errors.ts";
 import type { Framing } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
+import { closeQuietly, Driver, formatAddr } from "./_driver.ts";
+import {
+  checkConnectionSettings,
+  checkHandler,
+  driverOptions,
+  OptionCheck,
+} from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
 
 /** Options of {@linkcode connect}. */
@@ -35,22 +36,39 @@ export interface ConnectOptions<T = Uint8Array> {
   highWaterMark?: number;
   /** Milliseconds the connect (and any handshake) may take (default 10000). */
   connectTimeout?: number;
-  /** Register the connection under this name; the connect fails if the name is taken. */
+  /**
+   * Register the connection under this name before its handler runs; the connect rejects with
+   * `NameTaken` if the name is taken (and the handler never runs).
+   */
   name?: string;
   /** Where the connection is recorded (default: the process's memory registry). */
   registry?: Registry;
   /** Milliseconds the handler has to finish after `shutdown` before it is forced (default 5000). */
   shutdownTimeout?: number;
+  /**
+   * The default event timeout (off unless set): after this many ms without an event, while the
+   * handler has armed no event timeout of its own, the connection gets `shutdown` with reason
+   * `"idle"`.
+   */
+  idleTimeout?: number;
+  /** Bytes that may be pending when a send comes from outside the handler (default 8 MiB); see `ServeOptions.maxBuffered`. */
+  maxBuffered?: number;
+  /** `"stop"` (default): end the connection when `maxBuffered` is passed; `"throw"`: the send throws `BufferFull`. */
+  onBufferFull?: "stop" | "throw";
   /** Where an abnormal end is reported (default `console`). */
   logger?: Logger;
 }
 
 /**
  * Connect to a server and run `handler` for the connection; resolves with the connection's
- * handle once connected. Fails with `TimeoutError` after `connectTimeout`.
+ * handle once connected. Fails with `TimeoutError` after `connectTimeout`, `NameTaken` if
+ * `name` is held. The handle's `closed` resolves with the close reason; its `done` rejects if
+ * the connection ends abnormally (a frame too large, a crash of the handler). Frame types
+ * follow the framing as with {@linkcode serve}.
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { connect, lines, memory, send, serve } from "./mod.ts";
  * const transport = memory("client-doc");
  * const server = await serve(async function* () {
@@ -62,43 +80,97 @@ export interface ConnectOptions<T = Uint8Array> {
  *   const ev = yield send("hello");
  *   if (ev.type === "packet") got.resolve(ev.data);
  * }, { transport, framing: lines() });
- * console.assert(await got.promise === "you said hello");
+ * assert.equal(await got.promise, "you said hello");
  * await client.closed;
  * await server.stop();
  * ```
  */
-export async function connect<T = Uint8Array>(
-  handler: Handler,
+export function connect<T extends string = string>(
+  handler: Handler<T>,
+  options: ConnectOptions<string> & { framing: Framing<string> },
+): Promise<Connection<string>>;
+/** Connect, with frames of bytes (the default `raw()`, or `lengthPrefixed()`). */
+export function connect<T extends Uint8Array = Uint8Array>(
+  handler: Handler<T>,
+  options?: ConnectOptions<Uint8Array>,
+): Promise<Connection<Uint8Array>>;
+/** Connect, with a framing of frames of type `T` (annotate the handler). */
+export function connect<T>(
+  handler: Handler<NoInfer<T>>,
+  options: ConnectOptions<T> & { framing: Framing<T> },
+): Promise<Connection<T>>;
+export async function connect<T>(
+  handler: Handler<T>,
   options: ConnectOptions<T> = {},
 ): Promise<Connection<T>> {
+  checkConnectOptions(handler, options);
   const transport = options.transport ?? tcp();
   const timeout = options.connectTimeout ?? 10_000;
-  const target = `connect to ${options.hostname ?? "127.0.0.1"}:${options.port ?? ""}`;
+  const target = `connect to ${describeTarget(transport, options)}`;
   const socket = await withTimeout(
     transport.connect({ hostname: options.hostname, port: options.port }),
     timeout,
     target,
     (late) => late.close(),
   );
-  const handshake = (socket as { handshake?: () => Promise<unknown> }).handshake;
-  if (typeof handshake === "function") {
+  if (socket.handshake !== undefined) {
     try {
-      await withTimeout(handshake.call(socket), timeout, `${target}: handshake`);
+      await withTimeout(socket.handshake(), timeout, `${target}: handshake`);
     } catch (err) {
       closeQuietly(socket);
       throw err;
     }
   }
   const registry = options.registry ?? defaultRegistry;
-  const driver = createConnection(
-    socket,
-    handler,
-    driverOptions(options, { registry, owner: "client", kind: "client" }),
-  );
-  driver.start();
-  if (options.name !== undefined && !(await driver.handle.register(options.name))) {
-    await driver.shutdown("name taken", 0);
-    throw new Error(`name "${options.name}" is already registered`);
+  let driver: Driver<T>;
+  try {
+    driver = new Driver(
+      socket,
+      handler,
+      driverOptions(options, { registry, owner: "client", kind: "client" }),
+    );
+  } catch (err) {
+    closeQuietly(socket);
+    throw err;
   }
+  await driver.enroll();
+  // The name is claimed before the handler runs: a connect that fails sends nothing.
+  if (options.name !== undefined) {
+    let claimed: boolean;
+    try {
+      claimed = await driver.register(options.name);
+    } catch (err) {
+      await driver.discard(err);
+      throw err;
+    }
+    if (!claimed) {
+      const err = new NameTaken(options.name);
+      await driver.discard(err);
+      throw err;
+    }
+  }
+  driver.start();
   return driver.handle;
+}
+
+// What a connect is to, for messages: the transport's own words, not a TCP default.
+function describeTarget(transport: Transport, options: { hostname?: string; port?: number }): string {
+  if (transport.name === "tcp" || options.port !== undefined) {
+    return formatAddr({
+      transport: "tcp",
+      hostname: options.hostname ?? "127.0.0.1",
+      port: options.port ?? 0,
+    });
+  }
+  return options.hostname !== undefined ? `${transport.name}:${options.hostname}` : transport.name;
+}
+
+function checkConnectOptions(handler: unknown, options: unknown): void {
+  checkHandler("connect", handler);
+  const check = new OptionCheck("connect", options);
+  check.number("port", 0, { integer: true });
+  check.string("hostname");
+  check.methods("transport", ["listen", "connect"], " (such as tcp() or memory(name))");
+  check.delay("connectTimeout");
+  checkConnectionSettings(check);
 }

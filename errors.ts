@@ -5,13 +5,19 @@
  */
 
 /**
- * A frame was longer than the framing's `maxLength`. Ends the connection it came from.
+ * A frame was longer than the framing's `maxLength`. Ends the connection it came from. Its
+ * message is one short line, as the connection's end is logged without a stack.
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { FrameTooLarge } from "./mod.ts";
  * const err = new FrameTooLarge(70_000, 65_536);
- * console.assert(err.name === "FrameTooLarge" && err.length === 70_000);
+ * assert.ok(err instanceof Error);
+ * assert.equal(err.name, "FrameTooLarge");
+ * assert.equal(err.length, 70_000);
+ * assert.equal(err.maxLength, 65_536);
+ * assert.equal(err.message, "frame of 70000 bytes exceeds maxLength 65536");
  * ```
  */
 export class FrameTooLarge extends Error {
@@ -29,17 +35,29 @@ export class FrameTooLarge extends Error {
 }
 
 /**
- * Input that the framing cannot decode (bad UTF-8 in `lines()`, a user framing's own check).
- * Ends the connection it came from.
+ * Input that the framing cannot decode (bad UTF-8 in `lines()`, unless it was made with
+ * `invalidUtf8: "replace"`; a user framing's own check). Ends the connection it came from.
  *
  * @example
  * ```ts
- * import { MalformedFrame } from "./mod.ts";
- * console.assert(new MalformedFrame("bad utf-8").name === "MalformedFrame");
+ * import assert from "node:assert/strict";
+ * import { decodeFrames, lines, MalformedFrame } from "./mod.ts";
+ * const err = new MalformedFrame("netstring: missing ','");
+ * assert.equal(err.name, "MalformedFrame");
+ * assert.equal(err.message, "netstring: missing ','");
+ * // lines() says where the bad UTF-8 is: the second byte of the second line here.
+ * assert.throws(
+ *   () => decodeFrames(lines(), new Uint8Array([0x6f, 0x6b, 0x0a, 0x61, 0xff, 0x0a])),
+ *   { name: "MalformedFrame", message: "invalid UTF-8 at byte 2 of line 2" },
+ * );
  * ```
  */
 export class MalformedFrame extends Error {
-  /** Make one with a message that says what was wrong. */
+  /**
+   * Make one with a message that says what was wrong and where, in one short line (the
+   * connection's end is logged with it, without a stack); `options.cause` may hold the error
+   * underneath.
+   */
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);
     this.name = "MalformedFrame";
@@ -51,8 +69,11 @@ export class MalformedFrame extends Error {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { TimeoutError } from "./mod.ts";
- * console.assert(new TimeoutError("call timed out after 5000 ms").name === "TimeoutError");
+ * const err = new TimeoutError("call timed out after 5000 ms");
+ * assert.equal(err.name, "TimeoutError");
+ * assert.equal(err.message, "call timed out after 5000 ms");
  * ```
  */
 export class TimeoutError extends Error {
@@ -69,9 +90,20 @@ export class TimeoutError extends Error {
  *
  * @example
  * ```ts
- * import { ConnectionClosed } from "./mod.ts";
+ * import assert from "node:assert/strict";
+ * import { ConnectionClosed, FrameTooLarge } from "./mod.ts";
  * const err = new ConnectionClosed("c1", "normal");
- * console.assert(err.name === "ConnectionClosed" && err.reason === "normal");
+ * assert.equal(err.name, "ConnectionClosed");
+ * assert.equal(err.reason, "normal");
+ * assert.equal(err.message, "connection c1 closed (normal)");
+ * // An error reason is also the cause.
+ * const tooLarge = new FrameTooLarge(10, 5);
+ * const closed = new ConnectionClosed("c2", tooLarge);
+ * assert.equal(closed.cause, tooLarge);
+ * assert.equal(
+ *   closed.message,
+ *   "connection c2 closed (FrameTooLarge: frame of 10 bytes exceeds maxLength 5)",
+ * );
  * ```
  */
 export class ConnectionClosed extends Error {
@@ -93,8 +125,11 @@ export class ConnectionClosed extends Error {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { ProtocolError } from "./mod.ts";
- * console.assert(new ProtocolError("not an action: 42").name === "ProtocolError");
+ * const err = new ProtocolError("not an action: 42");
+ * assert.equal(err.name, "ProtocolError");
+ * assert.equal(err.message, "not an action: 42");
  * ```
  */
 export class ProtocolError extends Error {
@@ -113,5 +148,58 @@ export function describeReason(reason: unknown): string {
     return JSON.stringify(reason) ?? String(reason);
   } catch {
     return String(reason);
+  }
+}
+
+/**
+ * A connection's peer does not read what it is sent: more than the `maxBuffered` option's bytes
+ * were pending when another send came from outside the handler. The connection ends with this
+ * reason (or, with `onBufferFull: "throw"`, the send throws it and the connection goes on).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { BufferFull } from "./mod.ts";
+ * const err = new BufferFull("c7", 9_000_000, 8_388_608);
+ * assert.equal(err.name, "BufferFull");
+ * assert.equal(err.limit, 8_388_608);
+ * ```
+ */
+export class BufferFull extends Error {
+  /** Bytes pending when the send came. */
+  readonly buffered: number;
+  /** The limit they were over (`maxBuffered`). */
+  readonly limit: number;
+  /** Make one for connection `id`, with `buffered` bytes pending over `limit`. */
+  constructor(id: string, buffered: number, limit: number) {
+    super(
+      `connection ${id}: ${buffered} bytes pending exceed maxBuffered ${limit} (the peer does not read)`,
+    );
+    this.name = "BufferFull";
+    this.buffered = buffered;
+    this.limit = limit;
+  }
+}
+
+/**
+ * A name asked for (`connect({ name })`, `conn.register`) is held by another connection.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { NameTaken } from "./mod.ts";
+ * const err = new NameTaken("alice");
+ * assert.equal(err.name, "NameTaken");
+ * assert.equal(err.takenName, "alice");
+ * ```
+ */
+export class NameTaken extends Error {
+  /** The name that was taken. */
+  readonly takenName: string;
+  /** Make one for `name`. */
+  constructor(name: string) {
+    super(`name "${name}" is already registered`);
+    this.name = "NameTaken";
+    this.takenName = name;
   }
 }

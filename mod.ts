@@ -37,8 +37,10 @@ export type {
   CastEvent,
   DisconnectEvent,
   Event,
+  FrameErrorEvent,
   From,
   Handler,
+  HandlerGenerator,
   HibernateAction,
   InfoEvent,
   PacketEvent,
@@ -56,9 +58,11 @@ export type {
 export { Connection } from "./connection.ts";
 export type { CallOptions, CodeChange, Logger, Mode, StopOptions } from "./connection.ts";
 export {
+  BufferFull,
   ConnectionClosed,
   FrameTooLarge,
   MalformedFrame,
+  NameTaken,
   ProtocolError,
   TimeoutError,
 } from "./errors.ts";

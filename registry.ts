@@ -55,7 +55,11 @@ export interface Registry {
   add(entry: RegistryEntry, conn: ConnectionRef): void | Promise<void>;
   /** Forget a connection (and free its name). */
   remove(id: string): void | Promise<void>;
-  /** Give connection `id` the name `name` if it is free (or already its own); its old name is freed. */
+  /**
+   * Give connection `id` the name `name` if it is free (or already its own); its old name is
+   * freed. Throws a `TypeError` for a name that is not a non-empty string, or that looks like
+   * a connection id (see {@linkcode isConnectionId}).
+   */
   claim(id: string, name: string): boolean | Promise<boolean>;
   /** The entries matching `filter`. */
   list(filter?: ListFilter): Promise<RegistryEntry[]>;
@@ -66,12 +70,44 @@ export interface Registry {
 /** A name for this process, unique enough to tell processes apart in a shared registry. */
 export const localNode: string = `${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
 
+let connections = 0;
+
+/**
+ * A new connection id, unique in this process: `c1`, `c2`, … Ids and registered names share
+ * {@linkcode Registry.lookup}, so no name may have this form (see {@linkcode isConnectionId}).
+ */
+export function newConnectionId(): string {
+  return `c${++connections}`;
+}
+
+/** Whether `text` has the form of a connection id (`c` and digits), which no name may have. */
+export function isConnectionId(text: string): boolean {
+  return /^c[0-9]+$/.test(text);
+}
+
+/**
+ * Throws a `TypeError` unless `name` may be registered: a non-empty string that does not look
+ * like a connection id. For {@linkcode Registry.claim} implementations.
+ */
+function checkName(name: unknown): asserts name is string {
+  if (typeof name !== "string") {
+    throw new TypeError(`a registered name must be a string, not ${typeof name}`);
+  }
+  if (name === "") throw new TypeError("a registered name must not be empty");
+  if (isConnectionId(name)) {
+    throw new TypeError(
+      `name "${name}" looks like a connection id; ids and names share lookup()`,
+    );
+  }
+}
+
 /**
  * A registry in this process's memory: the default for servers and clients that name none.
  *
  * @example
  * ```ts
- * import { MemoryRegistry, connect, memory, serve } from "./mod.ts";
+ * import assert from "node:assert/strict";
+ * import { connect, memory, MemoryRegistry, serve } from "./mod.ts";
  * const registry = new MemoryRegistry();
  * const transport = memory("registry-doc");
  * const server = await serve(async function* (conn) {
@@ -79,8 +115,13 @@ export const localNode: string = `${Deno.pid}-${crypto.randomUUID().slice(0, 8)}
  *   yield;
  * }, { transport, registry, name: "chat" });
  * const client = await connect(async function* () {}, { transport });
- * while (!(await registry.lookup("alice"))) await new Promise((r) => setTimeout(r, 1));
- * console.assert((await registry.list({ owner: "chat" }))[0].name === "alice");
+ * // The server's handler registers on its own schedule: wait for it, but not forever.
+ * for (let i = 0; i < 1000 && !(await registry.lookup("alice")); i++) {
+ *   await new Promise((r) => setTimeout(r, 1));
+ * }
+ * const [entry] = await registry.list({ owner: "chat" });
+ * assert.equal(entry.name, "alice");
+ * assert.equal((await registry.lookup("alice"))?.id, entry.id);
  * await client.stop();
  * await server.stop();
  * ```
@@ -105,8 +146,12 @@ export class MemoryRegistry implements Registry {
     if (name !== undefined && this.#names.get(name) === id) this.#names.delete(name);
   }
 
-  /** Give `id` the name `name` if free or already its own; its previous name is freed. */
+  /**
+   * Give `id` the name `name` if free or already its own; its previous name is freed. Throws
+   * a `TypeError` for an empty or non-string name, or one that looks like a connection id.
+   */
   claim(id: string, name: string): boolean {
+    checkName(name);
     const found = this.#entries.get(id);
     if (!found) return false;
     const holder = this.#names.get(name);

@@ -5,39 +5,41 @@
  */
 
 import type { Handler } from "./actions.ts";
-import {
-  closeQuietly,
-  type CodeChange,
-  type Connection,
-  createConnection,
-  type DriverControl,
-  type DriverOptions,
-  driverOptions,
-  type Logger,
-  type Mode,
-  type StopOptions,
-} from "./connection.ts";
+import type { Connection, Logger, Mode, StopOptions } from "./connection.ts";
 import type { Framing } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Addr, Conn, Listener, Transport } from "./transport/transport.ts";
+import { closeQuietly, type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
+import {
+  checkConnectionSettings,
+  checkHandler,
+  driverOptions,
+  OptionCheck,
+} from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
 
 /** Options of {@linkcode serve}. */
-export interface ServeOptions<T = Uint8Array> {
+export interface ServeOptions<T = Uint8Array, A extends Addr = Addr> {
   /** Port to listen on (default 0: any free port; see `server.addr`). */
   port?: number;
-  /** Address to bind (default `"0.0.0.0"`). */
+  /**
+   * Address to bind (default: every address; with `tcp()`, IPv6 and IPv4 on one socket where
+   * the system allows it, as Node does, else `"0.0.0.0"`).
+   */
   hostname?: string;
   /** How to listen (default `tcp()`). */
-  transport?: Transport;
+  transport?: Transport<A>;
   /** How bytes become frames (default `raw()`). */
   framing?: Framing<T>;
   /** `"active"` (default) or `"passive"`. */
   mode?: Mode;
   /** Active mode: frames a connection's mailbox may hold before reading pauses (default 1: read on once the handler has acted on every frame read). */
   highWaterMark?: number;
-  /** Listening sockets accepting in parallel (default 1; more than 1 uses `reusePort`). */
+  /**
+   * Listening sockets accepting in parallel (default 1; more than 1 uses `reusePort`, which
+   * needs `--unstable-net` or `"unstable": ["net"]` in deno.json).
+   */
   acceptors?: number;
   /** At this many connections, stop accepting until one ends (default 1024; `Infinity` for none). */
   maxConnections?: number;
@@ -53,17 +55,33 @@ export interface ServeOptions<T = Uint8Array> {
   idleTimeout?: number;
   /** Milliseconds a connection has to finish after `shutdown` before it is forced (default 5000). */
   shutdownTimeout?: number;
+  /**
+   * Bytes a connection may have pending (sent, not yet written) when a send from outside its
+   * handler comes (`conn.send`, a broadcast): past it the peer is a slow consumer, and the
+   * connection is ended with `BufferFull` (default 8 MiB; `Infinity` for no limit). A
+   * handler's own sends are held back by flow control instead.
+   */
+  maxBuffered?: number;
+  /** `"stop"` (default): end a slow consumer's connection; `"throw"`: the send throws `BufferFull`. */
+  onBufferFull?: "stop" | "throw";
   /** Where connections are recorded (default: the process's memory registry). */
   registry?: Registry;
   /** This server's name: the `owner` of its connections in the registry. */
   name?: string;
-  /** Let other sockets bind the same address (Linux). */
+  /** Let other sockets bind the same address (Linux; needs `--unstable-net`). */
   reusePort?: boolean;
-  /** Called once listening, with the address (etcp's `listen_init`). */
-  onListen?: (addr: Addr) => void;
+  /**
+   * Called once listening, with the address (etcp's `listen_init`). If it throws, the server
+   * closes and `serve()` rejects with that error.
+   */
+  onListen?: (addr: A) => void;
+  /** Called when a connection starts, before its handler runs (Node's `"connection"` event). */
+  onConnection?: (conn: Connection<T>) => void;
+  /** Called when a connection has closed, with its reason (also on `conn.closed`). */
+  onClose?: (conn: Connection<T>, reason: unknown) => void;
   /** Stop the server when this signal aborts. */
   signal?: AbortSignal;
-  /** Where abnormal ends are reported (default `console`). */
+  /** Where connections' ends and accept troubles are reported (default `console`). */
   logger?: Logger;
 }
 
@@ -88,9 +106,9 @@ export interface UpgradeOptions {
   codeChange?: CodeChange;
 }
 
-interface Acceptor {
+interface Acceptor<A extends Addr> {
   info: AcceptorInfo;
-  listener: Listener;
+  listener: Listener<A>;
 }
 
 let servers = 0;
@@ -98,7 +116,7 @@ let servers = 0;
 /**
  * A listening server. Made by {@linkcode serve}.
  */
-export class Server<T = Uint8Array> {
+export class Server<T = Uint8Array, A extends Addr = Addr> {
   /** This server's name, the `owner` of its connections in the registry. */
   readonly name: string;
   /** Where its connections are recorded. */
@@ -107,10 +125,13 @@ export class Server<T = Uint8Array> {
   readonly finished: Promise<void>;
   #resolveFinished!: () => void;
   #handler: Handler<T>;
-  readonly #options: ServeOptions<T>;
-  readonly #acceptors: Acceptor[] = [];
+  // (Held without its address type, which only onListen uses: a Server<T, Deno.NetAddr> is a
+  // Server<T, Addr>.)
+  readonly #options: ServeOptions<T, Addr>;
+  readonly #acceptors: Acceptor<A>[] = [];
   readonly #loops: Promise<void>[] = []; // the acceptors' loops, which stop() waits for
-  readonly #drivers = new Map<string, DriverControl<T>>();
+  readonly #drivers = new Map<string, Driver<T>>();
+  readonly #handshaking = new Set<Conn>(); // accepted, transport handshake under way
   #status: ServerStatus = "running";
   #max: number;
   #gate!: { promise: Promise<void>; open(): void };
@@ -119,40 +140,40 @@ export class Server<T = Uint8Array> {
   readonly #driverOptions: DriverOptions<T>;
 
   /** Made by {@linkcode serve}; not constructed directly. */
-  constructor(handler: Handler<T>, options: ServeOptions<T>, listeners: Listener[]) {
+  constructor(handler: Handler<T>, options: ServeOptions<T, A>, listeners: Listener<A>[]) {
     this.#handler = handler;
-    this.#options = options;
+    this.#options = options as unknown as ServeOptions<T, Addr>;
     this.name = options.name ?? `server-${++servers}`;
     this.registry = options.registry ?? defaultRegistry;
     this.#max = options.maxConnections ?? 1024;
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
     this.#renewGate();
+    const onClose = options.onClose;
     this.#driverOptions = driverOptions(options, {
       registry: this.registry,
       owner: this.name,
       kind: "server",
-      idleTimeout: options.idleTimeout,
       onClose: (conn) => {
         this.#drivers.delete(conn.id);
         this.#openGate();
+        if (onClose) this.#callHook("onClose", () => onClose(conn, conn.closeReason));
       },
     });
     listeners.forEach((listener, id) => {
-      const acceptor = {
+      this.#acceptors.push({
         listener,
         info: { id, addr: listener.addr, state: "accepting" as const, accepted: 0 },
-      };
-      this.#acceptors.push(acceptor);
-      this.#loops.push(
-        this.#acceptLoop(acceptor).catch((err) =>
-          this.#logger.error(`etcp: server ${this.name}: acceptor ${id} failed:`, err)
-        ),
-      );
+      });
     });
   }
 
-  /** The address of the (first) listening socket, with the real port. */
-  get addr(): Addr {
+  /** Start the acceptors (once `onListen` has agreed). */
+  start(): void {
+    for (const acceptor of this.#acceptors) this.#loops.push(this.#acceptLoop(acceptor));
+  }
+
+  /** The address of the (first) listening socket, with the real port (`server.addr.port` over TCP). */
+  get addr(): A {
     return this.#acceptors[0].listener.addr;
   }
 
@@ -187,7 +208,7 @@ export class Server<T = Uint8Array> {
         ? "stopped"
         : this.#status === "suspended"
         ? "suspended"
-        : this.#drivers.size >= this.#max
+        : this.#count >= this.#max
         ? "waiting"
         : "accepting",
     }));
@@ -229,6 +250,7 @@ export class Server<T = Uint8Array> {
     const timeout = options.timeout ?? this.#options.shutdownTimeout;
     // The acceptors' loops end once their pending accept has failed on the closed listener:
     // only then is the listening socket really gone (and new connects refused).
+    for (const socket of this.#handshaking) closeQuietly(socket); // the handshake fails
     this.#stopping = Promise.all([
       ...Array.from(this.#drivers.values(), (d) => d.shutdown(reason, timeout)),
       ...this.#loops,
@@ -269,14 +291,34 @@ export class Server<T = Uint8Array> {
       info.state = "suspended";
       return true;
     }
-    if (this.#drivers.size >= this.#max) {
+    if (this.#count >= this.#max) {
       info.state = "waiting";
       return true;
     }
     return false;
   }
 
-  async #acceptLoop({ info, listener }: Acceptor): Promise<void> {
+  // Live connections, and those still in their transport handshake: both count against
+  // maxConnections.
+  get #count(): number {
+    return this.#drivers.size + this.#handshaking.size;
+  }
+
+  // An acceptor never stops while the server runs: whatever goes wrong with one connection, or
+  // with one accept, costs that connection only.
+  async #acceptLoop(acceptor: Acceptor<A>): Promise<void> {
+    while (this.#stopping === null) {
+      try {
+        await this.#accepting(acceptor);
+      } catch (err) {
+        // A bug of ours: report it and go on accepting.
+        this.#logger.error(`etcp: server ${this.name}: acceptor ${acceptor.info.id}:`, err);
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+    }
+  }
+
+  async #accepting({ info, listener }: Acceptor<A>): Promise<void> {
     let backoff = 0;
     while (this.#stopping === null) {
       while (this.#closedFor(info)) {
@@ -314,25 +356,57 @@ export class Server<T = Uint8Array> {
     return this.#options.logger ?? console;
   }
 
-  #startConnection(socket: Conn): void {
-    const options = this.#options;
-    const driver = createConnection(socket, this.#handler, this.#driverOptions);
-    this.#drivers.set(driver.handle.id, driver);
-    const handshake = (socket as { handshake?: () => Promise<unknown> }).handshake;
-    if (typeof handshake !== "function") {
-      driver.start();
-      return;
+  // Run a user's hook; what it throws is reported, never taken out on the server.
+  #callHook(name: string, hook: () => void): void {
+    try {
+      hook();
+    } catch (err) {
+      this.#logger.error(`etcp: server ${this.name}: ${name} threw:`, err);
     }
-    withTimeout(handshake.call(socket), options.handshakeTimeout ?? 10_000, "handshake").then(
-      () => this.#stopping !== null ? driver.shutdown("shutdown", 0) : driver.start(),
+  }
+
+  #startConnection(socket: Conn): void {
+    if (socket.handshake === undefined) return this.#runConnection(socket);
+    // Off the acceptor: a peer that stalls its handshake holds only its own socket.
+    this.#handshaking.add(socket);
+    withTimeout(socket.handshake(), this.#options.handshakeTimeout ?? 10_000, "handshake").then(
+      () => {
+        this.#handshaking.delete(socket);
+        if (this.#stopping === null) this.#runConnection(socket);
+        else closeQuietly(socket);
+        this.#openGate();
+      },
       (err) => {
-        this.#logger.error(`etcp: server ${this.name}: handshake failed:`, err);
-        this.#drivers.delete(driver.handle.id);
+        this.#handshaking.delete(socket);
         closeQuietly(socket);
         this.#openGate();
+        if (this.#stopping === null) {
+          this.#logger.debug(`etcp: server ${this.name}: handshake failed: ${describe(err)}`);
+        }
       },
     );
   }
+
+  #runConnection(socket: Conn): void {
+    let driver: Driver<T>;
+    try {
+      driver = new Driver(socket, this.#handler, this.#driverOptions);
+    } catch (err) {
+      // Setting up failed (a framing whose decoder() throws, say): that connection only.
+      closeQuietly(socket);
+      this.#logger.error(`etcp: server ${this.name}: could not set up a connection:`, err);
+      return;
+    }
+    this.#drivers.set(driver.handle.id, driver);
+    driver.enroll();
+    const onConnection = this.#options.onConnection;
+    if (onConnection) this.#callHook("onConnection", () => onConnection(driver.handle));
+    driver.start();
+  }
+}
+
+function describe(err: unknown): string {
+  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
 }
 
 function isPeerGone(err: unknown): boolean {
@@ -344,8 +418,14 @@ function isPeerGone(err: unknown): boolean {
 /**
  * Listen and serve: every accepted connection runs its own `handler` generator.
  *
+ * The frame type follows the framing: with `lines()` an inline handler's `ev.data` is a
+ * `string`, with the default `raw()` or `lengthPrefixed()` a `Uint8Array`, and a handler typed
+ * for other frames is refused at compile time. A handler declared on its own, or one for a
+ * framing of another frame type, is annotated once: `async function* h(): HandlerGenerator<F>`.
+ *
  * @example An echo server for length-prefixed frames
  * ```ts
+ * import assert from "node:assert/strict";
  * import { lengthPrefixed, send, serve } from "./mod.ts";
  * const server = await serve(async function* () {
  *   let ev = yield;
@@ -355,16 +435,31 @@ function isPeerGone(err: unknown): boolean {
  *     else ev = yield;
  *   }
  * }, { port: 0, hostname: "127.0.0.1", framing: lengthPrefixed(4) });
- * console.log("listening on", server.addr);
+ * assert.ok(server.addr.port > 0);
  * await server.stop();
  * ```
  */
-export async function serve<T = Uint8Array>(
-  handler: Handler,
-  options: ServeOptions<T> = {},
-): Promise<Server<T>> {
+export function serve<T extends string = string, A extends Addr = Deno.NetAddr>(
+  handler: Handler<T>,
+  options: ServeOptions<string, A> & { framing: Framing<string> },
+): Promise<Server<string, A>>;
+/** Listen and serve, with frames of bytes (the default `raw()`, or `lengthPrefixed()`). */
+export function serve<T extends Uint8Array = Uint8Array, A extends Addr = Deno.NetAddr>(
+  handler: Handler<T>,
+  options?: ServeOptions<Uint8Array, A>,
+): Promise<Server<Uint8Array, A>>;
+/** Listen and serve, with a framing of frames of type `T` (annotate the handler). */
+export function serve<T, A extends Addr = Deno.NetAddr>(
+  handler: Handler<NoInfer<T>>,
+  options: ServeOptions<T, A> & { framing: Framing<T> },
+): Promise<Server<T, A>>;
+export async function serve<T, A extends Addr>(
+  handler: Handler<T>,
+  options: ServeOptions<T, A> = {},
+): Promise<Server<T, A>> {
+  checkServeOptions(handler, options);
   const transport = options.transport ?? tcp();
-  const count = Math.max(1, options.acceptors ?? 1);
+  const count = options.acceptors ?? 1;
   const reusePort = options.reusePort || count > 1 || undefined;
   const first = await transport.listen({
     hostname: options.hostname,
@@ -381,8 +476,17 @@ export async function serve<T = Uint8Array>(
     for (const listener of listeners) listener.close();
     throw err;
   }
-  const server = new Server(handler, options, listeners);
-  options.onListen?.(server.addr);
+  const server = new Server<T, A>(handler, options, listeners as Listener<A>[]);
+  if (options.onListen) {
+    try {
+      options.onListen(server.addr);
+    } catch (err) {
+      // Vetoed: nothing may be left listening, or the process could never exit.
+      await server.stop();
+      throw err;
+    }
+  }
+  server.start();
   const signal = options.signal;
   if (signal) {
     if (signal.aborted) server.stop(signal.reason);
@@ -394,4 +498,25 @@ export async function serve<T = Uint8Array>(
     }
   }
   return server;
+}
+
+function checkServeOptions(handler: unknown, options: unknown): void {
+  checkHandler("serve", handler);
+  const check = new OptionCheck("serve", options);
+  check.number("port", 0, { integer: true });
+  const port = (options as ServeOptions).port;
+  if (port !== undefined && port > 65535) {
+    throw new RangeError(`serve: option port must be an integer from 0 to 65535, not ${port}`);
+  }
+  check.string("hostname");
+  check.methods("transport", ["listen", "connect"], " (such as tcp() or memory(name))");
+  check.number("acceptors", 1, { integer: true });
+  check.number("maxConnections", 0, { integer: true, infinite: true });
+  check.delay("handshakeTimeout");
+  check.boolean("reusePort");
+  check.function("onListen");
+  check.function("onConnection");
+  check.function("onClose");
+  check.signal("signal");
+  checkConnectionSettings(check);
 }

@@ -3,12 +3,15 @@
 
 import type { Server } from "../mod.ts";
 
-/** Stop `server` on SIGINT or SIGTERM; resolves when it has finished. */
+/** Stop `server` on SIGINT or SIGTERM (Windows: SIGINT only); resolves when it has finished. */
 export async function stopOnSignals<T>(server: Server<T>): Promise<void> {
   const stop = () => server.stop();
-  Deno.addSignalListener("SIGINT", stop);
-  Deno.addSignalListener("SIGTERM", stop);
-  await server.finished;
-  Deno.removeSignalListener("SIGINT", stop);
-  Deno.removeSignalListener("SIGTERM", stop);
+  // Windows has no SIGTERM listener: adding one throws.
+  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
+  for (const signal of signals) Deno.addSignalListener(signal, stop);
+  try {
+    await server.finished;
+  } finally {
+    for (const signal of signals) Deno.removeSignalListener(signal, stop);
+  }
 }

@@ -126,15 +126,17 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
         } else if (conn.name === undefined) {
           out.push("* choose a name first: /nick NAME");
         } else if (line.startsWith("/msg ")) {
-          const [, to, ...words] = line.split(/\s+/);
+          // The text is the rest of the line after the name and the blanks that follow it,
+          // exactly as typed (runs of spaces, tabs).
+          const [, to, text = ""] = /^\/msg\s+(\S+)\s*(.*)$/s.exec(line)!;
           // By name only: `lookup` also finds connections by id, unnamed ones included.
           const found = await registry.lookup(to);
           const target = found?.name === to ? found : undefined;
-          if (!target || words.length === 0) {
+          if (!target || text === "") {
             out.push(target ? "* usage: /msg NAME TEXT" : `* nobody is called ${to}`);
           } else {
-            target.send(`*${conn.name}* ${words.join(" ")}`);
-            out.push(`-> ${to}: ${words.join(" ")}`);
+            target.send(`*${conn.name}* ${text}`);
+            out.push(`-> ${to}: ${text}`);
           }
         } else if (line.startsWith("/")) {
           out.push("* commands: /nick NAME, /msg NAME TEXT, /who, /quit");

@@ -1,56 +1,207 @@
 /**
- * A client for the echo server: sends `--count` length-prefixed frames, checks each echo, and
- * prints the round-trip rate.
+ * A client for the echo server: sends `--count` length-prefixed frames one at a time, checks
+ * each echo, and prints the round-trip rate.
  *
- *     deno run -A examples/echo_client.ts [--port 7000] [--hostname 127.0.0.1]
- *       [--count 1000] [--size 64]
+ *     deno run -A examples/echo_client.ts [--port 7001] [--hostname 127.0.0.1]
+ *       [--count 1000] [--size 64] [--timeout 10000]
+ *
+ * Exits 0 once every echo came back intact; 1 with a one-line error if the server cannot be
+ * reached, a frame is too large, an echo is wrong or late, or the connection ends before every
+ * echo came back; 2 with the usage on stderr for a bad command line (`--help` prints it).
  *
  * @module
  */
 
 import { parseArgs } from "node:util";
-import { connect, type Event, lengthPrefixed, send, type Yielded } from "../mod.ts";
+import {
+  connect,
+  type Connection,
+  type Event,
+  lengthPrefixed,
+  send,
+  setTimeout,
+  type Yielded,
+} from "../mod.ts";
+import { DEFAULT_PORT, type Parsed } from "./echo_server.ts";
 
-const { values } = parseArgs({
-  args: Deno.args,
-  options: {
-    port: { type: "string", default: "7000" },
-    hostname: { type: "string", default: "127.0.0.1" },
-    count: { type: "string", default: "1000" },
-    size: { type: "string", default: "64" },
-  },
-});
-const count = Number(values.count);
-const size = Math.max(4, Number(values.size));
+/** What `--help` prints. */
+export const USAGE = `usage: deno run -A examples/echo_client.ts [options]
 
-function frame(seq: number): Uint8Array {
+Send --count frames of --size bytes to an echo server (examples/echo_server.ts, --framing len4),
+one at a time, check every echo, and print the round-trip rate.
+
+  --port N          the server's port (default ${DEFAULT_PORT})
+  --hostname HOST   the server's address (default 127.0.0.1)
+  --count N         frames to send, at least 1 (default 1000)
+  --size BYTES      bytes per frame, at least 4 (default 64)
+  --timeout MS      how long the connect and each echo may take (default 10000)
+  -h, --help        print this help and exit
+
+Exit status: 0 if every echo came back intact, 1 on failure, 2 for a bad command line.`;
+
+/** The settings given on the command line. */
+export interface EchoClientArgs {
+  port: number;
+  hostname: string;
+  count: number;
+  size: number;
+  timeout: number;
+}
+
+/** Parse the client's command line; never throws. */
+export function parseEchoClientArgs(argv: string[]): Parsed<EchoClientArgs> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        port: { type: "string", default: String(DEFAULT_PORT) },
+        hostname: { type: "string", default: "127.0.0.1" },
+        count: { type: "string", default: "1000" },
+        size: { type: "string", default: "64" },
+        timeout: { type: "string", default: "10000" },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }));
+  } catch (err) {
+    // parseArgs's own errors (unknown flag, missing value, …): the first line says it.
+    return { kind: "usage", error: String((err as Error).message).split("\n", 1)[0] };
+  }
+  if (values.help) return { kind: "help" };
+  const port = integer(values.port, 1, 65535);
+  const count = integer(values.count, 1);
+  const size = integer(values.size, 4);
+  const timeout = integer(values.timeout, 1);
+  const error = port === undefined
+    ? `--port must be an integer from 1 to 65535, not "${values.port}"`
+    : count === undefined
+    ? `--count must be an integer of at least 1, not "${values.count}"`
+    : size === undefined
+    ? `--size must be an integer of at least 4 (the sequence number), not "${values.size}"`
+    : timeout === undefined
+    ? `--timeout must be an integer of at least 1 (ms), not "${values.timeout}"`
+    : values.hostname === ""
+    ? "--hostname must not be empty"
+    : undefined;
+  if (error !== undefined) return { kind: "usage", error };
+  return {
+    kind: "run",
+    args: { port: port!, hostname: values.hostname, count: count!, size: size!, timeout: timeout! },
+  };
+}
+
+/** `text` as a decimal integer in `[min, max]`, or undefined (no signs, exponents or blanks). */
+function integer(text: string, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined {
+  if (!/^\d{1,15}$/.test(text)) return undefined;
+  const n = Number(text);
+  return n >= min && n <= max ? n : undefined;
+}
+
+/** Frame `seq`: the sequence number (big-endian), then a pattern that depends on it. */
+function frame(seq: number, size: number): Uint8Array {
   const data = new Uint8Array(size);
   new DataView(data.buffer).setUint32(0, seq);
   for (let i = 4; i < size; i++) data[i] = (seq + i) & 0xff;
   return data;
 }
 
-const done = Promise.withResolvers<number>();
-const started = performance.now();
-const conn = await connect(
-  async function* (): AsyncGenerator<Yielded, void, Event<Uint8Array>> {
-    let seq = 0;
-    let ev = yield send(frame(seq));
-    while (ev.type === "packet") {
-      const expected = frame(seq);
-      if (ev.data.length !== size || ev.data.some((b, i) => b !== expected[i])) {
-        throw new Error(`echo ${seq} does not match what was sent`);
-      }
-      if (++seq === count) return done.resolve(seq);
-      ev = yield send(frame(seq));
-    }
-    done.reject(new Error(`connection ended after ${seq} echoes: ${ev.type}`));
-  },
-  { hostname: values.hostname, port: Number(values.port), framing: lengthPrefixed(4) },
-);
-const echoed = await done.promise;
-const seconds = (performance.now() - started) / 1000;
-console.log(
-  `${echoed} frames echoed in ${seconds.toFixed(2)} s (${(echoed / seconds).toFixed(0)}/s)`,
-);
-await conn.closed;
+/** A logger that logs nothing (error, warn and debug all ignored). */
+const QUIET = { error() {}, warn() {}, debug() {} };
+
+/**
+ * Resolves when `conn` ends cleanly (`"normal"` or `"shutdown"`), rejects with the close reason
+ * (as an `Error`) otherwise: what `conn.done` will do once Connection has it.
+ */
+function cleanEnd(conn: { readonly closed: Promise<unknown> }): Promise<void> {
+  return conn.closed.then((reason) => {
+    if (reason === "normal" || reason === "shutdown") return;
+    throw reason instanceof Error ? reason : new Error(`connection ended: ${String(reason)}`);
+  });
+}
+
+/**
+ * Send `count` frames of `size` bytes one at a time and check each echo. Resolves with the time
+ * taken once every echo came back; rejects if the connect fails, a frame cannot be sent, an
+ * echo is wrong or takes over `timeout` ms, or the connection ends first. Never hangs.
+ */
+export async function echoClient(args: EchoClientArgs): Promise<{ seconds: number }> {
+  const { count, size, timeout } = args;
+  let echoed = 0;
+  const started = performance.now();
+  let conn: Connection<Uint8Array>;
+  try {
+    conn = await connect(
+      async function* (): AsyncGenerator<Yielded, void, Event<Uint8Array>> {
+        // The event timeout is re-armed with every send: it bounds the wait for each echo.
+        let ev = yield [send(frame(0, size)), setTimeout(timeout)];
+        for (;;) {
+          if (ev.type === "packet") {
+            const expected = frame(echoed, size);
+            if (ev.data.length !== size || ev.data.some((b, i) => b !== expected[i])) {
+              throw new Error(`echo ${echoed} does not match what was sent`);
+            }
+            if (++echoed === count) return;
+            ev = yield [send(frame(echoed, size)), setTimeout(timeout)];
+          } else if (ev.type === "timeout") {
+            throw new Error(`no echo of frame ${echoed} within ${timeout} ms`);
+          } else if (ev.type === "disconnect" || ev.type === "shutdown") {
+            const who = ev.type === "disconnect" ? "the server closed" : "something stopped";
+            throw new Error(`${who} the connection after ${echoed} of ${count} echoes`);
+          } else {
+            ev = yield setTimeout(timeout); // any event cancels the event timeout: re-arm it
+          }
+        }
+      },
+      {
+        hostname: args.hostname,
+        port: args.port,
+        framing: lengthPrefixed(4),
+        connectTimeout: timeout,
+        // Every abnormal end is the close reason, reported once by the caller: nothing to log.
+        logger: QUIET,
+      },
+    );
+  } catch (err) {
+    throw new Error(`cannot connect to ${args.hostname}:${args.port}: ${oneLine(err)}`);
+  }
+  // TODO(lead): conn.done — once Connection has it, this line becomes `await conn.done;`
+  await cleanEnd(conn);
+  if (echoed !== count) throw new Error(`connection ended after ${echoed} of ${count} echoes`);
+  return { seconds: (performance.now() - started) / 1000 };
+}
+
+/** An error as one line: `Name: message` (no name for a plain `Error`). */
+function oneLine(err: unknown): string {
+  const text = err instanceof Error
+    ? (err.name === "Error" ? "" : `${err.name}: `) + err.message
+    : String(err);
+  return text.replace(/\s*\n\s*/g, " ");
+}
+
+/**
+ * Run the example with command-line `argv`; resolves with the exit status: 0 if every echo came
+ * back, 1 on failure, 2 for a bad command line (0 for `--help`).
+ */
+async function main(argv: string[]): Promise<number> {
+  const parsed = parseEchoClientArgs(argv);
+  if (parsed.kind === "help") {
+    console.log(USAGE);
+    return 0;
+  }
+  if (parsed.kind === "usage") {
+    console.error(`echo_client: ${parsed.error}\n\n${USAGE}`);
+    return 2;
+  }
+  const { count } = parsed.args;
+  try {
+    const { seconds } = await echoClient(parsed.args);
+    const rate = (count / seconds).toFixed(0);
+    console.log(`${count} frames echoed in ${seconds.toFixed(2)} s (${rate}/s)`);
+    return 0;
+  } catch (err) {
+    console.error(`echo_client: ${oneLine(err)}`);
+    return 1;
+  }
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

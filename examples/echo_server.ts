@@ -1,11 +1,14 @@
 /**
  * An echo server: every frame is sent back as it came.
  *
- *     deno run -A examples/echo_server.ts [--port 7000] [--hostname 127.0.0.1]
+ *     deno run -A examples/echo_server.ts [--port 7001] [--hostname 127.0.0.1]
  *       [--framing len4|line|raw] [--hibernate] [--sync]
  *
  * `--hibernate` makes each connection hibernate between frames; `--sync` runs the plain
- * `function*` handler (no promise per step) instead of the `async function*` one.
+ * `function*` handler (no promise per step) instead of the `async function*` one. The default
+ * port, 7001, leaves 7000 to the chat example. Once listening it prints
+ * `listening on HOST:PORT`; SIGINT or SIGTERM stops it gracefully (exit 0). `--help` prints the
+ * usage; a bad flag exits 2 with the usage on stderr; failing to listen exits 1.
  *
  * @module
  */
@@ -73,31 +76,122 @@ export const framings: Record<string, () => Framing<unknown>> = {
   raw: () => raw() as Framing<unknown>,
 };
 
-if (import.meta.main) {
-  const { values } = parseArgs({
-    args: Deno.args,
-    options: {
-      port: { type: "string", default: "7000" },
-      hostname: { type: "string", default: "127.0.0.1" },
-      framing: { type: "string", default: "len4" },
-      hibernate: { type: "boolean", default: false },
-      sync: { type: "boolean", default: false },
-    },
-  });
-  const framing = framings[values.framing];
-  if (!framing) {
-    console.error(`unknown --framing ${values.framing}: use len4, line or raw`);
-    Deno.exit(2);
-  }
-  const handler = values.hibernate ? echoHibernating : values.sync ? echoSync : echo;
-  const server = await serve(handler, {
-    port: Number(values.port),
-    hostname: values.hostname,
-    framing: framing(),
-    maxConnections: Infinity,
-    onListen(addr) {
-      if (addr.transport === "tcp") console.log(`listening on ${addr.hostname}:${addr.port}`);
-    },
-  });
-  await stopOnSignals(server);
+/** The port the example listens on by default (the chat example has 7000). */
+export const DEFAULT_PORT = 7001;
+
+/** What `--help` prints. */
+export const USAGE = `usage: deno run -A examples/echo_server.ts [options]
+
+Echo every frame back to its sender. Prints "listening on HOST:PORT" once listening;
+SIGINT or SIGTERM stops it.
+
+  --port N          port to listen on, 0 for any free one (default ${DEFAULT_PORT})
+  --hostname HOST   address to bind (default 127.0.0.1)
+  --framing NAME    len4 (4-byte length prefix, the default), line or raw
+  --hibernate       hibernate each connection between frames
+  --sync            run the plain function* handler instead of the async one
+                    (--hibernate wins if both are given)
+  -h, --help        print this help and exit`;
+
+/** The settings given on the command line. */
+export interface EchoServerArgs {
+  port: number;
+  hostname: string;
+  framing: string;
+  hibernate: boolean;
+  sync: boolean;
 }
+
+/** Parsed command line: settings to run with, a request for help, or what is wrong with it. */
+export type Parsed<T> = { kind: "run"; args: T } | { kind: "help" } | {
+  kind: "usage";
+  error: string;
+};
+
+/** Parse the server's command line; never throws. */
+export function parseEchoServerArgs(argv: string[]): Parsed<EchoServerArgs> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        port: { type: "string", default: String(DEFAULT_PORT) },
+        hostname: { type: "string", default: "127.0.0.1" },
+        framing: { type: "string", default: "len4" },
+        hibernate: { type: "boolean", default: false },
+        sync: { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }));
+  } catch (err) {
+    // parseArgs's own errors (unknown flag, missing value, …): the first line says it.
+    return { kind: "usage", error: String((err as Error).message).split("\n", 1)[0] };
+  }
+  if (values.help) return { kind: "help" };
+  const port = /^\d{1,5}$/.test(values.port) ? Number(values.port) : NaN;
+  if (!(port <= 65535)) {
+    return {
+      kind: "usage",
+      error: `--port must be an integer from 0 to 65535, not "${values.port}"`,
+    };
+  }
+  if (values.hostname === "") return { kind: "usage", error: "--hostname must not be empty" };
+  if (!Object.hasOwn(framings, values.framing)) {
+    return { kind: "usage", error: `--framing must be len4, line or raw, not "${values.framing}"` };
+  }
+  return {
+    kind: "run",
+    args: {
+      port,
+      hostname: values.hostname,
+      framing: values.framing,
+      hibernate: values.hibernate,
+      sync: values.sync,
+    },
+  };
+}
+
+/** An error as one line: `Name: message` (no name for a plain `Error`). */
+function oneLine(err: unknown): string {
+  const text = err instanceof Error
+    ? (err.name === "Error" ? "" : `${err.name}: `) + err.message
+    : String(err);
+  return text.replace(/\s*\n\s*/g, " ");
+}
+
+/**
+ * Run the example with command-line `argv`; resolves with the exit status: 0 after a graceful
+ * stop or `--help`, 1 if it cannot listen, 2 for a bad command line.
+ */
+async function main(argv: string[]): Promise<number> {
+  const parsed = parseEchoServerArgs(argv);
+  if (parsed.kind === "help") {
+    console.log(USAGE);
+    return 0;
+  }
+  if (parsed.kind === "usage") {
+    console.error(`echo_server: ${parsed.error}\n\n${USAGE}`);
+    return 2;
+  }
+  const { args } = parsed;
+  const handler = args.hibernate ? echoHibernating : args.sync ? echoSync : echo;
+  let server;
+  try {
+    server = await serve(handler, {
+      port: args.port,
+      hostname: args.hostname,
+      framing: framings[args.framing](),
+      maxConnections: Infinity,
+      onListen(addr) {
+        if (addr.transport === "tcp") console.log(`listening on ${addr.hostname}:${addr.port}`);
+      },
+    });
+  } catch (err) {
+    console.error(`echo_server: cannot listen on ${args.hostname}:${args.port}: ${oneLine(err)}`);
+    return 1;
+  }
+  await stopOnSignals(server);
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -41,10 +41,28 @@ export function pause(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** A logger that keeps the arguments of each `error(...)` call in `calls`. */
-export function capturingLogger(): Logger & { calls: unknown[][] } {
+/**
+ * A logger that keeps the arguments of every call, whatever its level, in `calls`, and the
+ * level of each in `levels`.
+ */
+export function capturingLogger(): Logger & { calls: unknown[][]; levels: string[] } {
   const calls: unknown[][] = [];
-  return { calls, error: (...data: unknown[]) => void calls.push(data) };
+  const levels: string[] = [];
+  const at = (level: string) => (...data: unknown[]) => {
+    calls.push(data);
+    levels.push(level);
+  };
+  return { calls, levels, error: at("error"), warn: at("warn"), debug: at("debug") };
+}
+
+/**
+ * Whether the log call `call` names `reason`: passes it along, or, for a peer's fault logged as
+ * one line, says its name and message.
+ */
+export function logNames(call: unknown[], reason: unknown): boolean {
+  return call.includes(reason) ||
+    (reason instanceof Error &&
+      call.some((x) => typeof x === "string" && x.includes(`${reason.name}: ${reason.message}`)));
 }
 
 /** An unbounded async queue: `push` now, `next()` later (or the other way round), bounded. */

@@ -242,12 +242,16 @@ Deno.test("chat: a plain line reaches every other named client, not the sender n
   });
 });
 
-Deno.test("chat: /msg reaches only its target", async () => {
+Deno.test("chat: /msg reaches only its target, its text exactly as typed after the name", async () => {
   await withChat({}, async ({ people }) => {
     const [alice, bob, carol] = await people("alice", "bob", "carol");
     await alice.send("/msg bob meet me   at noon");
-    await alice.expect("-> bob: meet me at noon");
-    await bob.expect("*alice* meet me at noon");
+    await alice.expect("-> bob: meet me   at noon");
+    await bob.expect("*alice* meet me   at noon");
+    // The blanks between the name and the text separate them; tabs in the text are kept.
+    await alice.send("/msg  bob \t a\tb  c");
+    await alice.expect("-> bob: a\tb  c");
+    await bob.expect("*alice* a\tb  c");
     // Had carol been sent the whisper, it would come before this broadcast, sent after it.
     await bob.send("lunch, anyone?");
     await carol.expect("<bob> lunch, anyone?");

@@ -8,10 +8,12 @@ import {
   connect,
   Connection,
   ConnectionClosed,
+  type ConnectOptions,
   type Event,
   type Handler,
   lines,
   MemoryRegistry,
+  NameTaken,
   reply,
   send,
   serve,
@@ -103,7 +105,7 @@ function recorder({ replyToCalls = true, ignoreShutdown = false } = {}): Recorde
 function connectTo(
   server: Server<string>,
   rec: Recorder,
-  options: Parameters<typeof connect<string>>[1] = {},
+  options: Omit<ConnectOptions<string>, "framing"> = {},
 ): Promise<Connection<string>> {
   return connect<string>(rec.handler, {
     hostname: HOST,
@@ -177,6 +179,7 @@ Deno.test("connect(): connectTimeout gives a TimeoutError; a late socket is clos
         transport: stuck,
         hostname: "stuck.invalid",
         port: 1,
+        framing: lines(),
         connectTimeout: 50,
       }),
     ),
@@ -211,7 +214,7 @@ Deno.test("connect() to a closed port rejects with ConnectionRefused", async () 
   const port = listener.addr.port;
   listener.close();
   await assert.rejects(
-    within(3000, connect(recorder().handler, { hostname: HOST, port })),
+    within(3000, connect(recorder().handler, { hostname: HOST, port, framing: lines() })),
     Deno.errors.ConnectionRefused,
   );
 });
@@ -231,12 +234,13 @@ Deno.test("connect(): `name` registers the connection; a second client with it f
     const second = recorder();
     await assert.rejects(
       within(3000, connectTo(server, second, { name: "alice", registry })),
-      /"alice" is already registered/,
+      (err) => err instanceof NameTaken && /"alice" is already registered/.test(err.message),
     );
     // Its socket was closed: the server saw that connection end.
     const secondServerSide = await server.conns.next();
     assert.equal(await server.ended.next(), secondServerSide.id);
-    assert.equal(second.finallies, 1, "the refused client's handler was ended");
+    // The name was claimed before the handler could run: it never started, sent nothing.
+    assert.equal(second.finallies, 0, "the refused client's handler never ran");
     assert.deepEqual((await registry.list()).map((e) => e.id), [alice.id]);
     assert.equal(await registry.lookup("alice"), alice, "the name stays with the first");
 

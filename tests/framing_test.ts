@@ -28,6 +28,7 @@ import {
   closeQuietly,
   concat,
   HOST,
+  logNames,
   portOf,
   prng,
   readExactly,
@@ -356,6 +357,146 @@ Deno.test("lengthPrefixed: a prefix size other than 1, 2 or 4, or a bad maxLengt
   }
 });
 
+/** `fn` throws an error of class `type` whose message is exactly `message`. */
+function assertThrowsExactly(fn: () => unknown, type: ErrorConstructor, message: string) {
+  assert.throws(fn, (err: unknown) => {
+    assert.ok(err instanceof type, `expected ${type.name}, got ${err}`);
+    assert.equal(err.message, message);
+    return true;
+  });
+}
+
+Deno.test("framing arguments: a value of the wrong type is a TypeError naming the option and the value", () => {
+  const anyPrefixed = lengthPrefixed as (bytes?: unknown, options?: unknown) => unknown;
+  const anyLines = lines as (options?: unknown) => unknown;
+  assertThrowsExactly(
+    () => anyPrefixed("4"),
+    TypeError,
+    'lengthPrefixed: bytes must be the number 1, 2 or 4, not "4" (a string)',
+  );
+  for (
+    const [bad, shown] of [
+      [null, "null"],
+      [4n, "4n (a bigint)"],
+      [true, "true (a boolean)"],
+      [[4], "an array"],
+      [{}, "an object"],
+    ] as const
+  ) {
+    assertThrowsExactly(
+      () => anyPrefixed(bad),
+      TypeError,
+      `lengthPrefixed: bytes must be the number 1, 2 or 4, not ${shown}`,
+    );
+  }
+  // Options that are not an object.
+  for (
+    const [bad, shown] of [
+      ["x", '"x" (a string)'],
+      [42, "42"],
+      [null, "null"],
+      [["a"], "an array"],
+      [() => {}, "a function"],
+    ] as const
+  ) {
+    assertThrowsExactly(
+      () => anyLines(bad),
+      TypeError,
+      `lines: options must be an object, not ${shown}`,
+    );
+    assertThrowsExactly(
+      () => anyPrefixed(4, bad),
+      TypeError,
+      `lengthPrefixed: options must be an object, not ${shown}`,
+    );
+  }
+  // A maxLength that is not a number, not even a numeric string.
+  for (const [bad, shown] of [["10", '"10" (a string)'], [10n, "10n (a bigint)"]] as const) {
+    assertThrowsExactly(
+      () => anyLines({ maxLength: bad }),
+      TypeError,
+      `lines: maxLength must be a number, not ${shown}`,
+    );
+    assertThrowsExactly(
+      () => anyPrefixed(2, { maxLength: bad }),
+      TypeError,
+      `lengthPrefixed: maxLength must be a number, not ${shown}`,
+    );
+  }
+  assertThrowsExactly(
+    () => anyLines({ invalidUtf8: false }),
+    TypeError,
+    'lines: invalidUtf8 must be "error" or "replace", not false (a boolean)',
+  );
+});
+
+Deno.test("framing arguments: a value out of range is a RangeError naming the option and the value", () => {
+  for (const size of [0, 3, 8, -1, 2.5, NaN, Infinity]) {
+    assertThrowsExactly(
+      () => lengthPrefixed(size as 1),
+      RangeError,
+      `lengthPrefixed: bytes must be 1, 2 or 4, not ${size}`,
+    );
+  }
+  for (const maxLength of [-1, NaN, 1.5, -Infinity, -0.5, 0.1]) {
+    const why = `must be a non-negative integer or Infinity, not ${maxLength}`;
+    assertThrowsExactly(() => lines({ maxLength }), RangeError, `lines: maxLength ${why}`);
+    for (const size of [1, 2, 4] as const) {
+      assertThrowsExactly(
+        () => lengthPrefixed(size, { maxLength }),
+        RangeError,
+        `lengthPrefixed: maxLength ${why}`,
+      );
+    }
+  }
+  assertThrowsExactly(
+    () => lines({ invalidUtf8: "ignore" as "error" }),
+    RangeError,
+    'lines: invalidUtf8 must be "error" or "replace", not "ignore" (a string)',
+  );
+});
+
+Deno.test("framing arguments: undefined means the default; maxLength Infinity means no limit of its own", () => {
+  // undefined options and undefined fields take the defaults.
+  const big = "x".repeat(64 * 1024);
+  for (const framing of [lines(), lines(undefined), lines({}), lines({ maxLength: undefined })]) {
+    assert.equal(encodeFrames(framing, [big]).length, big.length + 1);
+    assert.throws(() => encodeFrames(framing, [big + "x"]), assertFrameTooLarge(65537, 65536));
+  }
+  const eightMiB = 8 * 1024 * 1024;
+  for (const framing of [lengthPrefixed(undefined, undefined), lengthPrefixed(4, {})]) {
+    assert.equal(framing.name, "lengthPrefixed(4)");
+    assert.throws(
+      () => decodeFrames(framing, Uint8Array.of(0, 0x80, 0, 1)),
+      assertFrameTooLarge(eightMiB + 1, eightMiB),
+    );
+  }
+  // lengthPrefixed: Infinity is what the prefix can express.
+  assert.throws(
+    () => encodeFrames(lengthPrefixed(1, { maxLength: Infinity }), [new Uint8Array(256)]),
+    assertFrameTooLarge(256, 255),
+  );
+  assert.throws(
+    () => encodeFrames(lengthPrefixed(2, { maxLength: Infinity }), [new Uint8Array(65536)]),
+    assertFrameTooLarge(65536, 65535),
+  );
+  // With 4 bytes, more than the 8 MiB default: a header of 8 MiB + 1 is awaited, not refused.
+  const huge = lengthPrefixed(4, { maxLength: Infinity });
+  const decoder = huge.decoder();
+  decoder.decode(Uint8Array.of(0, 0x80, 0, 1, 42), () => assert.fail("no frame yet"));
+  assert.equal(decoder.buffered, 5);
+  // lines: Infinity is no limit, decoding and encoding.
+  const unlimited = lines({ maxLength: Infinity });
+  const long = "y".repeat(200_000);
+  assert.deepEqual(decodeFrames(unlimited, utf8.encode(long + "\r\n" + long)), [long]);
+  assert.equal(encodeFrames(unlimited, [long]).length, long.length + 1);
+  // Zero is an integer.
+  assert.deepEqual(decodeFrames(lines({ maxLength: 0 }), utf8.encode("\n\r\n")), ["", ""]);
+  assert.deepEqual(decodeFrames(lengthPrefixed(1, { maxLength: 0 }), Uint8Array.of(0)), [
+    new Uint8Array(0),
+  ]);
+});
+
 Deno.test("lengthPrefixed: encoding what is not bytes or a string is a TypeError", () => {
   for (const size of [1, 2, 4] as const) {
     const framing = lengthPrefixed(size) as unknown as Framing<unknown>;
@@ -490,6 +631,155 @@ Deno.test("lines: invalid UTF-8 in a line throws MalformedFrame", () => {
   assert.deepEqual(got, ["ok"]);
 });
 
+/** Ill-formed UTF-8 lines, each with where its first bad sequence starts (0-based). */
+const BAD_UTF8: Array<[number[], number]> = [
+  [[0xff], 0], // never valid
+  [[0x61, 0xc3, 0x28], 1], // a lead byte followed by ASCII
+  [[0x61, 0x62, 0xe2, 0x82], 2], // truncated 3-byte sequence at the end of the line
+  [[0xc0, 0xaf], 0], // overlong "/"
+  [[0xe0, 0x80, 0xaf], 0], // overlong 3-byte "/"
+  [[0xf0, 0x80, 0x80, 0xaf], 0], // overlong 4-byte "/"
+  [[0xed, 0xa0, 0x80], 0], // a UTF-16 surrogate encoded as UTF-8
+  [[0xf4, 0x90, 0x80, 0x80], 0], // above U+10FFFF
+  [[0xe2, 0x82, 0xac, 0x80], 3], // "€" and a stray continuation byte
+  [[0xef, 0xbb, 0xbf, 0xf0, 0x9f, 0x98, 0x80, 0x7a, 0xf0, 0x9f, 0x98], 8], // BOM, 😀, z, 3/4 😀
+  [[0x2f, 0xf8, 0x88, 0x80, 0x80, 0x80], 1], // a 5-byte form
+];
+
+Deno.test("lines: MalformedFrame says, in one line, which byte of which line is not UTF-8", () => {
+  const framing = lines();
+  const before = ["one", "", "thrée ✓"]; // lines decoded before the bad one, by either path
+  for (const [bytes, at] of BAD_UTF8) {
+    for (const ending of [[0x0a], [0x0d, 0x0a]]) {
+      const input = concat([encodeFrames(framing, before), Uint8Array.from([...bytes, ...ending])]);
+      const message = `invalid UTF-8 at byte ${at + 1} of line ${before.length + 1}`;
+      const check = (label: string) => (err: unknown) => {
+        assert.ok(isMalformed(err));
+        assert.equal((err as Error).message, message, label);
+        return true;
+      };
+      assert.throws(() => decodeFrames(framing, input), check(`${bytes}: one chunk`));
+      for (const [cut, chunks] of twoChunkSplits(input)) {
+        assert.throws(() => decodeChunks(framing, chunks), check(`${bytes}: split at ${cut}`));
+      }
+      assert.throws(() => decodeChunks(framing, byteByByte(input)), check(`${bytes}: by byte`));
+    }
+  }
+  // Lines are counted across reads, whichever path decoded them.
+  const decoder = framing.decoder();
+  const got: string[] = [];
+  decoder.decode(utf8.encode("a\nb\nc\n"), (f) => got.push(f)); // three at once
+  decoder.decode(utf8.encode("d"), (f) => got.push(f));
+  decoder.decode(utf8.encode("\ne\n"), (f) => got.push(f)); // one held, one whole
+  assert.throws(
+    () => decoder.decode(Uint8Array.of(0x66, 0x0a, 0x67, 0xc3, 0x0a), (f) => got.push(f)),
+    { name: "MalformedFrame", message: "invalid UTF-8 at byte 2 of line 7" },
+  );
+  assert.deepEqual(got, ["a", "b", "c", "d", "e", "f"]);
+});
+
+Deno.test("lines: a U+FFFD sent as such (EF BF BD) is data, not bad UTF-8", () => {
+  const frames = ["\uFFFD", "a\uFFFDb", "ok", "\uFFFD\uFFFD ✓ \uFEFF"];
+  for (const framing of [lines(), lines({ invalidUtf8: "replace" })]) {
+    assertDecodesEverySplit(framing, encodeFrames(framing, frames), frames);
+  }
+  // Next to bad bytes, the bad ones are still found, and where.
+  const bytes = concat([
+    encodeFrames(lines(), frames),
+    Uint8Array.of(0xef, 0xbf, 0xbd, 0xef, 0xbf, 0x0a),
+  ]);
+  assert.throws(() => decodeFrames(lines(), bytes), {
+    name: "MalformedFrame",
+    message: "invalid UTF-8 at byte 4 of line 5",
+  });
+  assert.deepEqual(decodeFrames(lines({ invalidUtf8: "replace" }), bytes), [
+    ...frames,
+    "\uFFFD\uFFFD",
+  ]);
+});
+
+Deno.test("lines: FrameTooLarge and MalformedFrame messages are one short line", () => {
+  const errors: Error[] = [];
+  const catchIt = (fn: () => unknown) => {
+    try {
+      fn();
+    } catch (err) {
+      errors.push(err as Error);
+      return;
+    }
+    assert.fail("expected an error");
+  };
+  catchIt(() => decodeFrames(lines({ maxLength: 5 }), utf8.encode("abcdefgh\n")));
+  catchIt(() => decodeFrames(lines({ maxLength: 5 }), utf8.encode("abcdefgh")));
+  catchIt(() => encodeFrames(lines({ maxLength: 5 }), ["abcdefgh"]));
+  catchIt(() => decodeFrames(lengthPrefixed(2, { maxLength: 5 }), Uint8Array.of(0, 6)));
+  catchIt(() => decodeFrames(lines(), Uint8Array.of(0x61, 0xff, 0x0a)));
+  catchIt(() =>
+    decodeFrames(lines(), concat([new Uint8Array(60_000).fill(0xc3), utf8.encode("\n")]))
+  );
+  assert.deepEqual(errors.map((e) => e.message), [
+    "frame of 8 bytes exceeds maxLength 5",
+    "frame of 8 bytes exceeds maxLength 5",
+    "frame of 8 bytes exceeds maxLength 5",
+    "frame of 6 bytes exceeds maxLength 5",
+    "invalid UTF-8 at byte 2 of line 1",
+    "invalid UTF-8 at byte 1 of line 1",
+  ]);
+  for (const err of errors) {
+    assert.ok(!/[\r\n]/.test(err.message) && err.message.length <= 80, err.message);
+  }
+});
+
+Deno.test('lines({ invalidUtf8: "replace" }): bad bytes become U+FFFD, as TextDecoder does, at every split', () => {
+  const framing = lines({ maxLength: 16, invalidUtf8: "replace" });
+  assert.equal(framing.name, "lines");
+  const lenient = new TextDecoder("utf-8", { ignoreBOM: true });
+  const badLines = BAD_UTF8.map(([bytes]) => Uint8Array.from(bytes));
+  const expected = badLines.map((line) => lenient.decode(line));
+  // What TextDecoder gives, spelled out for a few.
+  assert.deepEqual(expected.slice(0, 4), ["\uFFFD", "a\uFFFD(", "ab\uFFFD", "\uFFFD\uFFFD"]);
+  assert.equal(expected[9], "\uFEFF😀z\uFFFD"); // a leading BOM is kept, as without the option
+  for (const [i, line] of badLines.entries()) {
+    for (const ending of ["\n", "\r\n"]) {
+      const bytes = concat([line, utf8.encode(ending)]);
+      assertDecodesEverySplit(framing, bytes, [expected[i]]);
+      // Nothing thrown and nothing lost around it: lines before and after still arrive.
+      const around = concat([utf8.encode("before\n"), bytes, utf8.encode("after\r\n")]);
+      assertDecodesEverySplit(framing, around, ["before", expected[i], "after"]);
+    }
+  }
+  // All of them in one chunk (the one-call block path) and byte by byte (line by line) agree.
+  const all = concat(badLines.flatMap((line, i) => [line, utf8.encode(i % 2 ? "\r\n" : "\n")]));
+  assert.deepEqual(decodeFrames(framing, all), expected);
+  assert.deepEqual(decodeChunks(framing, byteByByte(all)).frames, expected);
+  // A bad sequence cut short by "\r\n" is one U+FFFD, the "\r" still part of the ending.
+  assert.deepEqual(decodeFrames(framing, Uint8Array.of(0xe2, 0x82, 0x0d, 0x0a)), ["\uFFFD"]);
+  assert.deepEqual(decodeFrames(framing, Uint8Array.of(0xe2, 0x0d, 0x0d, 0x0a)), ["\uFFFD\r"]);
+  // maxLength still counts bytes as received, before any replacement.
+  assert.throws(
+    () => decodeFrames(framing, concat([new Uint8Array(17).fill(0xff), utf8.encode("\n")])),
+    assertFrameTooLarge(17, 16),
+  );
+  assert.deepEqual(
+    decodeFrames(framing, concat([new Uint8Array(16).fill(0xff), utf8.encode("\n")])),
+    ["\uFFFD".repeat(16)],
+  );
+  // Sending is unchanged: lone surrogates go out as U+FFFD, as TextEncoder writes them.
+  assert.deepEqual(encodeFrames(framing, ["a\uD800b"]), utf8.encode("a\uFFFDb\n"));
+});
+
+Deno.test('lines: invalidUtf8 defaults to "error", which throws MalformedFrame', () => {
+  const bad = Uint8Array.of(0x6f, 0x6b, 0x0a, 0x61, 0xff, 0x0a);
+  for (
+    const framing of [lines(), lines({ invalidUtf8: undefined }), lines({ invalidUtf8: "error" })]
+  ) {
+    const got: string[] = [];
+    assert.throws(() => framing.decoder().decode(bad, (f) => got.push(f)), isMalformed);
+    assert.deepEqual(got, ["ok"]);
+  }
+  assert.deepEqual(decodeFrames(lines({ invalidUtf8: "replace" }), bad), ["ok", "a\uFFFD"]);
+});
+
 Deno.test("lines: encode appends \\n, rejects non-strings and lines over maxLength", () => {
   const framing = lines({ maxLength: 6 });
   assert.deepEqual(encodeFrames(framing, ["", "ab", "éé"]), utf8.encode("\nab\néé\n"));
@@ -618,7 +908,7 @@ async function echoServer<T>(kind: Kind, framing: Framing<T>): Promise<Rig<T>> {
   };
   if (kind === "memory") {
     const transport = memory(`framing-test-${++rigs}-${crypto.randomUUID()}`);
-    const server = await serve<T>(handler, { transport, framing, logger });
+    const server = await serve(handler, { transport, framing, logger });
     return {
       server,
       logged,
@@ -633,7 +923,7 @@ async function echoServer<T>(kind: Kind, framing: Framing<T>): Promise<Rig<T>> {
       },
     };
   }
-  const server = await serve<T>(handler, { hostname: HOST, port: 0, framing, logger });
+  const server = await serve(handler, { hostname: HOST, port: 0, framing, logger });
   const port = portOf(server.addr);
   return {
     server,
@@ -723,7 +1013,7 @@ for (const kind of ["memory", "tcp"] as const) {
       assert.deepEqual(await within(5000, readToEnd(a), "a sees the close"), new Uint8Array(0));
       // Logged once, with the reason.
       assert.equal(rig.logged.length, 1, `logged: ${rig.logged}`);
-      assert.ok(rig.logged[0].includes(reason));
+      assert.ok(logNames(rig.logged[0], reason));
       assert.deepEqual(rig.server.connections(), [serverB]);
       assert.equal(rig.server.status, "running");
 
@@ -778,13 +1068,32 @@ for (const kind of ["memory", "tcp"] as const) {
       await within(5000, readToEnd(c), "c sees the close");
 
       assert.equal(rig.logged.length, 2, `logged: ${rig.logged}`);
-      assert.ok(rig.logged[0].includes(reasonA));
-      assert.ok(rig.logged[1].includes(reasonC));
+      assert.ok(logNames(rig.logged[0], reasonA));
+      assert.ok(logNames(rig.logged[1], reasonC));
       assert.deepEqual(rig.server.connections(), [serverB]);
       await roundTrip(b, sent, echoed, "random", 8);
     } finally {
       await within(10_000, rig.server.stop(), "server stop");
       for (const s of sockets) closeQuietly(s);
+    }
+  });
+
+  Deno.test(`end to end (${kind}): lines({ invalidUtf8: "replace" }) delivers bad UTF-8 as U+FFFD and goes on`, async () => {
+    const rig = await echoServer(kind, lines({ maxLength: 64, invalidUtf8: "replace" }));
+    const socket = await rig.open();
+    try {
+      const bad = Uint8Array.of(0x6f, 0xc3, 0x28, 0x0a, 0xff, 0xfe, 0x0d, 0x0a, 0xe2, 0x82, 0x0a);
+      const good = utf8.encode("wörld ✓\n");
+      // Echoed re-encoded: each bad sequence as U+FFFD (EF BF BD), "\r\n" as "\n".
+      const echoed = utf8.encode("o\uFFFD(\n\uFFFD\uFFFD\n\uFFFD\nwörld ✓\n");
+      await roundTrip(socket, concat([bad, good]), echoed, "whole");
+      await roundTrip(socket, concat([bad, good]), echoed, "bytes");
+      await roundTrip(socket, concat([good, bad, good]), concat([good, echoed]), "random", 3);
+      assert.equal(rig.server.connections().length, 1);
+      assert.equal(rig.logged.length, 0, `logged: ${rig.logged}`);
+    } finally {
+      await within(10_000, rig.server.stop(), "server stop");
+      closeQuietly(socket);
     }
   });
 

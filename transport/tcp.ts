@@ -10,23 +10,93 @@ import type { ConnectOptions, Listener, ListenOptions, Transport } from "./trans
 export interface TcpOptions {
   /** Disable Nagle's algorithm on every connection (default `true`: frames go out at once). */
   noDelay?: boolean;
+  /**
+   * Turn on TCP keep-alive probes on every connection (default off), so that a peer that
+   * vanished without a FIN or RST is noticed while the connection is idle. Deno can only turn
+   * them on: when and how often they are sent is the operating system's setting (on Linux
+   * `net.ipv4.tcp_keepalive_time`, 7200 s by default, then `tcp_keepalive_intvl` and
+   * `tcp_keepalive_probes`); there is no `keepAliveInitialDelay` as in Node.
+   */
+  keepAlive?: boolean;
+  /** How many connections the system queues for accept (the listen backlog; default 511). */
+  backlog?: number;
 }
 
 /**
  * Plain TCP: the default transport.
  *
+ * Without a `hostname`, `listen` binds the IPv6 any-address `::` and, as Node does, so takes
+ * IPv4 connections as well where the system lets one socket serve both (Linux and macOS by
+ * default); their remote addresses then read `::ffff:a.b.c.d` (IPv4-mapped). Where `::`
+ * would take IPv6 only (Windows, `net.ipv6.bindv6only=1`) or cannot be bound (IPv6 off, no
+ * permission), it binds `0.0.0.0`, IPv4 only.
+ *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { serve, tcp } from "../mod.ts";
- * const server = await serve(async function* () {}, { port: 0, transport: tcp() });
+ * const server = await serve(async function* () {}, {
+ *   hostname: "127.0.0.1",
+ *   port: 0,
+ *   transport: tcp({ keepAlive: true }),
+ * });
+ * assert.equal(server.addr.transport, "tcp");
+ * assert.ok((server.addr as Deno.NetAddr).port > 0);
  * await server.stop();
  * ```
  */
-export function tcp(options: TcpOptions = {}): Transport {
+export function tcp(options: TcpOptions = {}): Transport<Deno.NetAddr> {
   const noDelay = options.noDelay ?? true;
+  const keepAlive = options.keepAlive ?? false;
+  const tcpBacklog = options.backlog;
+  if (tcpBacklog !== undefined && !(Number.isInteger(tcpBacklog) && tcpBacklog > 0)) {
+    throw new RangeError(`tcp: backlog must be an integer > 0, not ${tcpBacklog}`);
+  }
+  // Whether "::" also takes IPv4 here: learned by the first listen without a hostname.
+  let dualStack: boolean | undefined;
+
+  const setUp = (conn: Deno.TcpConn): Deno.TcpConn => {
+    try {
+      conn.setNoDelay(noDelay);
+      if (keepAlive) conn.setKeepAlive(true);
+    } catch (err) {
+      conn.close(); // the peer is already gone: do not leak its socket
+      throw err;
+    }
+    return conn;
+  };
+
+  // Bind every address: "::" when it takes IPv4 as well, else "0.0.0.0".
+  const listenAny = (port: number, reusePort: boolean | undefined): Deno.TcpListener => {
+    if (dualStack === false) return Deno.listen({ hostname: "0.0.0.0", port, reusePort, tcpBacklog });
+    let v6: Deno.TcpListener;
+    try {
+      v6 = Deno.listen({ hostname: "::", port, reusePort, tcpBacklog });
+    } catch {
+      // No IPv6 here (disabled, or not permitted): IPv4 only.
+      return Deno.listen({ hostname: "0.0.0.0", port, reusePort, tcpBacklog });
+    }
+    if (dualStack) return v6;
+    // Deno cannot set IPV6_V6ONLY, so ask the system: a "::" socket that takes IPv4 holds
+    // 0.0.0.0 on its port too. (The probe shares no port with anyone, so no reusePort.)
+    const bound = v6.addr.port;
+    let v4: Deno.TcpListener;
+    try {
+      v4 = Deno.listen({ hostname: "0.0.0.0", port: bound });
+    } catch (err) {
+      if (err instanceof Deno.errors.AddrInUse) dualStack = true;
+      return v6; // dual-stack, or IPv4 not permitted: "::" is what can be had
+    }
+    dualStack = false; // "::" takes IPv6 only: serve IPv4, as 0.0.0.0 always did
+    v6.close();
+    if (!reusePort && tcpBacklog === undefined) return v4;
+    v4.close();
+    return Deno.listen({ hostname: "0.0.0.0", port: bound, reusePort, tcpBacklog });
+  };
+
   return {
     name: "tcp",
-    listen({ hostname = "0.0.0.0", port = 0, reusePort }: ListenOptions): Listener {
+    listen({ hostname, port = 0, reusePort }: ListenOptions): Listener<Deno.NetAddr> {
       // Without --unstable-net, Deno.listen({ reusePort: true }) exits the whole process (code
       // 70) instead of throwing; Deno.listenDatagram is gated by the same flag, so check it.
       if (reusePort && !("listenDatagram" in Deno)) {
@@ -34,27 +104,20 @@ export function tcp(options: TcpOptions = {}): Transport {
           'reusePort (and acceptors > 1) needs --unstable-net, or "unstable": ["net"] in deno.json',
         );
       }
-      const listener = Deno.listen({ transport: "tcp", hostname, port, reusePort });
+      const listener = hostname === undefined
+        ? listenAny(port, reusePort)
+        : Deno.listen({ transport: "tcp", hostname, port, reusePort, tcpBacklog });
       return {
         addr: listener.addr,
         close: () => listener.close(),
-        async accept() {
-          const conn = await listener.accept();
-          try {
-            conn.setNoDelay(noDelay);
-          } catch (err) {
-            conn.close(); // the peer is already gone: do not leak its socket
-            throw err;
-          }
-          return conn;
-        },
+        ref: () => listener.ref(),
+        unref: () => listener.unref(),
+        accept: async () => setUp(await listener.accept()),
       };
     },
     async connect({ hostname = "127.0.0.1", port }: ConnectOptions) {
       if (port === undefined) throw new TypeError("tcp connect needs a port");
-      const conn = await Deno.connect({ transport: "tcp", hostname, port });
-      conn.setNoDelay(noDelay);
-      return conn;
+      return setUp(await Deno.connect({ transport: "tcp", hostname, port }));
     },
   };
 }

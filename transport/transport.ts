@@ -33,21 +33,45 @@ export interface Conn {
   closeWrite(): Promise<void>;
   /** Close both sides and release the resource; pending reads reject. */
   close(): void;
+  /**
+   * Complete a handshake the connection needs before its handler may run (TLS), as Ranch's
+   * transport `handshake` callback. Optional: without it the connection is ready at once.
+   * The result is ignored (`Deno.TlsConn` resolves with its handshake info).
+   */
+  handshake?(): Promise<unknown>;
+  /** Disable (`true`) or enable Nagle's algorithm (`TCP_NODELAY`). TCP only. */
+  setNoDelay?(on: boolean): void;
+  /**
+   * Turn TCP keep-alive probes on or off (`SO_KEEPALIVE`). On or off only: the probes' idle
+   * time, interval and count are the operating system's. TCP only.
+   */
+  setKeepAlive?(on: boolean): void;
+  /** Let this connection keep the process alive again (the default), after `unref`. */
+  ref?(): void;
+  /** Stop this connection from keeping the process alive while it waits for I/O. */
+  unref?(): void;
 }
 
 /** A listening endpoint. */
-export interface Listener {
+export interface Listener<A extends Addr = Addr> {
   /** Where it listens (with the real port when asked for port 0). */
-  readonly addr: Addr;
+  readonly addr: A;
   /** Wait for the next connection. Only one `accept` may be pending at a time. */
   accept(): Promise<Conn>;
   /** Stop listening; a pending `accept` rejects. */
   close(): void;
+  /** Let this listener keep the process alive again (the default), after `unref`. */
+  ref?(): void;
+  /** Stop this listener (its pending `accept`) from keeping the process alive. */
+  unref?(): void;
 }
 
 /** What `serve` passes to {@linkcode Transport.listen}. */
 export interface ListenOptions {
-  /** Host name or address to bind. */
+  /**
+   * Host name or address to bind. Unset, the transport picks: `tcp()` listens on every
+   * address, IPv6 and IPv4 where the system allows one socket to take both.
+   */
   hostname?: string;
   /** Port to bind; 0 picks a free one. */
   port?: number;
@@ -66,10 +90,12 @@ export interface ConnectOptions {
 /**
  * How to listen and connect (etcp's transporter behaviour).
  *
- * @example A transport that logs every accepted connection
+ * @example A transport that records every accepted connection
  * ```ts
- * import { tcp, type Transport } from "../mod.ts";
+ * import assert from "node:assert/strict";
+ * import { type Addr, tcp, type Transport } from "../mod.ts";
  * const base = tcp();
+ * const accepted: Addr[] = [];
  * const logged: Transport = {
  *   name: "logged-tcp",
  *   async listen(options) {
@@ -79,21 +105,31 @@ export interface ConnectOptions {
  *       close: () => listener.close(),
  *       async accept() {
  *         const conn = await listener.accept();
- *         console.log("accepted", conn.remoteAddr);
+ *         accepted.push(conn.remoteAddr); // or log it
  *         return conn;
  *       },
  *     };
  *   },
  *   connect: (options) => base.connect(options),
  * };
- * console.assert(logged.name === "logged-tcp");
+ * const listener = await logged.listen({ hostname: "127.0.0.1", port: 0 });
+ * const port = (listener.addr as Deno.NetAddr).port;
+ * const [client, server] = await Promise.all([
+ *   logged.connect({ hostname: "127.0.0.1", port }),
+ *   listener.accept(),
+ * ]);
+ * assert.deepEqual(accepted, [server.remoteAddr]);
+ * assert.equal((server.remoteAddr as Deno.NetAddr).port, (client.localAddr as Deno.NetAddr).port);
+ * client.close();
+ * server.close();
+ * listener.close();
  * ```
  */
-export interface Transport {
+export interface Transport<A extends Addr = Addr> {
   /** A short name for logs. */
   readonly name: string;
   /** Start listening. */
-  listen(options: ListenOptions): Listener | Promise<Listener>;
+  listen(options: ListenOptions): Listener<A> | Promise<Listener<A>>;
   /** Open a connection. */
   connect(options: ConnectOptions): Promise<Conn>;
 }

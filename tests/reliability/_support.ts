@@ -297,10 +297,10 @@ class WrappedConn implements Conn {
  * `stalled` resolves the first time a socket takes only part of a write (not counting
  * `writeMax` cuts): the kernel's buffer is full.
  */
-export function wrapped(
-  base: Transport,
+export function wrapped<A extends Addr>(
+  base: Transport<A>,
   options: WrapOptions = {},
-): { transport: Transport; accepted: IoStats[]; connected: IoStats[]; stalled: Promise<void> } {
+): { transport: Transport<A>; accepted: IoStats[]; connected: IoStats[]; stalled: Promise<void> } {
   const accepted: IoStats[] = [];
   const connected: IoStats[] = [];
   const stalled = Promise.withResolvers<void>();
@@ -312,9 +312,9 @@ export function wrapped(
     reads: 0,
     bytesRead: 0,
   });
-  const transport: Transport = {
+  const transport: Transport<A> = {
     name: `wrapped-${base.name}`,
-    async listen(listenOptions): Promise<Listener> {
+    async listen(listenOptions): Promise<Listener<A>> {
       const listener = await base.listen(listenOptions);
       return {
         addr: listener.addr,
@@ -416,7 +416,7 @@ export async function recordingServer(
       end.resolve("finally");
     }
   };
-  const server = await serve<Uint8Array>(handler, {
+  const server = await serve<Uint8Array, Addr>(handler, {
     hostname: HOST,
     port: 0,
     framing: lengthPrefixed(4),

@@ -43,7 +43,7 @@ import {
   TimeoutError,
   type Yielded,
 } from "../../mod.ts";
-import { capturingLogger, closeQuietly } from "./_support.ts";
+import { capturingLogger, closeQuietly, logNames } from "./_support.ts";
 
 const utf8 = new TextEncoder();
 
@@ -262,7 +262,7 @@ Deno.test("fuzz: raw(): any bytes, cut anywhere, arrive whole and in order, as c
 
 type Reference<T> = (
   bytes: Uint8Array,
-) => { frames: T[]; error?: "FrameTooLarge" | "MalformedFrame" };
+) => { frames: T[]; error?: "FrameTooLarge" | "MalformedFrame"; message?: string };
 
 function referenceLengthPrefixed(size: number, max: number): Reference<Uint8Array> {
   return (bytes) => {
@@ -280,8 +280,19 @@ function referenceLengthPrefixed(size: number, max: number): Reference<Uint8Arra
   };
 }
 
-function referenceLines(max: number): Reference<string> {
+function referenceLines(max: number, invalidUtf8: "error" | "replace"): Reference<string> {
   const text = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+  const lenient = new TextDecoder("utf-8", { ignoreBOM: true });
+  // Where the first bad sequence of `line` starts: the end of its longest valid prefix.
+  const firstBad = (line: Uint8Array) => {
+    let p = line.length;
+    for (;; p--) {
+      try {
+        text.decode(line.subarray(0, p));
+        return p;
+      } catch { /* shorter */ }
+    }
+  };
   return (bytes) => {
     const frames: string[] = [];
     let start = 0;
@@ -296,10 +307,15 @@ function referenceLines(max: number): Reference<string> {
       let end = nl;
       if (end > start && bytes[end - 1] === 13) end--;
       if (end - start > max) return { frames, error: "FrameTooLarge" };
-      try {
-        frames.push(text.decode(bytes.subarray(start, end)));
-      } catch {
-        return { frames, error: "MalformedFrame" };
+      const line = bytes.subarray(start, end);
+      if (invalidUtf8 === "replace") frames.push(lenient.decode(line));
+      else {
+        try {
+          frames.push(text.decode(line));
+        } catch {
+          const where = `byte ${firstBad(line) + 1} of line ${frames.length + 1}`;
+          return { frames, error: "MalformedFrame", message: `invalid UTF-8 at ${where}` };
+        }
       }
       start = nl + 1;
     }
@@ -317,6 +333,27 @@ function noise(special: number[]) {
   );
 }
 
+// Newlines, "\r", UTF-8 lead and continuation bytes, bytes never valid in UTF-8.
+const lineNoise = noise([
+  10,
+  10,
+  10,
+  13,
+  0x41,
+  0xc3,
+  0xa9,
+  0xe2,
+  0x82,
+  0xac,
+  0xf0,
+  0x9f,
+  0xc0,
+  0xff,
+  0xed,
+  0xa0,
+  0x80,
+]);
+
 const noiseCases: Array<
   {
     name: string;
@@ -331,31 +368,14 @@ const noiseCases: Array<
     ref: referenceLengthPrefixed(bytes, max) as Reference<unknown>,
     bytes: noise([0, 1, 2, 3, max & 0xff, (max + 1) & 0xff, 0xff]),
   })),
-  ...[64 * 1024, 16, 3, 0].map((max) => ({
-    name: `lines(max ${max})`,
-    framing: lines({ maxLength: max }) as Framing<unknown>,
-    ref: referenceLines(max) as Reference<unknown>,
-    // Newlines, "\r", UTF-8 lead and continuation bytes, bytes never valid in UTF-8.
-    bytes: noise([
-      10,
-      10,
-      10,
-      13,
-      0x41,
-      0xc3,
-      0xa9,
-      0xe2,
-      0x82,
-      0xac,
-      0xf0,
-      0x9f,
-      0xc0,
-      0xff,
-      0xed,
-      0xa0,
-      0x80,
-    ]),
-  })),
+  ...[64 * 1024, 16, 3, 0].flatMap((max) =>
+    (["error", "replace"] as const).map((invalidUtf8) => ({
+      name: `lines(max ${max}, invalidUtf8 ${invalidUtf8})`,
+      framing: lines({ maxLength: max, invalidUtf8 }) as Framing<unknown>,
+      ref: referenceLines(max, invalidUtf8) as Reference<unknown>,
+      bytes: lineNoise,
+    }))
+  ),
 ];
 
 for (const { name, framing, ref, bytes } of noiseCases) {
@@ -374,6 +394,8 @@ for (const { name, framing, ref, bytes } of noiseCases) {
             expected.error,
             "the error the reference expects",
           );
+          // Where the reference says (bad UTF-8: which byte of which line).
+          if (expected.message) assert.equal((got.error as Error).message, expected.message);
           // What was emitted before the error is what the reference emits.
           assert.deepEqual(got.frames, expected.frames);
         } else {
@@ -755,7 +777,7 @@ async function runModel(variant: Variant, cmds: Cmd[], end: End): Promise<void> 
   const logger = capturingLogger();
   const accepted = Promise.withResolvers<Connection<string>>();
   const handler = recordingHandler(variant, seen);
-  const server = await serve<string>((conn: Connection<string>, state?: unknown) => {
+  const server = await serve((conn: Connection<string>, state?: unknown) => {
     accepted.resolve(conn);
     return handler(conn, state);
   }, { transport, framing: lines(), logger });
@@ -865,7 +887,7 @@ async function runModel(variant: Variant, cmds: Cmd[], end: End): Promise<void> 
     // Only a reason other than "normal" is logged, once, with the reason.
     if (end === "stopWithReason") {
       assert.equal(logger.calls.length, 1);
-      assert.ok(logger.calls[0].includes("custom reason"));
+      assert.ok(logNames(logger.calls[0], "custom reason"));
     } else assert.deepEqual(logger.calls, []);
   } finally {
     clock.uninstall();

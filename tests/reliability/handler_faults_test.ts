@@ -18,7 +18,6 @@ import {
   send,
   serve,
   type Server,
-  setTimeout as arm,
   type Yielded,
 } from "../../mod.ts";
 import { echo } from "../../examples/echo_server.ts";
@@ -529,7 +528,8 @@ const faults: Record<string, Fault> = {
   "yields setTimeout with a non-number": {
     handler: () =>
       async function* (): Gen {
-        yield arm("soon" as unknown as number);
+        // Built by hand (actions are plain data): the setTimeout() helper would throw first.
+        yield { type: "setTimeout", ms: "soon" as unknown as number };
       },
     provoke: nothing,
     reason: isProtocolError(/setTimeout/),
@@ -537,7 +537,7 @@ const faults: Record<string, Fault> = {
   "yields a named setTimeout with NaN": {
     handler: () =>
       async function* (): Gen {
-        yield arm(NaN, "tick");
+        yield { type: "setTimeout", ms: NaN, name: "tick" };
       },
     provoke: nothing,
     reason: isProtocolError(/setTimeout/),

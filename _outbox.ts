@@ -1,0 +1,232 @@
+// A connection's output side: frames encoded into a buffer, written one write at a time, and
+// whoever waits for them (sendSync, a drain). A connection makes its outbox on the first send
+// and drops it when hibernating with nothing pending, so an idle connection holds no buffers.
+//
+// Two buffers take turns: frames are encoded into `#out` while `#spare` (the previous `#out`)
+// is being written; when that write completes, the buffers swap and the next write starts.
+
+import type { Framing } from "./framing.ts";
+import type { Conn } from "./transport/transport.ts";
+import { WriteBuffer } from "./_write_buffer.ts";
+
+// Output buffers larger than this are released after writing rather than kept.
+export const KEEP_WRITE_BUFFER = 64 * 1024;
+
+const NO_WAITERS: never[] = Object.freeze([]) as unknown as never[];
+
+/** What an outbox reports to its connection. */
+export interface OutboxOwner {
+  /** Nothing is being written any more (everything queued went out, or writing failed). */
+  outboxDrained(): void;
+  /** A write failed: the write side is broken for good. */
+  outboxFailed(error: Error): void;
+}
+
+interface SyncWaiter {
+  at: number; // resolve once this many bytes have been written
+  resolve(): void;
+  reject(err: Error): void;
+}
+
+export class Outbox {
+  readonly #socket: Conn;
+  readonly #owner: OutboxOwner;
+
+  // Bytes.
+  #out = new WriteBuffer(); // encoded, not yet handed to a write
+  #spare = new WriteBuffer(); // being written (or free for the next swap)
+  #inFlight: Uint8Array | null = null; // what the write under way still has to write
+  #bytesQueued = 0; // ever encoded
+  #bytesWritten = 0; // ever written
+  #framesDropped = 0; // sent after the write side broke
+  #broken: Error | null = null; // set once: writes failed or were aborted
+
+  // Waiters.
+  #syncWaiters: SyncWaiter[] = NO_WAITERS;
+  #drainWaiters: Array<() => void> = NO_WAITERS;
+
+  // Flush scheduling (callbacks made on first use).
+  #flushQueued = false;
+  #flushTask: (() => void) | null = null;
+  #flushTimer: ReturnType<typeof setTimeout> | undefined;
+  #flushTimerTask: (() => void) | null = null;
+  #onWrite: ((result: number | Error) => void) | null = null;
+
+  constructor(socket: Conn, owner: OutboxOwner) {
+    this.#socket = socket;
+    this.#owner = owner;
+  }
+
+  /** Bytes encoded and not yet handed to a write. */
+  get unflushed(): number {
+    return this.#out.length;
+  }
+
+  /** Bytes queued and not yet written (including a write under way); none once broken. */
+  get bytesPending(): number {
+    return this.#broken === null ? this.#bytesQueued - this.#bytesWritten : 0;
+  }
+
+  get bytesWritten(): number {
+    return this.#bytesWritten;
+  }
+
+  get framesDropped(): number {
+    return this.#framesDropped;
+  }
+
+  /** A write is under way. */
+  get writing(): boolean {
+    return this.#inFlight !== null;
+  }
+
+  /** Why writing stopped for good, if it did. */
+  get broken(): Error | null {
+    return this.#broken;
+  }
+
+  /** Encode `frame` (throws what the framing throws); dropped and counted once broken. */
+  encode<T>(framing: Framing<T>, frame: T): void {
+    if (this.#broken !== null) {
+      this.#framesDropped++;
+      return;
+    }
+    const before = this.#out.length;
+    framing.encode(frame, this.#out);
+    this.#bytesQueued += this.#out.length - before;
+  }
+
+  /** Start writing what is encoded, unless a write is under way (it goes on with the rest). */
+  flush(): void {
+    if (this.#inFlight !== null || this.#out.length === 0 || this.#broken !== null) return;
+    const buf = this.#out;
+    this.#out = this.#spare;
+    this.#spare = buf;
+    this.#write(buf.bytes());
+  }
+
+  /**
+   * Flush once the current synchronous work is done: sends of the same tick (from outside, or
+   * from steps run back to back) share one write.
+   */
+  flushSoon(): void {
+    if (this.#flushQueued) return;
+    this.#flushQueued = true;
+    queueMicrotask(
+      this.#flushTask ??= () => {
+        this.#flushQueued = false;
+        this.flush();
+      },
+    );
+  }
+
+  /**
+   * Flush at the next macrotask: steps that need no I/O all run first (their output then goes
+   * out in one write), yet output never waits for a handler that awaits something long.
+   */
+  flushLater(): void {
+    if (this.#flushTimer !== undefined) return;
+    this.#flushTimer = setTimeout(
+      this.#flushTimerTask ??= () => {
+        this.#flushTimer = undefined;
+        this.flush();
+      },
+      0,
+    );
+  }
+
+  /** Resolves once everything queued so far is written; rejects if writing fails first. */
+  written(): Promise<void> {
+    if (this.#broken !== null) return Promise.reject(this.#broken);
+    const at = this.#bytesQueued;
+    if (at <= this.#bytesWritten) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      if (this.#syncWaiters === NO_WAITERS) this.#syncWaiters = [];
+      this.#syncWaiters.push({ at, resolve, reject });
+    });
+  }
+
+  /** Resolves once nothing is pending (everything written, or writing failed). */
+  drained(): Promise<void> {
+    this.flush();
+    if (this.#inFlight === null) return Promise.resolve();
+    if (this.#drainWaiters === NO_WAITERS) this.#drainWaiters = [];
+    const waiters = this.#drainWaiters;
+    return new Promise((resolve) => waiters.push(resolve));
+  }
+
+  /**
+   * Give up: drop what is pending and refuse what comes, rejecting waiters with `error`. The
+   * caller closes the socket, which ends a write under way.
+   */
+  abort(error: Error): void {
+    if (this.#broken === null) this.#broken = error;
+    this.#out.reset(0);
+    for (const w of this.#takeSyncWaiters()) w.reject(error);
+    this.#cancelFlushes();
+    if (this.#inFlight === null) this.#drainedNow();
+  }
+
+  /** Whether there is nothing to keep: no bytes pending, no write under way, no waiter. */
+  get idle(): boolean {
+    return this.#inFlight === null && this.#out.length === 0 && this.#syncWaiters.length === 0 &&
+      this.#flushTimer === undefined && !this.#flushQueued;
+  }
+
+  #cancelFlushes(): void {
+    clearTimeout(this.#flushTimer);
+    this.#flushTimer = undefined;
+  }
+
+  #write(bytes: Uint8Array): void {
+    this.#inFlight = bytes;
+    this.#socket.write(bytes).then(
+      this.#onWrite ??= (result: number | Error) =>
+        typeof result === "number" ? this.#wrote(result) : this.#writeFailed(result),
+      this.#onWrite,
+    );
+  }
+
+  #wrote(n: number): void {
+    this.#bytesWritten += n;
+    const rest = this.#inFlight!;
+    if (n < rest.length) return this.#write(rest.subarray(n)); // a partial write
+    this.#inFlight = null;
+    this.#spare.reset(KEEP_WRITE_BUFFER);
+    this.#settleSyncWaiters();
+    if (this.#out.length > 0 && this.#broken === null) return this.flush(); // queued meanwhile
+    this.#drainedNow();
+  }
+
+  #writeFailed(err: unknown): void {
+    this.#inFlight = null;
+    const aborted = this.#broken !== null;
+    const error = this.#broken ?? (err instanceof Error ? err : new Error(String(err)));
+    this.#broken = error;
+    this.#out.reset(0);
+    this.#spare.reset(0);
+    for (const w of this.#takeSyncWaiters()) w.reject(error);
+    if (!aborted) this.#owner.outboxFailed(error);
+    this.#drainedNow();
+  }
+
+  #drainedNow(): void {
+    const drained = this.#drainWaiters;
+    this.#drainWaiters = NO_WAITERS;
+    for (const resolve of drained) resolve();
+    this.#owner.outboxDrained();
+  }
+
+  #takeSyncWaiters(): SyncWaiter[] {
+    const waiters = this.#syncWaiters;
+    this.#syncWaiters = NO_WAITERS;
+    return waiters;
+  }
+
+  #settleSyncWaiters(): void {
+    const waiters = this.#syncWaiters;
+    let i = 0;
+    while (i < waiters.length && waiters[i].at <= this.#bytesWritten) waiters[i++].resolve();
+    if (i > 0) waiters.splice(0, i);
+  }
+}
