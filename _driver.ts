@@ -19,7 +19,13 @@
 // one promise.
 
 import type { Action, Event, From, Handler, TimeoutEvent, Yielded } from "./actions.ts";
-import { BufferFull, ConnectionClosed, describeReason, ProtocolError, TimeoutError } from "./errors.ts";
+import {
+  BufferFull,
+  ConnectionClosed,
+  describeReason,
+  ProtocolError,
+  TimeoutError,
+} from "./errors.ts";
 import { FrameTooLarge, MalformedFrame } from "./errors.ts";
 import type { Decoder, Framing } from "./framing.ts";
 import type { Registry, RegistryEntry } from "./registry.ts";
@@ -521,7 +527,10 @@ export class Driver<T> implements OutboxOwner {
   #act(action: Action): Run {
     switch (action?.type) {
       case "send":
-        (this.#outbox ??= new Outbox(this.socket, this)).encode(this.#opts.framing, action.data as T);
+        (this.#outbox ??= new Outbox(this.socket, this)).encode(
+          this.#opts.framing,
+          action.data as T,
+        );
         return Run.Continue;
       case "reply":
         replyTo(action.from, action.value);
@@ -575,6 +584,8 @@ export class Driver<T> implements OutboxOwner {
   // yield, else when its step returns.
   #end(reason: unknown): void {
     if (this.#phase !== Phase.Open) return;
+    // Past a framing error, a normal end is still that error's: the input was bad.
+    if (reason === "normal" && this.#frameErrorTaken) reason = this.#inputError;
     this.#phase = Phase.Ending;
     this.#closeReason = reason;
     this.#lowerEndBy(performance.now() + this.#opts.shutdownTimeout);
@@ -646,7 +657,10 @@ export class Driver<T> implements OutboxOwner {
     for (const action of actions as Action[]) {
       try {
         if (action?.type === "send") {
-          (this.#outbox ??= new Outbox(this.socket, this)).encode(this.#opts.framing, action.data as T);
+          (this.#outbox ??= new Outbox(this.socket, this)).encode(
+            this.#opts.framing,
+            action.data as T,
+          );
         } else if (action?.type === "reply") replyTo(action.from, action.value);
       } catch (err) {
         this.#opts.logger.warn(
@@ -1148,7 +1162,9 @@ export class Driver<T> implements OutboxOwner {
   register(name: string): Promise<boolean> {
     if (this.#phase !== Phase.Open) return Promise.resolve(false);
     // (A registry that refuses the name by throwing rejects, rather than throwing here.)
-    return new Promise<boolean>((resolve) => resolve(this.#opts.registry.claim(this.handle.id, name))).then((ok) => {
+    return new Promise<boolean>((resolve) =>
+      resolve(this.#opts.registry.claim(this.handle.id, name))
+    ).then((ok) => {
       if (ok) this.name = name;
       return ok;
     });

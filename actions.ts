@@ -224,6 +224,27 @@ export type Handler<T = any, S = any> = (
 ) => HandlerGenerator<T>;
 
 /**
+ * The frame type a handler is written for: `T` of a `Handler<T>` or of a generator annotated
+ * `HandlerGenerator<T>`; `any` for a handler written inline without annotations.
+ *
+ * @example
+ * ```ts
+ * import type { FrameOf, HandlerGenerator } from "./mod.ts";
+ * async function* echo(): HandlerGenerator<string> {}
+ * const frame: FrameOf<typeof echo> = "a line";
+ * void frame;
+ * ```
+ */
+// deno-lint-ignore no-explicit-any
+export type FrameOf<H> = H extends (...args: any[]) => infer R
+  // deno-lint-ignore no-explicit-any
+  ? R extends AsyncGenerator<any, any, Event<infer T>> | Generator<any, any, Event<infer T>>
+    // deno-lint-ignore no-explicit-any
+    ? unknown extends T ? any : T
+  : never
+  : never;
+
+/**
  * Write `data` with the connection's framing.
  *
  * @example
@@ -244,8 +265,8 @@ export function send(data: unknown): SendAction {
  * @example
  * ```ts
  * import assert from "node:assert/strict";
- * import { type HandlerGenerator, reply } from "./mod.ts";
- * function* counter(): HandlerGenerator {
+ * import { type Event, reply, type Yielded } from "./mod.ts";
+ * function* counter(): Generator<Yielded, void, Event> {
  *   let n = 0;
  *   let ev = yield;
  *   for (;;) {

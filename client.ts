@@ -4,20 +4,15 @@
  * @module
  */
 
-import type { Handler } from "./actions.ts";
+import type { FrameOf, Handler } from "./actions.ts";
 import type { Connection, Logger, Mode } from "./connection.ts";
 import { NameTaken } from "./errors.ts";
-import type { Framing } from "./framing.ts";
+import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
 import { closeQuietly, Driver, formatAddr } from "./_driver.ts";
-import {
-  checkConnectionSettings,
-  checkHandler,
-  driverOptions,
-  OptionCheck,
-} from "./_options.ts";
+import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
 
 /** Options of {@linkcode connect}. */
@@ -63,8 +58,8 @@ export interface ConnectOptions<T = Uint8Array> {
  * Connect to a server and run `handler` for the connection; resolves with the connection's
  * handle once connected. Fails with `TimeoutError` after `connectTimeout`, `NameTaken` if
  * `name` is held. The handle's `closed` resolves with the close reason; its `done` rejects if
- * the connection ends abnormally (a frame too large, a crash of the handler). Frame types
- * follow the framing as with {@linkcode serve}.
+ * the connection ends abnormally (a frame too large, a crash of the handler). Frame types are
+ * checked as with {@linkcode serve}.
  *
  * @example
  * ```ts
@@ -85,24 +80,13 @@ export interface ConnectOptions<T = Uint8Array> {
  * await server.stop();
  * ```
  */
-export function connect<T extends string = string>(
-  handler: Handler<T>,
-  options: ConnectOptions<string> & { framing: Framing<string> },
-): Promise<Connection<string>>;
-/** Connect, with frames of bytes (the default `raw()`, or `lengthPrefixed()`). */
-export function connect<T extends Uint8Array = Uint8Array>(
-  handler: Handler<T>,
-  options?: ConnectOptions<Uint8Array>,
-): Promise<Connection<Uint8Array>>;
-/** Connect, with a framing of frames of type `T` (annotate the handler). */
-export function connect<T>(
-  handler: Handler<NoInfer<T>>,
-  options: ConnectOptions<T> & { framing: Framing<T> },
-): Promise<Connection<T>>;
-export async function connect<T>(
-  handler: Handler<T>,
-  options: ConnectOptions<T> = {},
-): Promise<Connection<T>> {
+// deno-lint-ignore no-explicit-any
+export async function connect<H extends Handler<any>>(
+  handler: H,
+  options?: ConnectOptions<FrameOf<H>> & FramingFor<FrameOf<H>>,
+): Promise<Connection<FrameOf<H>>> {
+  type T = FrameOf<H>;
+  options ??= {} as ConnectOptions<T> & FramingFor<T>;
   checkConnectOptions(handler, options);
   const transport = options.transport ?? tcp();
   const timeout = options.connectTimeout ?? 10_000;
@@ -154,7 +138,10 @@ export async function connect<T>(
 }
 
 // What a connect is to, for messages: the transport's own words, not a TCP default.
-function describeTarget(transport: Transport, options: { hostname?: string; port?: number }): string {
+function describeTarget(
+  transport: Transport,
+  options: { hostname?: string; port?: number },
+): string {
   if (transport.name === "tcp" || options.port !== undefined) {
     return formatAddr({
       transport: "tcp",

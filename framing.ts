@@ -74,6 +74,18 @@ export interface Framing<T = unknown> {
   encode: (frame: T, out: FrameWriter) => void;
 }
 
+/**
+ * The `framing` option a handler for frames of type `T` needs, so that `serve` and `connect`
+ * refuse a handler written for other frames: optional for bytes (the default is `raw()`),
+ * required for any other frame type, free for a handler written inline without annotations
+ * (its events are then `any`).
+ */
+export type FramingFor<T> =
+  // deno-lint-ignore no-explicit-any
+  unknown extends T ? { framing?: Framing<any> }
+    : [T] extends [Uint8Array] ? { framing?: Framing<T> }
+    : { framing: Framing<T> };
+
 /** Bytes or text: what the byte framings accept to send (text is written as UTF-8). */
 export type BytesLike = Uint8Array | string;
 

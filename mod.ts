@@ -38,6 +38,7 @@ export type {
   DisconnectEvent,
   Event,
   FrameErrorEvent,
+  FrameOf,
   From,
   Handler,
   HandlerGenerator,
@@ -72,6 +73,7 @@ export type {
   Decoder,
   FrameWriter,
   Framing,
+  FramingFor,
   LengthPrefixedOptions,
   LinesOptions,
 } from "./framing.ts";

@@ -4,19 +4,14 @@
  * @module
  */
 
-import type { Handler } from "./actions.ts";
+import type { FrameOf, Handler } from "./actions.ts";
 import type { Connection, Logger, Mode, StopOptions } from "./connection.ts";
-import type { Framing } from "./framing.ts";
+import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Addr, Conn, Listener, Transport } from "./transport/transport.ts";
 import { closeQuietly, type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
-import {
-  checkConnectionSettings,
-  checkHandler,
-  driverOptions,
-  OptionCheck,
-} from "./_options.ts";
+import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
 
 /** Options of {@linkcode serve}. */
@@ -418,10 +413,11 @@ function isPeerGone(err: unknown): boolean {
 /**
  * Listen and serve: every accepted connection runs its own `handler` generator.
  *
- * The frame type follows the framing: with `lines()` an inline handler's `ev.data` is a
- * `string`, with the default `raw()` or `lengthPrefixed()` a `Uint8Array`, and a handler typed
- * for other frames is refused at compile time. A handler declared on its own, or one for a
- * framing of another frame type, is annotated once: `async function* h(): HandlerGenerator<F>`.
+ * Types: a handler written inline gets events of type `any`. Annotate it once, with the frame
+ * type of its framing, to have its events typed and checked against the framing:
+ * `async function* h(): HandlerGenerator<string>` for `lines()` (`Uint8Array` for `raw()` and
+ * `lengthPrefixed()`). `serve` then refuses, at compile time, a handler written for frames
+ * other than its framing's.
  *
  * @example An echo server for length-prefixed frames
  * ```ts
@@ -439,24 +435,13 @@ function isPeerGone(err: unknown): boolean {
  * await server.stop();
  * ```
  */
-export function serve<T extends string = string, A extends Addr = Deno.NetAddr>(
-  handler: Handler<T>,
-  options: ServeOptions<string, A> & { framing: Framing<string> },
-): Promise<Server<string, A>>;
-/** Listen and serve, with frames of bytes (the default `raw()`, or `lengthPrefixed()`). */
-export function serve<T extends Uint8Array = Uint8Array, A extends Addr = Deno.NetAddr>(
-  handler: Handler<T>,
-  options?: ServeOptions<Uint8Array, A>,
-): Promise<Server<Uint8Array, A>>;
-/** Listen and serve, with a framing of frames of type `T` (annotate the handler). */
-export function serve<T, A extends Addr = Deno.NetAddr>(
-  handler: Handler<NoInfer<T>>,
-  options: ServeOptions<T, A> & { framing: Framing<T> },
-): Promise<Server<T, A>>;
-export async function serve<T, A extends Addr>(
-  handler: Handler<T>,
-  options: ServeOptions<T, A> = {},
-): Promise<Server<T, A>> {
+// deno-lint-ignore no-explicit-any
+export async function serve<H extends Handler<any>, A extends Addr = Deno.NetAddr>(
+  handler: H,
+  options?: ServeOptions<FrameOf<H>, A> & FramingFor<FrameOf<H>>,
+): Promise<Server<FrameOf<H>, A>> {
+  type T = FrameOf<H>;
+  options ??= {} as ServeOptions<T, A> & FramingFor<T>;
   checkServeOptions(handler, options);
   const transport = options.transport ?? tcp();
   const count = options.acceptors ?? 1;

@@ -30,7 +30,7 @@ import { stopOnSignals } from "./_stop_on_signals.ts";
 export interface ChatOptions {
   /** Port to listen on (default 7000; 0 for any). */
   port?: number;
-  /** Address to bind (default `"0.0.0.0"`). */
+  /** Address to bind (default: every address, IPv6 and IPv4). */
   hostname?: string;
   /** Silence after which a user is warned (default 5 minutes). */
   idleWarnMs?: number;
@@ -49,10 +49,12 @@ export interface ChatOptions {
 const NAME = /^[A-Za-z0-9_-]{1,20}$/;
 
 // Lines from users are limited to 4096 bytes; what the server sends may be longer (a relayed
-// line carries its sender's name, /who lists everyone), so sending has a looser bound.
+// line carries its sender's name, /who lists everyone), so sending has a looser bound. Bytes
+// that are not UTF-8 become U+FFFD rather than costing the user the connection.
+const MAX_LINE = 4096;
 const CHAT_FRAMING: Framing<string> = {
   ...lines({ maxLength: 1024 * 1024 }),
-  decoder: lines({ maxLength: 4096 }).decoder,
+  decoder: lines({ maxLength: MAX_LINE, invalidUtf8: "replace" }).decoder,
 };
 
 /** Start a chat server. */
@@ -90,6 +92,11 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
           continue;
         }
         if (ev.type === "disconnect") return;
+        if (ev.type === "frameError") {
+          // A line over the limit: say so before the connection ends.
+          yield [send(`* line too long (the limit is ${MAX_LINE} bytes); goodbye`), stop()];
+          return;
+        }
         if (ev.type === "shutdown") {
           yield [send("* the server is shutting down"), stop()];
           return;
@@ -169,7 +176,8 @@ if (import.meta.main) {
     port,
     onListen: (addr) => {
       if (addr.transport === "tcp") {
-        console.log(`chat server listening on ${addr.hostname}:${addr.port}`);
+        const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
+        console.log(`chat server listening on ${host}:${addr.port}`);
         console.log(`talk to it with: nc localhost ${addr.port}`);
       }
     },

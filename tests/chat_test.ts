@@ -378,10 +378,10 @@ Deno.test("chat: a warned user who speaks again is not disconnected at the old d
   });
 });
 
-Deno.test("chat: a line over 4096 bytes ends only that client's connection", async () => {
+Deno.test("chat: a line over 4096 bytes is answered, then ends only that client's connection", async () => {
   const logged: unknown[][] = [];
-  const originalError = console.error;
-  console.error = (...data: unknown[]) => logged.push(data);
+  const originalWarn = console.warn;
+  console.warn = (...data: unknown[]) => logged.push(data);
   try {
     await withChat({}, async ({ people, server }) => {
       const [alice, bob, carol] = await people("alice", "bob", "carol");
@@ -398,7 +398,9 @@ Deno.test("chat: a line over 4096 bytes ends only that client's connection", asy
 
       const bobConn = userNamed(server, "bob");
       await bob.send("z".repeat(5000));
-      // bob's connection ends: a clean close, or a reset if the server closed with bytes unread.
+      // bob is told why, then his connection ends: a clean close, or a reset if the server
+      // closed with bytes unread.
+      await bob.expect("* line too long (the limit is 4096 bytes); goodbye");
       try {
         await bob.expect(null);
       } catch (err) {
@@ -409,9 +411,12 @@ Deno.test("chat: a line over 4096 bytes ends only that client's connection", asy
       const reason = await bobConn.closed;
       assert.ok(reason instanceof FrameTooLarge, `closed with ${reason}`);
       assert.equal(reason.maxLength, 4096);
-      // Logged once, as the design says.
+      // Logged once, as one line at warn: a peer's fault, not the server's.
       assert.equal(logged.length, 1, `logged: ${logged.map((d) => d.join(" ")).join("; ")}`);
-      assert.ok(logged[0].some((d) => d instanceof FrameTooLarge));
+      assert.match(
+        String(logged[0][0]),
+        /FrameTooLarge: frame of \d+ bytes exceeds maxLength 4096/,
+      );
 
       // Everyone else goes on.
       await alice.send("still here");
@@ -421,8 +426,41 @@ Deno.test("chat: a line over 4096 bytes ends only that client's connection", asy
       assert.equal(server.connections().length, 2);
     });
   } finally {
-    console.error = originalError;
+    console.warn = originalWarn;
   }
+});
+
+Deno.test("chat: bytes that are not UTF-8 are replaced, and the user stays", async () => {
+  await withChat({}, async ({ people }) => {
+    const [alice, bob] = await people("alice", "bob");
+    await bob.write(Uint8Array.of(0x68, 0x69, 0xff, 0x21, 0x0a)); // "hi\xff!\n"
+    await alice.expect("<bob> hi\uFFFD!");
+    await bob.send("still here");
+    await alice.expect("<bob> still here");
+  });
+});
+
+Deno.test("chat: a member who never reads is dropped once 8 MiB is pending for him, and the server does not grow", async () => {
+  await withChat({}, async ({ people, server }) => {
+    const [alice, bob] = await people("alice", "bob");
+    const mute = await people("mute").then(([m]) => m); // joins, then never reads again
+    await alice.expect("* mute joined");
+    await bob.expect("* mute joined");
+    const muteConn = userNamed(server, "mute");
+    const line = "x".repeat(4000);
+    // alice talks; bob reads along; mute reads nothing. 16 MB would go to mute without a bound.
+    let sent = 0;
+    while (muteConn.closeReason === undefined && sent < 4000) {
+      await alice.send(line);
+      await bob.expect(`<alice> ${line}`);
+      sent++;
+    }
+    const reason = await muteConn.closed;
+    assert.equal((reason as Error).name, "BufferFull", `closed with ${reason}`);
+    assert.ok(sent * line.length < 12 * 1024 * 1024, `dropped after ${sent} lines`);
+    await bob.expect("* mute left");
+    mute.close();
+  });
 });
 
 Deno.test("chat: server.stop() tells everyone the server is shutting down and closes them", async () => {
@@ -476,13 +514,17 @@ Deno.test("chat: the example runs as a process with PORT=0, serves clients, and 
     // Wait (bounded) for the line that gives the real port.
     const deadline = setTimeout(() => stdoutLines.cancel("no listening line in time"), 15_000);
     let match: RegExpMatchArray | null = null;
-    while (!(match = stdout.match(/^chat server listening on ([^\s:]+):(\d+)$/m))) {
+    while (!(match = stdout.match(/^chat server listening on (\S+):(\d+)$/m))) {
       const { value, done } = await stdoutLines.read();
       if (done) break;
       stdout += value;
     }
     clearTimeout(deadline);
-    if (!match) assert.fail(`no listening line; stdout: ${stdout}\nstderr: ${await stderr}`);
+    if (!match) {
+      child.kill("SIGKILL"); // before reading stderr, which ends only with the child
+      killed = true;
+      assert.fail(`no listening line; stdout: ${stdout}\nstderr: ${await stderr}`);
+    }
     const port = Number(match[2]);
     assert.ok(port > 0, `listening on port ${port}`);
 

@@ -107,7 +107,7 @@ function connectTo(
   rec: Recorder,
   options: Omit<ConnectOptions<string>, "framing"> = {},
 ): Promise<Connection<string>> {
-  return connect<string>(rec.handler, {
+  return connect(rec.handler, {
     hostname: HOST,
     port: portOf(server.addr),
     framing: lines(),

@@ -908,7 +908,8 @@ async function echoServer<T>(kind: Kind, framing: Framing<T>): Promise<Rig<T>> {
   };
   if (kind === "memory") {
     const transport = memory(`framing-test-${++rigs}-${crypto.randomUUID()}`);
-    const server = await serve(handler, { transport, framing, logger });
+    // (Generic over T, the framing cannot be checked against the handler at compile time.)
+    const server: Server<T> = await serve(handler as Handler, { transport, framing, logger });
     return {
       server,
       logged,
@@ -923,7 +924,12 @@ async function echoServer<T>(kind: Kind, framing: Framing<T>): Promise<Rig<T>> {
       },
     };
   }
-  const server = await serve(handler, { hostname: HOST, port: 0, framing, logger });
+  const server: Server<T, Deno.NetAddr> = await serve(handler as Handler, {
+    hostname: HOST,
+    port: 0,
+    framing,
+    logger,
+  });
   const port = portOf(server.addr);
   return {
     server,

@@ -68,7 +68,9 @@ export function tcp(options: TcpOptions = {}): Transport<Deno.NetAddr> {
 
   // Bind every address: "::" when it takes IPv4 as well, else "0.0.0.0".
   const listenAny = (port: number, reusePort: boolean | undefined): Deno.TcpListener => {
-    if (dualStack === false) return Deno.listen({ hostname: "0.0.0.0", port, reusePort, tcpBacklog });
+    if (dualStack === false) {
+      return Deno.listen({ hostname: "0.0.0.0", port, reusePort, tcpBacklog });
+    }
     let v6: Deno.TcpListener;
     try {
       v6 = Deno.listen({ hostname: "::", port, reusePort, tcpBacklog });

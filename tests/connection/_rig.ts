@@ -7,8 +7,8 @@ import {
   type Handler,
   lines,
   memory,
-  type ServeOptions,
   serve,
+  type ServeOptions,
   type Server,
   type Transport,
 } from "../../mod.ts";

@@ -62,7 +62,7 @@ export function lineClient(
   handler: Handler<string>,
   options: Partial<ConnectOptions<string>> = {},
 ): Promise<Connection<string>> {
-  return connect<string>(handler, {
+  return connect(handler, {
     transport,
     framing: lines(),
     shutdownTimeout: 200,

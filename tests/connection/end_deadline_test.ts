@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import {
   type Conn,
   type Connection,
+  type HandlerGenerator,
   hibernate,
   type Listener,
   send,
@@ -88,7 +89,11 @@ Deno.test("end: a shorter stop timeout wins over a shutdown already running", as
   });
   const { conn } = await rig.open();
   const slow = tracked(conn.stop("slow", { timeout: 60_000 }));
-  await within(2000, rig.server.stop("shutdown", { timeout: 100 }), "server.stop({ timeout: 100 })");
+  await within(
+    2000,
+    rig.server.stop("shutdown", { timeout: 100 }),
+    "server.stop({ timeout: 100 })",
+  );
   assert.equal(slow.settled(), true, "the earlier stop resolved too");
   assert.equal(await conn.closed, "slow", "the first shutdown's reason stands");
 });
@@ -118,7 +123,11 @@ Deno.test("end: a connection lingering for a peer that does not read is cut off 
   const { conn } = await rig.open();
   await within(3000, returned.promise, "the handler returns");
   assert.ok(conn.bufferedAmount > 0, "output is pending");
-  await within(2000, rig.server.stop("shutdown", { timeout: 100 }), "server.stop({ timeout: 100 })");
+  await within(
+    2000,
+    rig.server.stop("shutdown", { timeout: 100 }),
+    "server.stop({ timeout: 100 })",
+  );
   assert.equal(await conn.closed, "normal");
 });
 
@@ -126,7 +135,9 @@ Deno.test("upgrade: a codeChange that throws ends only that connection, with its
   const logger = capturingLogger();
   await using rig = await lineRig("bad-code-change", function* (_conn, state?: number) {
     const ev = yield;
-    if (ev.type === "packet") yield [send(`v1 ${ev.data} ${state ?? 0}`), hibernate((state ?? 0) + 1)];
+    if (ev.type === "packet") {
+      yield [send(`v1 ${ev.data} ${state ?? 0}`), hibernate((state ?? 0) + 1)];
+    }
   }, { logger });
   const a = await rig.open();
   const b = await rig.open();
@@ -154,15 +165,23 @@ Deno.test("upgrade: a codeChange that throws ends only that connection, with its
 });
 
 Deno.test("upgrade: two upgrades while hibernated compose their codeChanges in order", async () => {
-  await using rig = await lineRig("composed-upgrades", function* (_conn, state?: { v: number; n?: number }) {
-    const ev = yield;
-    if (ev.type === "packet") yield [send(JSON.stringify(state ?? null)), hibernate(state ?? { v: 1 })];
-  });
+  await using rig = await lineRig(
+    "composed-upgrades",
+    function* (_conn, state?: { v: number; n?: number }) {
+      const ev = yield;
+      if (ev.type === "packet") {
+        yield [
+          send(JSON.stringify(state ?? null)),
+          hibernate(state ?? { v: 1 }),
+        ];
+      }
+    },
+  );
   const { peer, conn } = await rig.open();
   await writeText(peer, "a\n");
   assert.equal(await readUntil(peer, "\n"), "null\n");
   await until(() => conn.hibernating, "it hibernates");
-  const handler = function* (_conn: Connection<string>, state?: unknown) {
+  const handler = function* (_conn: Connection<string>, state?: unknown): HandlerGenerator<string> {
     const ev = yield;
     if (ev.type === "packet") yield send(JSON.stringify(state));
   };
@@ -173,7 +192,9 @@ Deno.test("upgrade: two upgrades while hibernated compose their codeChanges in o
 });
 
 /** A memory transport whose connections need a handshake that completes only when told. */
-function handshaking(label: string): { transport: Transport; handshakes: Inbox<PromiseWithResolvers<void>> } {
+function handshaking(
+  label: string,
+): { transport: Transport; handshakes: Inbox<PromiseWithResolvers<void>> } {
   const base = freshMemory(label);
   const handshakes = new Inbox<PromiseWithResolvers<void>>(3000);
   const transport: Transport = {

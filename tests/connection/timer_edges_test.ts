@@ -3,17 +3,25 @@
 // (not fired at once), and bad delays are refused up front.
 
 import assert from "node:assert/strict";
-import { type Connection, recv, setTimeout as arm } from "../../mod.ts";
+import { type Connection, type HandlerGenerator, recv, setTimeout as arm } from "../../mod.ts";
 import { Inbox, within } from "../_support.ts";
 import { lineRig, writeText } from "./_rig.ts";
 
 // The handler's step on "busy" waits (an await) until the test lets it go: a timer set to fire
 // meanwhile lands in the mailbox before the step's actions are performed.
-function busyHandler(release: Inbox<void>, events: Inbox<string>, actions: (ev: string) => ReturnType<typeof arm>[]) {
-  return async function* (_conn: Connection<string>) {
+function busyHandler(
+  release: Inbox<void>,
+  events: Inbox<string>,
+  actions: (ev: string) => ReturnType<typeof arm>[],
+) {
+  return async function* (_conn: Connection<string>): HandlerGenerator<string> {
     let ev = yield;
     for (;;) {
-      const seen = ev.type === "timeout" ? `timeout ${ev.name ?? ""}`.trim() : ev.type === "packet" ? ev.data : ev.type;
+      const seen = ev.type === "timeout"
+        ? `timeout ${ev.name ?? ""}`.trim()
+        : ev.type === "packet"
+        ? ev.data
+        : ev.type;
       events.push(seen);
       if (ev.type === "shutdown") return;
       if (seen.startsWith("busy")) {
@@ -37,11 +45,14 @@ for (
   Deno.test(`timer ${label} in a busy step after it fired: its stale event is not delivered`, async () => {
     const release = new Inbox<void>();
     const events = new Inbox<string>(3000);
-    await using rig = await lineRig(`stale-${label}`, busyHandler(release, events, (ev) => {
-      if (ev === "arm") return [armIt];
-      if (ev === "busy") return [settle];
-      return [];
-    }));
+    await using rig = await lineRig(
+      `stale-${label}`,
+      busyHandler(release, events, (ev) => {
+        if (ev === "arm") return [armIt];
+        if (ev === "busy") return [settle];
+        return [];
+      }),
+    );
     const { peer } = await rig.open();
     await writeText(peer, "arm\n");
     assert.equal(await events.next(), "arm");
@@ -60,11 +71,14 @@ for (
 Deno.test("named timer re-armed in a busy step after it fired: fires once, for the new arming", async () => {
   const release = new Inbox<void>();
   const events = new Inbox<string>(3000);
-  await using rig = await lineRig("rearmed-once", busyHandler(release, events, (ev) => {
-    if (ev === "arm") return [arm(5, "t")];
-    if (ev === "busy") return [arm(40, "t")];
-    return [];
-  }));
+  await using rig = await lineRig(
+    "rearmed-once",
+    busyHandler(release, events, (ev) => {
+      if (ev === "arm") return [arm(5, "t")];
+      if (ev === "busy") return [arm(40, "t")];
+      return [];
+    }),
+  );
   const { peer } = await rig.open();
   await writeText(peer, "arm\n");
   assert.equal(await events.next(), "arm");

@@ -416,7 +416,7 @@ export async function recordingServer(
       end.resolve("finally");
     }
   };
-  const server = await serve<Uint8Array, Addr>(handler, {
+  const server = await serve(handler, {
     hostname: HOST,
     port: 0,
     framing: lengthPrefixed(4),

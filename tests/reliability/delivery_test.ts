@@ -133,7 +133,7 @@ seededTest(
     const logger = capturingLogger();
     const got: string[] = [];
     const done = Promise.withResolvers<void>();
-    const server = await serve<string>(
+    const server = await serve(
       async function* (): AsyncGenerator<Yielded, void, Event<string>> {
         let ev = yield;
         for (;;) {
@@ -258,7 +258,7 @@ Deno.test("passive mode: the frames before one over maxLength are all delivered 
   const logger = capturingLogger();
   const got: Uint8Array[] = [];
   const conns = new Inbox<Connection<Uint8Array>>();
-  const server = await serve<Uint8Array>(async function* (conn: Connection<Uint8Array>): Gen {
+  const server = await serve(async function* (conn: Connection<Uint8Array>): Gen {
     conns.push(conn);
     let ev = yield recv();
     for (;;) {
@@ -318,7 +318,7 @@ for (const [label, handler] of echoHandlers) {
         server = s.server;
         sessions = s.sessions;
       } else {
-        server = await serve<Uint8Array>(handler, {
+        server = await serve(handler, {
           hostname: HOST,
           port: 0,
           framing: lengthPrefixed(4),
@@ -386,7 +386,7 @@ async function batchServer(
       }
     }
   };
-  const server = await serve<Uint8Array>(handler, {
+  const server = await serve(handler, {
     hostname: HOST,
     port: 0,
     transport: io.transport,
@@ -523,7 +523,7 @@ async function bothWays(transport: Transport, rand: Rand, slowClient: boolean): 
   await using s = await recordingServer({ transport, logger }, { echo: true });
   const clientGot: Uint8Array[] = [];
   const allIn = Promise.withResolvers<void>();
-  const client = await connect<Uint8Array>(async function* (): Gen {
+  const client = await connect(async function* (): Gen {
     let ev = yield;
     for (;;) {
       if (ev.type === "info") {

@@ -203,7 +203,7 @@ class Bench {
 
   static async start(): Promise<Bench> {
     const bench = new Bench();
-    bench.server = await serve<Uint8Array>(
+    bench.server = await serve(
       (conn: Connection<Uint8Array>, state?: unknown) => {
         const fault = bench.#pending.shift();
         if (fault === undefined) return echo();

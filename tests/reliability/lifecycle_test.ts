@@ -103,7 +103,7 @@ Deno.test("stop({ timeout }) with 60 busy connections, a third slow to finish an
   const got = new Map<string, string[]>();
   const finallyRan = new Set<string>();
   let n = 0;
-  const server = await serve<Uint8Array>(async function* (conn: Connection<Uint8Array>): Gen {
+  const server = await serve(async function* (conn: Connection<Uint8Array>): Gen {
     const kind = ["prompt", "slow", "refuses"][n++ % 3];
     const events: string[] = [];
     got.set(conn.id, events);
@@ -237,7 +237,7 @@ Deno.test("maxConnections lowered and raised while at the limit: live connection
 // ---- Start and stop on the same port ------------------------------------------------------
 
 Deno.test("start/stop 10 times in a row on the same port: each binds at once, serves an echo, and stops; the port is refused after each stop", async () => {
-  const first = await serve<Uint8Array>(echo, {
+  const first = await serve(echo, {
     hostname: HOST,
     port: 0,
     framing: lengthPrefixed(4),
@@ -245,7 +245,7 @@ Deno.test("start/stop 10 times in a row on the same port: each binds at once, se
   const port = portOf(first.addr);
   await first.stop();
   for (let round = 0; round < 10; round++) {
-    const server = await serve<Uint8Array>(echo, {
+    const server = await serve(echo, {
       hostname: HOST,
       port,
       framing: lengthPrefixed(4),
@@ -324,7 +324,7 @@ Deno.test("upgrade while frames flow on 50 connections (some hibernated, some li
       else ev = yield;
     }
   };
-  const server = await serve<Uint8Array>(v1, {
+  const server = await serve(v1, {
     hostname: HOST,
     port: 0,
     framing: lengthPrefixed(4),

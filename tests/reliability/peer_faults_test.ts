@@ -105,7 +105,7 @@ Deno.test("half-close: the peer's closeWrite with 500 replies still to come: eve
   const conns = new Inbox<Connection<Uint8Array>>();
   // Replies only once the peer has said it is done (disconnect): 50 per step, each step
   // arming a 0 ms timer for the next (no event would come otherwise), the last one stopping.
-  const server = await serve<Uint8Array>(async function* (conn: Connection<Uint8Array>): Gen {
+  const server = await serve(async function* (conn: Connection<Uint8Array>): Gen {
     conns.push(conn);
     const got: Uint8Array[] = [];
     let at = 0;
@@ -148,7 +148,7 @@ Deno.test("half-close: the peer's closeWrite with 500 replies still to come: eve
 });
 
 Deno.test("half-close through the echo example: all echoes arrive after the peer's closeWrite, then end of stream", async () => {
-  const server = await serve<Uint8Array>(echo, {
+  const server = await serve(echo, {
     hostname: HOST,
     port: 0,
     framing: lengthPrefixed(4),
@@ -357,7 +357,7 @@ Deno.test("a peer that never reads: the sending handler is held back with bounde
   // One server: the first connection is the firehose; later ones echo.
   let first = true;
   const fire = firehose(CHUNK, sent, conns);
-  const server = await serve<Uint8Array>(
+  const server = await serve(
     (conn: Connection<Uint8Array>) => {
       if (!first) return echo() as Gen;
       first = false;
@@ -422,7 +422,7 @@ Deno.test("a peer that never reads, output pending below the high-water mark, ha
   const CHUNK = 128 * 1024;
   const data = new Uint8Array(CHUNK);
   const shutdownSeen = Promise.withResolvers<void>();
-  const server = await serve<Uint8Array>(async function* (conn: Connection<Uint8Array>): Gen {
+  const server = await serve(async function* (conn: Connection<Uint8Array>): Gen {
     conns.push(conn);
     let ev = yield;
     for (;;) {
@@ -465,7 +465,7 @@ Deno.test("a peer that sends but never reads, against the echo example with idle
   const IDLE = 300, SHUTDOWN = 200;
   const logger = capturingLogger();
   const io = wrapped(tcp());
-  const server = await serve<Uint8Array>(echo, {
+  const server = await serve(echo, {
     hostname: HOST,
     port: 0,
     transport: io.transport,
