@@ -7,7 +7,7 @@
 //                                                       │ handler's finally runs  │ output lingers,
 //                                                       │ (its yields performed)  │ socket closes,
 //                                                       ▼                         ▼ entry removed
-//                                          both bounded by one deadline, #endBy
+//                                          both bounded by one deadline (#endClock)
 //
 // `#at` says where the handler is: not started, running a step (Running: synchronous, Stepping:
 // an async step pending), waiting at a yield for an event (AwaitingEvent) or for its output to
@@ -92,6 +92,30 @@ const enum Input {
   Ended, // end of stream, a read error, or a framing error
 }
 
+// The end deadline: made when the end or a shutdown is first asked for (most connections never
+// need it before they end).
+interface EndClock {
+  by: number; // performance.now() by which the end must be complete (only ever lowered)
+  timer: Timer;
+  timerAt: number; // what the timer is armed for
+  fire: () => void;
+}
+
+const enum FrameErrorAt {
+  None,
+  Queued, // a frameError event waits in the mailbox
+  Taken, // the handler has it: the connection ends when it asks for more
+}
+
+// What only a passive connection needs.
+interface Passive<T> {
+  framesHeld: T[]; // decoded frames not yet asked for
+  recvWanted: boolean;
+  timer: Timer; // of the recv's timeout
+  timeoutQueued: Event<T> | null; // a recvTimeout not yet taken
+  readError: Error | undefined; // how the stream ended, for the next recv
+}
+
 const enum Run {
   Continue,
   Stop,
@@ -160,10 +184,7 @@ export class Driver<T> implements OutboxOwner {
   // ---- Lifecycle ---------------------------------------------------------------------------------
   #phase = Phase.Open;
   #closeReason: unknown = undefined; // fixed when the phase leaves Open
-  #endBy = Infinity; // performance.now() by which the end must be complete (only ever lowered)
-  #endTimer: Timer = undefined;
-  #endTimerAt = Infinity;
-  #onEndTimer: (() => void) | null = null;
+  #endClock: EndClock | null = null; // made when an end or a shutdown is first asked for
   #shutdownReason: { reason: unknown } | null = null; // a shutdown event was sent
   #closed: Promise<unknown> | null = null; // made when first asked for
   #resolveClosed: ((reason: unknown) => void) | null = null;
@@ -189,7 +210,7 @@ export class Driver<T> implements OutboxOwner {
   // ---- Reading -----------------------------------------------------------------------------------
   #input = Input.Idle;
   readonly #decoder: Decoder<T>;
-  readonly #emit: (frame: T) => void;
+  #emit: ((frame: T) => void) | null = null; // made on first use, dropped when hibernating
   #readBuf: Uint8Array | null = null;
   #parkBuf: Uint8Array | null = null;
   #readingInto: Uint8Array | null = null; // the buffer of the read under way
@@ -198,13 +219,8 @@ export class Driver<T> implements OutboxOwner {
   #framesDecoded = 0;
   #bytesRead = 0;
   #inputError: Error | null = null; // the framing failed: delivered as frameError, then the end
-  #readError: Error | undefined; // passive mode: how the stream ended, for the next recv
-  #frameErrorQueued = false;
-  #frameErrorTaken = false; // the handler has it: the connection ends when it asks for more
-  #framesHeld: T[] = NONE; // passive mode: decoded frames not yet asked for
-  #recvWanted = false;
-  #recvTimer: Timer = undefined;
-  #recvTimeoutQueued: Event<T> | null = null;
+  #frameError = FrameErrorAt.None;
+  readonly #passive: Passive<T> | null; // passive mode only
 
   // ---- Writing -----------------------------------------------------------------------------------
   #outbox: Outbox | null = null; // made on first send, dropped when hibernating with none pending
@@ -228,13 +244,15 @@ export class Driver<T> implements OutboxOwner {
     this.#opts = opts;
     this.handle = new Connection<T>(this);
     this.#decoder = opts.framing.decoder();
-    this.#emit = (frame: T) => {
-      this.#framesDecoded++;
-      if (this.#opts.mode === "passive") {
-        if (this.#framesHeld === NONE) this.#framesHeld = [];
-        this.#framesHeld.push(frame);
-      } else this.#push({ type: "packet", data: frame });
-    };
+    this.#passive = opts.mode === "passive"
+      ? {
+        framesHeld: NONE,
+        recvWanted: false,
+        timer: undefined,
+        timeoutQueued: null,
+        readError: undefined,
+      }
+      : null;
   }
 
   // ---- What the handle reads ---------------------------------------------------------------------
@@ -250,12 +268,8 @@ export class Driver<T> implements OutboxOwner {
 
   get closeReason(): unknown {
     if (this.#phase !== Phase.Open) return this.#closeReason;
-    // Open, with the handler running: if it is in its finally, it is returning, which ends the
-    // connection normally (or, past a frameError, with that error).
-    if (this.#at === HandlerAt.Running || this.#at === HandlerAt.Stepping) {
-      return this.#frameErrorTaken ? this.#inputError : "normal";
-    }
-    return undefined;
+    // Open, but past a frameError: that error is how it ends, even if the handler returns.
+    return this.#frameError === FrameErrorAt.Taken ? this.#inputError : undefined;
   }
 
   get hibernating(): boolean {
@@ -420,7 +434,8 @@ export class Driver<T> implements OutboxOwner {
       this.#gen = null;
       this.#at = HandlerAt.Gone;
       // (A framing error not yet taken still names the end: the input was bad.)
-      this.#end(this.#inputError ?? "normal");
+      if (this.#phase === Phase.Open) this.#end(this.#inputError ?? "normal");
+      else this.#closeGenerator(); // ended meanwhile: nothing left to close but the rest
       return undefined;
     }
     if (this.#phase !== Phase.Open) {
@@ -473,7 +488,7 @@ export class Driver<T> implements OutboxOwner {
     this.#resumeReader();
     const ev = this.#take();
     if (ev !== undefined) return ev;
-    if (this.#frameErrorTaken) {
+    if (this.#frameError === FrameErrorAt.Taken) {
       // The handler has seen the frameError event and asks for more: there is no more.
       this.#end(this.#inputError);
       return undefined;
@@ -507,6 +522,7 @@ export class Driver<T> implements OutboxOwner {
       }
     }
     this.#onStep = this.#onStepError = null;
+    this.#emit = this.#wakeTask = null;
   }
 
   #perform(yielded: Yielded): Run {
@@ -576,7 +592,8 @@ export class Driver<T> implements OutboxOwner {
   // ---- Ending ------------------------------------------------------------------------------------
   //
   // One owner of the end: #end fixes the reason and runs the finally; #finish lingers, closes and
-  // cleans up. Both are bounded by #endBy, which every stop or shutdown can only bring closer;
+  // cleans up. Both are bounded by the end deadline, which every stop or shutdown can only bring
+  // closer;
   // when it passes, whatever is still going (a stuck step, a stuck finally, output to a peer that
   // does not read) is abandoned and the socket closes.
 
@@ -585,11 +602,12 @@ export class Driver<T> implements OutboxOwner {
   #end(reason: unknown): void {
     if (this.#phase !== Phase.Open) return;
     // Past a framing error, a normal end is still that error's: the input was bad.
-    if (reason === "normal" && this.#frameErrorTaken) reason = this.#inputError;
+    if (reason === "normal" && this.#frameError === FrameErrorAt.Taken) reason = this.#inputError;
     this.#phase = Phase.Ending;
     this.#closeReason = reason;
     this.#lowerEndBy(performance.now() + this.#opts.shutdownTimeout);
-    if (this.#at !== HandlerAt.Running && this.#at !== HandlerAt.Stepping) this.#closeGenerator();
+    if (this.#at === HandlerAt.Stepping) this.#armEndTimer(); // a stuck step is bounded too
+    else if (this.#at !== HandlerAt.Running) this.#closeGenerator();
   }
 
   // Run the handler's finally (gen.return()), performing what it yields, then finish. A throw
@@ -672,27 +690,32 @@ export class Driver<T> implements OutboxOwner {
   }
 
   #lowerEndBy(at: number): void {
-    if (at < this.#endBy) {
-      this.#endBy = at;
-      if (this.#endTimer !== undefined) this.#armEndTimer();
+    const clock = this.#endClock ??= {
+      by: Infinity,
+      timer: undefined,
+      timerAt: Infinity,
+      fire: () => this.#endDeadline(),
+    };
+    if (at < clock.by) {
+      clock.by = at;
+      if (clock.timer !== undefined) this.#armEndTimer();
     }
   }
 
-  // (Re)arm the end timer for #endBy, unless it is armed for that already.
+  // (Re)arm the end timer for the end deadline, unless it is armed for that already.
   #armEndTimer(): void {
-    if (this.#endBy === Infinity || this.#endTimerAt === this.#endBy) return;
-    clearTimer(this.#endTimer);
-    this.#endTimerAt = this.#endBy;
-    this.#endTimer = startTimer(
-      this.#onEndTimer ??= () => this.#endDeadline(),
-      Math.max(0, this.#endBy - performance.now()),
-    );
+    const clock = this.#endClock;
+    if (clock === null || clock.by === Infinity || clock.timerAt === clock.by) return;
+    clearTimer(clock.timer);
+    clock.timerAt = clock.by;
+    clock.timer = startTimer(clock.fire, Math.max(0, clock.by - performance.now()));
   }
 
   // The end deadline passed: stop waiting for whatever is still going.
   #endDeadline(): void {
-    this.#endTimer = undefined;
-    this.#endTimerAt = Infinity;
+    const clock = this.#endClock!;
+    clock.timer = undefined;
+    clock.timerAt = Infinity;
     const closed = new ConnectionClosed(this.handle.id, this.#closeReason);
     switch (this.#phase) {
       case Phase.Open: {
@@ -702,7 +725,7 @@ export class Driver<T> implements OutboxOwner {
         this.#outbox?.abort(new ConnectionClosed(this.handle.id, this.#closeReason));
         if (this.#at === HandlerAt.Stepping) return this.#abandon();
         // At a yield: its finally runs, with until the next macrotask to complete.
-        this.#endBy = performance.now();
+        clock.by = performance.now();
         this.#closeGenerator();
         if (this.#phase === Phase.Ending) this.#armEndTimer();
         return;
@@ -740,12 +763,14 @@ export class Driver<T> implements OutboxOwner {
     const reason = this.#closeReason;
     const outbox = this.#outbox;
     if (!forced && outbox !== null && outbox.broken === null && outbox.bytesPending > 0) {
-      // Bounded: the end timer closes the socket at #endBy, which ends the write.
+      // Bounded: the end timer closes the socket at the end deadline, which ends the write.
       this.#armEndTimer();
       await outbox.drained();
     }
-    clearTimer(this.#endTimer);
-    this.#endTimer = undefined;
+    if (this.#endClock !== null) {
+      clearTimer(this.#endClock.timer);
+      this.#endClock.timer = undefined;
+    }
     closeQuietly(this.socket);
     const closedErr = new ConnectionClosed(this.handle.id, reason);
     if (this.#callRefs !== null) {
@@ -760,7 +785,7 @@ export class Driver<T> implements OutboxOwner {
     outbox?.abort(closedErr);
     this.#queue = NONE;
     this.#head = 0;
-    this.#framesHeld = NONE;
+    if (this.#passive !== null) this.#passive.framesHeld = NONE;
     try {
       const removed = this.#opts.registry.remove(this.handle.id);
       if (isPromise(removed)) await removed.catch(() => {});
@@ -828,8 +853,10 @@ export class Driver<T> implements OutboxOwner {
     }
     if (ev.type === "packet") this.#packetsQueued--;
     else if (ev.type === "timeout") this.#timeoutTaken(ev);
-    else if (ev.type === "frameError") this.#frameErrorTaken = true;
-    else if (ev === this.#recvTimeoutQueued) this.#recvTimeoutQueued = null;
+    else if (ev.type === "frameError") this.#frameError = FrameErrorAt.Taken;
+    else if (this.#passive !== null && ev === this.#passive.timeoutQueued) {
+      this.#passive.timeoutQueued = null;
+    }
     this.#eventDeadline = Infinity; // any event cancels the event timeout
     return ev;
   }
@@ -877,7 +904,10 @@ export class Driver<T> implements OutboxOwner {
     this.#readingInto = null;
     const before = this.#framesDecoded;
     try {
-      this.#decoder.decode(n === buf.length ? buf : buf.subarray(0, n), this.#emit);
+      this.#decoder.decode(
+        n === buf.length ? buf : buf.subarray(0, n),
+        this.#emit ??= (frame: T) => this.#frameDecoded(frame),
+      );
     } catch (err) {
       return this.#badInput(err);
     }
@@ -894,13 +924,22 @@ export class Driver<T> implements OutboxOwner {
     }
     if (this.#opts.mode === "passive") {
       this.#deliverFrame();
-      if (this.#recvWanted) this.#read();
+      if (this.#passive!.recvWanted) this.#read();
     } else if (this.#framesDecoded === before) {
       this.#read(); // no whole frame yet
     } else {
       this.#input = Input.Held;
       if (this.#waitingForEvent) this.#continue();
     }
+  }
+
+  #frameDecoded(frame: T): void {
+    this.#framesDecoded++;
+    if (this.#passive !== null) {
+      const passive = this.#passive;
+      if (passive.framesHeld === NONE) passive.framesHeld = [];
+      passive.framesHeld.push(frame);
+    } else this.#push({ type: "packet", data: frame });
   }
 
   // A framing error: nothing more is read. The frames decoded before it are delivered first,
@@ -914,7 +953,7 @@ export class Driver<T> implements OutboxOwner {
   }
 
   #queueFrameError(): void {
-    this.#frameErrorQueued = true;
+    this.#frameError = FrameErrorAt.Queued;
     this.#push({ type: "frameError", error: this.#inputError! });
   }
 
@@ -928,11 +967,11 @@ export class Driver<T> implements OutboxOwner {
     this.#input = Input.Ended;
     this.#readingInto = null;
     if (this.#opts.mode === "active") this.#pushDisconnect("read", error);
-    else if (this.#recvWanted) {
-      this.#recvWanted = false;
+    else if (this.#passive!.recvWanted) {
+      this.#passive!.recvWanted = false;
       this.#clearRecv();
       this.#pushDisconnect("read", error);
-    } else this.#readError = error;
+    } else this.#passive!.readError = error;
   }
 
   #pushDisconnect(side: "read" | "write", error: Error | undefined): void {
@@ -950,53 +989,56 @@ export class Driver<T> implements OutboxOwner {
 
   // Passive mode: a recv asks for one frame.
   #requestFrame(timeoutMs: number | undefined): void {
-    this.#recvWanted = true;
+    const passive = this.#passive!;
+    passive.recvWanted = true;
     this.#clearRecv();
-    if (this.#recvTimeoutQueued !== null) {
+    if (passive.timeoutQueued !== null) {
       // A recvTimeout of an earlier recv that the handler has not taken yet is stale now.
-      this.#withdraw(this.#recvTimeoutQueued);
-      this.#recvTimeoutQueued = null;
+      this.#withdraw(passive.timeoutQueued);
+      passive.timeoutQueued = null;
     }
     if (timeoutMs !== undefined) {
-      this.#recvTimer = startTimer(() => {
-        this.#recvTimer = undefined;
-        if (!this.#recvWanted) return;
-        this.#recvWanted = false;
+      passive.timer = startTimer(() => {
+        passive.timer = undefined;
+        if (!passive.recvWanted) return;
+        passive.recvWanted = false;
         const ev: Event<T> = { type: "recvTimeout" };
-        this.#recvTimeoutQueued = ev;
+        passive.timeoutQueued = ev;
         this.#push(ev);
       }, timeoutMs);
     }
-    if (this.#framesHeld.length > 0 || this.#input === Input.Ended) this.#deliverFrame();
+    if (passive.framesHeld.length > 0 || this.#input === Input.Ended) this.#deliverFrame();
     else this.#read();
   }
 
   // Passive mode: answer a waiting recv with a held frame, or the end of input.
   #deliverFrame(): void {
-    if (!this.#recvWanted) return;
+    const passive = this.#passive!;
+    if (!passive.recvWanted) return;
     let ev: Event<T>;
-    if (this.#framesHeld.length > 0) ev = { type: "packet", data: this.#framesHeld.shift()! };
+    if (passive.framesHeld.length > 0) ev = { type: "packet", data: passive.framesHeld.shift()! };
     else if (this.#input !== Input.Ended) return;
     else if (this.#inputError !== null) {
-      if (this.#frameErrorQueued) return;
-      this.#recvWanted = false;
+      if (this.#frameError !== FrameErrorAt.None) return;
+      passive.recvWanted = false;
       this.#clearRecv();
       return this.#queueFrameError();
     } else {
-      ev = this.#readError
-        ? { type: "disconnect", side: "read", error: this.#readError }
+      ev = passive.readError
+        ? { type: "disconnect", side: "read", error: passive.readError }
         : { type: "disconnect", side: "read" };
     }
-    this.#recvWanted = false;
+    passive.recvWanted = false;
     this.#clearRecv();
     this.#push(ev);
     if (this.#waitingForEvent) this.#continue();
   }
 
   #clearRecv(): void {
-    if (this.#recvTimer !== undefined) {
-      clearTimer(this.#recvTimer);
-      this.#recvTimer = undefined;
+    const passive = this.#passive;
+    if (passive !== null && passive.timer !== undefined) {
+      clearTimer(passive.timer);
+      passive.timer = undefined;
     }
   }
 

@@ -65,6 +65,15 @@ export class OptionCheck {
     ) this.#fail(name, what, true);
   }
 
+  /** A port: an integer from 0 to 65535. */
+  port(name: string): void {
+    const value = this.#options[name];
+    if (value === undefined) return;
+    const what = "an integer from 0 to 65535";
+    if (typeof value !== "number") this.#fail(name, what);
+    if (!(Number.isInteger(value) && value >= 0 && value <= 65535)) this.#fail(name, what, true);
+  }
+
   /** A delay in ms: >= 0, Infinity allowed (never). */
   delay(name: string): void {
     const value = this.#options[name];

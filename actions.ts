@@ -214,8 +214,9 @@ export type HandlerGenerator<T = Uint8Array> =
  * A connection's code: called once per connection (and again after each hibernation, with the
  * state it hibernated with). It yields actions and receives events.
  *
- * `T` is the frame type of the connection's framing: `serve` and `connect` infer it from their
- * `framing` option, so a handler written inline gets typed events without annotations.
+ * `T` is the frame type of the connection's framing. A handler written inline gets events of
+ * type `any`; annotate it (`Handler<string>`, or `HandlerGenerator<string>` on the generator)
+ * to have its events typed and checked against the framing by `serve` and `connect`.
  */
 // deno-lint-ignore no-explicit-any
 export type Handler<T = any, S = any> = (

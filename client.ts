@@ -8,7 +8,7 @@ import type { FrameOf, Handler } from "./actions.ts";
 import type { Connection, Logger, Mode } from "./connection.ts";
 import { NameTaken } from "./errors.ts";
 import type { Framing, FramingFor } from "./framing.ts";
-import { defaultRegistry, type Registry } from "./registry.ts";
+import { defaultRegistry, isConnectionId, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
 import { closeQuietly, Driver, formatAddr } from "./_driver.ts";
@@ -155,9 +155,17 @@ function describeTarget(
 function checkConnectOptions(handler: unknown, options: unknown): void {
   checkHandler("connect", handler);
   const check = new OptionCheck("connect", options);
-  check.number("port", 0, { integer: true });
+  check.port("port");
   check.string("hostname");
   check.methods("transport", ["listen", "connect"], " (such as tcp() or memory(name))");
   check.delay("connectTimeout");
+  const name = (options as ConnectOptions).name;
+  if (typeof name === "string" && isConnectionId(name)) {
+    throw new TypeError(
+      `connect: option name ${
+        JSON.stringify(name)
+      } looks like a connection id; ids and names share lookup()`,
+    );
+  }
   checkConnectionSettings(check);
 }

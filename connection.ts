@@ -128,10 +128,11 @@ export class Connection<T = unknown> {
   }
 
   /**
-   * Why the connection ends, for the handler's `finally` (etcp's `terminate` reason): the
-   * close reason once the end is decided (`"shutdown"`, a `stop` reason, `FrameTooLarge`, …);
-   * in a `finally` reached by the handler's own return, `"normal"` (or the framing error after
-   * a `frameError` event). `undefined` while the connection is open and its handler waits.
+   * Why the connection ends, for the handler's `finally` (etcp's `terminate` reason): set once
+   * the end is decided from outside the handler's own code (`"shutdown"` or `"idle"` when
+   * forced, a `stop(reason)`, `FrameTooLarge` after a `frameError` event, `BufferFull`, …), so
+   * that cleanup can tell a clean end from a failure. `undefined` while the connection is open,
+   * and so in a `finally` reached by the handler's own `return` or `throw` (it knows why).
    *
    * @example Logging abnormal ends in cleanup
    * ```ts

@@ -183,7 +183,9 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
   }
 
   set maxConnections(value: number) {
-    if (!(value >= 0)) throw new RangeError(`maxConnections must be >= 0, not ${value}`);
+    if (!(value >= 0 && (Number.isInteger(value) || value === Infinity))) {
+      throw new RangeError(`maxConnections must be an integer >= 0 (or Infinity), not ${value}`);
+    }
     this.#max = value;
     this.#openGate();
   }
@@ -261,6 +263,20 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     }
     this.#openGate();
     return this.#stopping;
+  }
+
+  /**
+   * Let the process exit while this server waits for connections (Node's `server.unref()`):
+   * its listening sockets no longer keep it alive. Live connections still do (see
+   * `conn.unref()`).
+   */
+  unref(): void {
+    for (const { listener } of this.#acceptors) listener.unref?.();
+  }
+
+  /** Let the listening sockets keep the process alive again (the default), after `unref()`. */
+  ref(): void {
+    for (const { listener } of this.#acceptors) listener.ref?.();
   }
 
   /** Stops the server (`await using server = await serve(…)`). */
@@ -488,11 +504,7 @@ export async function serve<H extends Handler<any>, A extends Addr = Deno.NetAdd
 function checkServeOptions(handler: unknown, options: unknown): void {
   checkHandler("serve", handler);
   const check = new OptionCheck("serve", options);
-  check.number("port", 0, { integer: true });
-  const port = (options as ServeOptions).port;
-  if (port !== undefined && port > 65535) {
-    throw new RangeError(`serve: option port must be an integer from 0 to 65535, not ${port}`);
-  }
+  check.port("port");
   check.string("hostname");
   check.methods("transport", ["listen", "connect"], " (such as tcp() or memory(name))");
   check.number("acceptors", 1, { integer: true });

@@ -47,6 +47,7 @@ export interface ChatOptions {
 }
 
 const NAME = /^[A-Za-z0-9_-]{1,20}$/;
+const CONNECTION_ID = /^c\d+$/;
 
 // Lines from users are limited to 4096 bytes; what the server sends may be longer (a relayed
 // line carries its sender's name, /who lists everyone), so sending has a looser bound. Bytes
@@ -115,6 +116,9 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
           const old = conn.name;
           if (!NAME.test(name)) {
             out.push("* a name is 1 to 20 letters, digits, - or _");
+          } else if (CONNECTION_ID.test(name)) {
+            // The registry keeps names apart from connection ids (c1, c2, …), which it refuses.
+            out.push(`* the name ${name} is reserved`);
           } else if (name === old) {
             out.push(`* you are already ${name}`);
           } else if (await conn.register(name)) {

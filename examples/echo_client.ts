@@ -109,17 +109,6 @@ function frame(seq: number, size: number): Uint8Array {
 const QUIET = { error() {}, warn() {}, debug() {} };
 
 /**
- * Resolves when `conn` ends cleanly (`"normal"` or `"shutdown"`), rejects with the close reason
- * (as an `Error`) otherwise: what `conn.done` will do once Connection has it.
- */
-function cleanEnd(conn: { readonly closed: Promise<unknown> }): Promise<void> {
-  return conn.closed.then((reason) => {
-    if (reason === "normal" || reason === "shutdown") return;
-    throw reason instanceof Error ? reason : new Error(`connection ended: ${String(reason)}`);
-  });
-}
-
-/**
  * Send `count` frames of `size` bytes one at a time and check each echo. Resolves with the time
  * taken once every echo came back; rejects if the connect fails, a frame cannot be sent, an
  * echo is wrong or takes over `timeout` ms, or the connection ends first. Never hangs.
@@ -164,8 +153,7 @@ export async function echoClient(args: EchoClientArgs): Promise<{ seconds: numbe
   } catch (err) {
     throw new Error(`cannot connect to ${args.hostname}:${args.port}: ${oneLine(err)}`);
   }
-  // TODO(lead): conn.done — once Connection has it, this line becomes `await conn.done;`
-  await cleanEnd(conn);
+  await conn.done; // rejects on an abnormal end (a frame too large, a reset)
   if (echoed !== count) throw new Error(`connection ended after ${echoed} of ${count} echoes`);
   return { seconds: (performance.now() - started) / 1000 };
 }

@@ -190,6 +190,16 @@ Deno.test("chat: /nick sets a name; invalid, repeated and taken names are refuse
   });
 });
 
+Deno.test("chat: a name that looks like a connection id is reserved, not a crash", async () => {
+  await withChat({}, async ({ guest }) => {
+    const client = await guest();
+    await client.send("/nick c1");
+    await client.expect("* the name c1 is reserved");
+    await client.send("/nick ann");
+    await client.expect("* you are now ann");
+  });
+});
+
 Deno.test("chat: /nick is a whole word; '/nickbob' does not set a name", async () => {
   await withChat({}, async ({ guest }) => {
     const client = await guest();

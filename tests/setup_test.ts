@@ -192,6 +192,40 @@ Deno.test("a memory connect that times out names the memory address, not a TCP h
   );
 });
 
+Deno.test("unref: a server waiting for connections does not keep the process alive", async () => {
+  const script = `
+    import { serve } from "./mod.ts";
+    const server = await serve(async function* () { yield; }, { hostname: "127.0.0.1", port: 0 });
+    server.unref();
+    console.log("listening, unref'd");
+  `;
+  const out = await within(
+    10_000,
+    new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--ext=ts", script],
+      cwd: new URL("..", import.meta.url),
+      stdout: "piped",
+      stderr: "piped",
+    }).output(),
+    "the child exits by itself",
+  );
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  assert.equal(new TextDecoder().decode(out.stdout).trim(), "listening, unref'd");
+});
+
+Deno.test("connect({ name }) that looks like a connection id is refused before connecting", async () => {
+  let connects = 0;
+  const transport = {
+    ...memory("never-reached"),
+    connect: () => (connects++, new Promise<never>(() => {})),
+  };
+  await assert.rejects(
+    connect(noop, { transport, name: "c12" }),
+    (err: Error) => err instanceof TypeError && /looks like a connection id/.test(err.message),
+  );
+  assert.equal(connects, 0);
+});
+
 Deno.test("unref: an idle client does not keep the process alive", async () => {
   const server = await serve(async function* () {
     yield;

@@ -207,3 +207,42 @@ Deno.test("bytesRead and bytesWritten count the socket's bytes, across hibernati
   assert.equal(conn.bytesRead, 4);
   await until(() => conn.bytesWritten === 9, "the write is counted");
 });
+
+Deno.test("a slow consumer ended while its handler is inside a stuck async step still closes, at shutdownTimeout", async () => {
+  const never = Promise.withResolvers<void>();
+  const stepping = Promise.withResolvers<void>();
+  await using rig = await lineRig("slow-consumer-stuck-step", async function* () {
+    const ev = yield;
+    if (ev.type === "packet") {
+      stepping.resolve();
+      await never.promise; // stuck
+    }
+    yield;
+  }, { maxBuffered: 64 * 1024, bufferSize: 1024, shutdownTimeout: 100 });
+  const { peer, conn } = await rig.open();
+  await writeText(peer, "go\n");
+  await within(3000, stepping.promise, "the handler is in its step");
+  const line = "s".repeat(8 * 1024);
+  for (let i = 0; i < 100 && !(conn.closeReason instanceof BufferFull); i++) conn.send(line);
+  assert.ok(await within(3000, conn.closed, "closed within shutdownTimeout") instanceof BufferFull);
+  never.resolve();
+});
+
+Deno.test("a slow consumer ended during an async step that then returns closes at once", async () => {
+  const release = Promise.withResolvers<void>();
+  const stepping = Promise.withResolvers<void>();
+  await using rig = await lineRig("slow-consumer-step-returns", async function* () {
+    const ev = yield;
+    if (ev.type === "packet") {
+      stepping.resolve();
+      await release.promise;
+    }
+  }, { maxBuffered: 64 * 1024, bufferSize: 1024, shutdownTimeout: 60_000 });
+  const { peer, conn } = await rig.open();
+  await writeText(peer, "go\n");
+  await within(3000, stepping.promise, "the handler is in its step");
+  const line = "s".repeat(8 * 1024);
+  for (let i = 0; i < 100 && !(conn.closeReason instanceof BufferFull); i++) conn.send(line);
+  release.resolve(); // the step returns: the handler is done
+  assert.ok(await within(3000, conn.closed, "closed") instanceof BufferFull);
+});
