@@ -22,7 +22,8 @@ import {
   setTimeout,
   type Yielded,
 } from "../mod.ts";
-import { DEFAULT_PORT, type Parsed } from "./echo_server.ts";
+import { DEFAULT_PORT } from "./echo_server.ts";
+import { argsOrStatus, oneLine, type Parsed } from "./_command_line.ts";
 
 /** What `--help` prints. */
 export const USAGE = `usage: deno run -A examples/echo_client.ts [options]
@@ -158,31 +159,16 @@ export async function echoClient(args: EchoClientArgs): Promise<{ seconds: numbe
   return { seconds: (performance.now() - started) / 1000 };
 }
 
-/** An error as one line: `Name: message` (no name for a plain `Error`). */
-function oneLine(err: unknown): string {
-  const text = err instanceof Error
-    ? (err.name === "Error" ? "" : `${err.name}: `) + err.message
-    : String(err);
-  return text.replace(/\s*\n\s*/g, " ");
-}
-
 /**
  * Run the example with command-line `argv`; resolves with the exit status: 0 if every echo came
  * back, 1 on failure, 2 for a bad command line (0 for `--help`).
  */
 async function main(argv: string[]): Promise<number> {
-  const parsed = parseEchoClientArgs(argv);
-  if (parsed.kind === "help") {
-    console.log(USAGE);
-    return 0;
-  }
-  if (parsed.kind === "usage") {
-    console.error(`echo_client: ${parsed.error}\n\n${USAGE}`);
-    return 2;
-  }
-  const { count } = parsed.args;
+  const args = argsOrStatus("echo_client", parseEchoClientArgs(argv), USAGE);
+  if (typeof args === "number") return args;
+  const { count } = args;
   try {
-    const { seconds } = await echoClient(parsed.args);
+    const { seconds } = await echoClient(args);
     const rate = (count / seconds).toFixed(0);
     console.log(`${count} frames echoed in ${seconds.toFixed(2)} s (${rate}/s)`);
     return 0;

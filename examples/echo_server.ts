@@ -26,6 +26,7 @@ import {
   type Yielded,
 } from "../mod.ts";
 import { stopOnSignals } from "./_stop_on_signals.ts";
+import { argsOrStatus, oneLine, type Parsed } from "./_command_line.ts";
 
 /** Echo every frame; end on disconnect or shutdown. */
 export async function* echo(): AsyncGenerator<Yielded, void, Event> {
@@ -102,12 +103,6 @@ export interface EchoServerArgs {
   sync: boolean;
 }
 
-/** Parsed command line: settings to run with, a request for help, or what is wrong with it. */
-export type Parsed<T> = { kind: "run"; args: T } | { kind: "help" } | {
-  kind: "usage";
-  error: string;
-};
-
 /** Parse the server's command line; never throws. */
 export function parseEchoServerArgs(argv: string[]): Parsed<EchoServerArgs> {
   let values;
@@ -151,29 +146,13 @@ export function parseEchoServerArgs(argv: string[]): Parsed<EchoServerArgs> {
   };
 }
 
-/** An error as one line: `Name: message` (no name for a plain `Error`). */
-function oneLine(err: unknown): string {
-  const text = err instanceof Error
-    ? (err.name === "Error" ? "" : `${err.name}: `) + err.message
-    : String(err);
-  return text.replace(/\s*\n\s*/g, " ");
-}
-
 /**
  * Run the example with command-line `argv`; resolves with the exit status: 0 after a graceful
  * stop or `--help`, 1 if it cannot listen, 2 for a bad command line.
  */
 async function main(argv: string[]): Promise<number> {
-  const parsed = parseEchoServerArgs(argv);
-  if (parsed.kind === "help") {
-    console.log(USAGE);
-    return 0;
-  }
-  if (parsed.kind === "usage") {
-    console.error(`echo_server: ${parsed.error}\n\n${USAGE}`);
-    return 2;
-  }
-  const { args } = parsed;
+  const args = argsOrStatus("echo_server", parseEchoServerArgs(argv), USAGE);
+  if (typeof args === "number") return args;
   const handler = args.hibernate ? echoHibernating : args.sync ? echoSync : echo;
   let server;
   try {

@@ -197,3 +197,22 @@ export function assertFrameOf(got: Uint8Array, id: number, seq: number, tag: str
     `${tag}: corrupted (checksum)`,
   );
 }
+
+/** Runs `script` (TypeScript, imports relative to the repository root) in a child Deno, bounded. */
+export async function evalInChild(
+  script: string,
+  ms = 20_000,
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await within(
+    ms,
+    new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--ext=ts", script],
+      cwd: new URL("..", import.meta.url),
+      stdout: "piped",
+      stderr: "piped",
+    }).output(),
+    "the child exits by itself",
+  );
+  const text = new TextDecoder();
+  return { code: out.code, stdout: text.decode(out.stdout), stderr: text.decode(out.stderr) };
+}

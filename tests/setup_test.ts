@@ -17,7 +17,7 @@ import {
   type ServeOptions,
   tcp,
 } from "../mod.ts";
-import { capturingLogger, HOST, Inbox, within } from "./_support.ts";
+import { capturingLogger, evalInChild, HOST, Inbox, within } from "./_support.ts";
 
 const noop = async function* () {};
 
@@ -199,18 +199,9 @@ Deno.test("unref: a server waiting for connections does not keep the process ali
     server.unref();
     console.log("listening, unref'd");
   `;
-  const out = await within(
-    10_000,
-    new Deno.Command(Deno.execPath(), {
-      args: ["eval", "--ext=ts", script],
-      cwd: new URL("..", import.meta.url),
-      stdout: "piped",
-      stderr: "piped",
-    }).output(),
-    "the child exits by itself",
-  );
-  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
-  assert.equal(new TextDecoder().decode(out.stdout).trim(), "listening, unref'd");
+  const out = await evalInChild(script, 10_000);
+  assert.equal(out.code, 0, out.stderr);
+  assert.equal(out.stdout.trim(), "listening, unref'd");
 });
 
 Deno.test("connect({ name }) that looks like a connection id is refused before connecting", async () => {
@@ -237,18 +228,9 @@ Deno.test("unref: an idle client does not keep the process alive", async () => {
       conn.unref();
       console.log("unref'd");
     `;
-    const out = await within(
-      10_000,
-      new Deno.Command(Deno.execPath(), {
-        args: ["eval", "--ext=ts", script],
-        cwd: new URL("..", import.meta.url),
-        stdout: "piped",
-        stderr: "piped",
-      }).output(),
-      "the child exits by itself",
-    );
-    assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
-    assert.equal(new TextDecoder().decode(out.stdout).trim(), "unref'd");
+    const out = await evalInChild(script, 10_000);
+    assert.equal(out.code, 0, out.stderr);
+    assert.equal(out.stdout.trim(), "unref'd");
   } finally {
     await server.stop();
   }

@@ -91,3 +91,19 @@ export async function until(condition: () => boolean, what: string, ms = 3000): 
     await new Promise((r) => setTimeout(r, 2));
   }
 }
+
+/** `base`, with each accepted socket replaced by `wrap(socket)`: a transport written in a test. */
+export function acceptingWith(base: Transport, wrap: (conn: Conn) => Conn): Transport {
+  return {
+    name: `wrapped-${base.name}`,
+    async listen(options) {
+      const listener = await base.listen(options);
+      return {
+        addr: listener.addr,
+        close: () => listener.close(),
+        accept: async () => wrap(await listener.accept()),
+      };
+    },
+    connect: (options) => base.connect(options),
+  };
+}

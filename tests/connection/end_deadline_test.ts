@@ -4,18 +4,16 @@
 
 import assert from "node:assert/strict";
 import {
-  type Conn,
   type Connection,
   type HandlerGenerator,
   hibernate,
-  type Listener,
   send,
   serve,
   stop,
   type Transport,
 } from "../../mod.ts";
 import { capturingLogger, Inbox, tracked, within } from "../_support.ts";
-import { freshMemory, lineRig, readUntil, until, writeText } from "./_rig.ts";
+import { acceptingWith, freshMemory, lineRig, readUntil, until, writeText } from "./_rig.ts";
 
 Deno.test("end: a finally stuck in an await after stop() is abandoned at the stop deadline; socket and entry go", async () => {
   const never = Promise.withResolvers<void>();
@@ -195,31 +193,20 @@ Deno.test("upgrade: two upgrades while hibernated compose their codeChanges in o
 function handshaking(
   label: string,
 ): { transport: Transport; handshakes: Inbox<PromiseWithResolvers<void>> } {
-  const base = freshMemory(label);
   const handshakes = new Inbox<PromiseWithResolvers<void>>(3000);
-  const transport: Transport = {
-    name: "handshaking",
-    async listen(options) {
-      const listener: Listener = await base.listen(options);
-      return {
-        addr: listener.addr,
-        close: () => listener.close(),
-        async accept(): Promise<Conn> {
-          const conn = await listener.accept();
-          const done = Promise.withResolvers<void>();
-          handshakes.push(done);
-          return Object.assign(Object.create(conn), {
-            handshake: () => done.promise,
-            read: (p: Uint8Array) => conn.read(p),
-            write: (p: Uint8Array) => conn.write(p),
-            close: () => conn.close(),
-            closeWrite: () => conn.closeWrite(),
-          });
-        },
-      };
-    },
-    connect: (options) => base.connect(options),
-  };
+  const transport = acceptingWith(freshMemory(label), (conn) => {
+    const done = Promise.withResolvers<void>();
+    handshakes.push(done);
+    return {
+      localAddr: conn.localAddr,
+      remoteAddr: conn.remoteAddr,
+      handshake: () => done.promise,
+      read: (p) => conn.read(p),
+      write: (p) => conn.write(p),
+      closeWrite: () => conn.closeWrite(),
+      close: () => conn.close(),
+    };
+  });
   return { transport, handshakes };
 }
 

@@ -5,48 +5,29 @@
 import assert from "node:assert/strict";
 import {
   BufferFull,
-  type Conn,
   ConnectionClosed,
   type Event,
   lines,
-  type Listener,
   recv,
   send,
   serve,
   type Transport,
 } from "../../mod.ts";
 import { capturingLogger, Inbox, within } from "../_support.ts";
-import { freshMemory, lineRig, readUntil, until, writeText } from "./_rig.ts";
+import { acceptingWith, freshMemory, lineRig, readUntil, until, writeText } from "./_rig.ts";
 
 /** A memory transport whose server-side writes fail (BrokenPipe) once `breakWrites()` is called. */
 function breakableWrites(label: string): { transport: Transport; breakWrites(): void } {
-  const base = freshMemory(label);
   let broken = false;
-  const transport: Transport = {
-    name: "breakable",
-    async listen(options) {
-      const listener: Listener = await base.listen(options);
-      return {
-        addr: listener.addr,
-        close: () => listener.close(),
-        async accept(): Promise<Conn> {
-          const conn = await listener.accept();
-          return {
-            localAddr: conn.localAddr,
-            remoteAddr: conn.remoteAddr,
-            read: (p) => conn.read(p),
-            write: (p) =>
-              broken
-                ? Promise.reject(new Deno.errors.BrokenPipe("write side broken"))
-                : conn.write(p),
-            closeWrite: () => conn.closeWrite(),
-            close: () => conn.close(),
-          };
-        },
-      };
-    },
-    connect: (options) => base.connect(options),
-  };
+  const transport = acceptingWith(freshMemory(label), (conn) => ({
+    localAddr: conn.localAddr,
+    remoteAddr: conn.remoteAddr,
+    read: (p) => conn.read(p),
+    write: (p) =>
+      broken ? Promise.reject(new Deno.errors.BrokenPipe("write side broken")) : conn.write(p),
+    closeWrite: () => conn.closeWrite(),
+    close: () => conn.close(),
+  }));
   return { transport, breakWrites: () => broken = true };
 }
 

@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { type Connection, type HandlerGenerator, recv, setTimeout as arm } from "../../mod.ts";
-import { Inbox, within } from "../_support.ts";
+import { evalInChild, Inbox } from "../_support.ts";
 import { lineRig, writeText } from "./_rig.ts";
 
 // The handler's step on "busy" waits (an await) until the test lets it go: a timer set to fire
@@ -140,20 +140,10 @@ Deno.test("timers: Infinity never fires, 3e9 ms does not fire at once, and neith
     await client.stop();
     await server.stop();
   `;
-  const out = await within(
-    20_000,
-    new Deno.Command(Deno.execPath(), {
-      args: ["eval", "--ext=ts", script],
-      cwd: new URL("../..", import.meta.url),
-      stdout: "piped",
-      stderr: "piped",
-    }).output(),
-    "the child",
-  );
-  const stderr = new TextDecoder().decode(out.stderr);
-  assert.equal(out.code, 0, stderr);
-  assert.equal(new TextDecoder().decode(out.stdout).trim(), "[]", "no timer fired");
-  assert.equal(stderr, "", "nothing printed: no TimeoutOverflowWarning");
+  const out = await evalInChild(script);
+  assert.equal(out.code, 0, out.stderr);
+  assert.equal(out.stdout.trim(), "[]", "no timer fired");
+  assert.equal(out.stderr, "", "nothing printed: no TimeoutOverflowWarning");
 });
 
 Deno.test("timers: negative, NaN and non-number delays are refused up front", async () => {
