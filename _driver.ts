@@ -18,7 +18,15 @@
 // loop simply returns when it waits. A plain `function*` handler runs a whole mailbox without
 // one promise.
 
-import type { Action, Event, From, Handler, TimeoutEvent, Yielded } from "./actions.ts";
+import type {
+  Action,
+  Event,
+  From,
+  Handler,
+  StartTlsOptions,
+  TimeoutEvent,
+  Yielded,
+} from "./actions.ts";
 import {
   BufferFull,
   ConnectionClosed,
@@ -33,6 +41,7 @@ import type { Addr, Conn } from "./transport/transport.ts";
 import { Connection, type Logger, type Mode } from "./connection.ts";
 import { KEEP_WRITE_BUFFER, Outbox, type OutboxOwner } from "./_outbox.ts";
 import { clearTimer, isDelay, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
+import { startTlsOn } from "./_start_tls.ts";
 
 /** Changes a hibernated connection's state when it switches to new code. */
 export type CodeChange = (state: unknown) => unknown;
@@ -80,6 +89,7 @@ const enum HandlerAt {
   Stepping,
   AwaitingEvent,
   AwaitingDrain,
+  SwitchingTls, // at a yield, while its connection switches to TLS
   Hibernated,
   Returning,
   Gone,
@@ -120,6 +130,7 @@ const enum Run {
   Continue,
   Stop,
   Hibernate,
+  StartTls,
 }
 
 // Calls waiting for a reply, by ref, for the whole process: a reply may come from any handler.
@@ -176,7 +187,7 @@ export function formatAddr(addr: Addr): string {
 
 export class Driver<T> implements OutboxOwner {
   // ---- Identity and settings -------------------------------------------------------------------
-  readonly socket: Conn;
+  socket: Conn; // replaced once if the connection switches to TLS
   readonly handle: Connection<T>;
   readonly #opts: DriverOptions<T>;
   name: string | undefined;
@@ -197,6 +208,7 @@ export class Driver<T> implements OutboxOwner {
   #state: unknown = undefined; // given to hibernate, passed to the next generator
   #upgrades: Array<{ handler: Handler<T>; codeChange?: CodeChange }> = NONE; // in order
   #stopReason: unknown = "normal";
+  #tlsSwitch: { options: StartTlsOptions; plain: Outbox | null } | null = null; // startTls, until it runs
   #onStep: ((step: IteratorResult<Yielded, void>) => void) | null = null;
   #onStepError: ((err: unknown) => void) | null = null;
 
@@ -455,8 +467,21 @@ export class Driver<T> implements OutboxOwner {
     // The default event timeout: a connection that hears nothing for idleTimeout ms is asked
     // to shut down, unless its handler armed an event timeout of its own.
     if (this.#opts.idleTimeout !== undefined && !this.#armedTimeout) this.#armIdle();
+    if (this.#tlsSwitch !== null && outcome !== Run.StartTls) {
+      // startTls with stop (stop wins: what was sent before goes out plain) or with hibernate.
+      this.#outbox = this.#tlsSwitch.plain;
+      this.#tlsSwitch = null;
+      if (outcome === Run.Hibernate) {
+        this.#end(new ProtocolError("startTls and hibernate cannot be yielded together"));
+        return undefined;
+      }
+    }
     if (outcome === Run.Stop) {
       this.#end(this.#stopReason);
+      return undefined;
+    }
+    if (outcome === Run.StartTls) {
+      this.#switchToTls();
       return undefined;
     }
     const outbox = this.#outbox;
@@ -573,6 +598,12 @@ export class Driver<T> implements OutboxOwner {
       case "stop":
         this.#stopReason = action.reason;
         return Run.Stop;
+      case "startTls":
+        this.#checkTlsSwitch();
+        // Sends after it, even in the same yield, wait for the switch in an outbox of their own.
+        this.#tlsSwitch = { options: action.options ?? {}, plain: this.#outbox };
+        this.#outbox = new Outbox(null, this);
+        return Run.StartTls;
       case "recv":
         if (this.#opts.mode !== "passive") {
           throw new ProtocolError('recv is only for passive mode (mode: "passive")');
@@ -587,6 +618,58 @@ export class Driver<T> implements OutboxOwner {
           `handler yielded something that is not an action: ${describeReason(action)}`,
         );
     }
+  }
+
+  // ---- Switching to TLS (STARTTLS) -----------------------------------------------------------------
+  //
+  // What was sent up to the startTls step is written in plain text first; what is sent from then
+  // on waits in a fresh outbox with no socket, and is written, encrypted, once the handshake is
+  // done. No read is under way (checked), so no byte of the TLS stream is read as plain text.
+
+  #checkTlsSwitch(): void {
+    if (this.#opts.kind === "server") {
+      throw new ProtocolError(
+        "startTls on a server's connection: Deno has no API to switch an accepted socket to TLS " +
+          "(Deno.startTls is client-only); serve with the tls() transport instead",
+      );
+    }
+    if (this.#input === Input.Reading) {
+      throw new ProtocolError(
+        "startTls while a read is under way: yield it in answer to the peer's packet (active " +
+          "mode), or with no recv pending (passive mode)",
+      );
+    }
+    if (
+      this.#decoder.buffered > 0 || this.#packetsQueued > 0 ||
+      (this.#passive !== null && this.#passive.framesHeld.length > 0)
+    ) {
+      throw new ProtocolError("startTls: bytes were read past the switch point");
+    }
+  }
+
+  #switchToTls(): void {
+    this.#at = HandlerAt.SwitchingTls;
+    const { options, plain } = this.#tlsSwitch!;
+    this.#tlsSwitch = null;
+    const written = plain === null ? Promise.resolve() : plain.drained();
+    written.then(() => {
+      if (plain !== null) {
+        if (plain.broken !== null) throw plain.broken;
+        this.#bytesWrittenBefore += plain.bytesWritten;
+      }
+      return this.#phase === Phase.Open ? startTlsOn(this.socket, options) : undefined;
+    }).then((tls) => {
+      if (tls === undefined) return;
+      if (this.#phase !== Phase.Open) return closeQuietly(tls);
+      this.socket = tls;
+      this.#outbox!.attach(tls);
+      this.#at = HandlerAt.AwaitingEvent;
+      this.#continue();
+    }).catch((err) => {
+      if (this.#phase !== Phase.Open) return;
+      this.#at = HandlerAt.AwaitingEvent;
+      this.#end(err);
+    });
   }
 
   // ---- Ending ------------------------------------------------------------------------------------
@@ -606,6 +689,7 @@ export class Driver<T> implements OutboxOwner {
     this.#phase = Phase.Ending;
     this.#closeReason = reason;
     this.#lowerEndBy(performance.now() + this.#opts.shutdownTimeout);
+    this.#outbox?.flush(); // what was sent goes out while the finally runs, not after it
     if (this.#at === HandlerAt.Stepping) this.#armEndTimer(); // a stuck step is bounded too
     else if (this.#at !== HandlerAt.Running) this.#closeGenerator();
   }

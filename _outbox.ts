@@ -29,7 +29,7 @@ interface SyncWaiter {
 }
 
 export class Outbox {
-  readonly #socket: Conn;
+  #socket: Conn | null; // null: bytes are held until a socket is attached (a TLS switch)
   readonly #owner: OutboxOwner;
 
   // Bytes.
@@ -52,9 +52,15 @@ export class Outbox {
   #flushTimerTask: (() => void) | null = null;
   #onWrite: ((result: number | Error) => void) | null = null;
 
-  constructor(socket: Conn, owner: OutboxOwner) {
+  constructor(socket: Conn | null, owner: OutboxOwner) {
     this.#socket = socket;
     this.#owner = owner;
+  }
+
+  /** Start writing to `socket` what was held (made without one), and go on with it. */
+  attach(socket: Conn): void {
+    this.#socket = socket;
+    this.flush();
   }
 
   /** Bytes encoded and not yet handed to a write. */
@@ -98,7 +104,10 @@ export class Outbox {
 
   /** Start writing what is encoded, unless a write is under way (it goes on with the rest). */
   flush(): void {
-    if (this.#inFlight !== null || this.#out.length === 0 || this.#broken !== null) return;
+    if (
+      this.#inFlight !== null || this.#out.length === 0 || this.#broken !== null ||
+      this.#socket === null
+    ) return;
     const buf = this.#out;
     this.#out = this.#spare;
     this.#spare = buf;
@@ -180,7 +189,7 @@ export class Outbox {
 
   #write(bytes: Uint8Array): void {
     this.#inFlight = bytes;
-    this.#socket.write(bytes).then(
+    this.#socket!.write(bytes).then(
       this.#onWrite ??= (result: number | Error) =>
         typeof result === "number" ? this.#wrote(result) : this.#writeFailed(result),
       this.#onWrite,

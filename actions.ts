@@ -71,6 +71,24 @@ export interface RecvAction {
   readonly timeoutMs?: number;
 }
 
+/** How {@linkcode startTls} checks the server it switches to TLS with. */
+export interface StartTlsOptions {
+  /** The server name checked against its certificate (default: the host connected to). */
+  hostname?: string;
+  /** PEM certificates of the authorities trusted (default: the system's). */
+  caCerts?: string[];
+  /** Protocols offered through ALPN; the one chosen is `conn.alpnProtocol` after the switch. */
+  alpnProtocols?: string[];
+}
+
+/** Switch this live plain connection to TLS, in place (STARTTLS); client side only. */
+export interface StartTlsAction {
+  /** Discriminant. */
+  readonly type: "startTls";
+  /** How to check the server. */
+  readonly options: StartTlsOptions;
+}
+
 /** Any action a handler can yield. */
 export type Action =
   | SendAction
@@ -78,7 +96,8 @@ export type Action =
   | SetTimeoutAction
   | HibernateAction
   | StopAction
-  | RecvAction;
+  | RecvAction
+  | StartTlsAction;
 
 /** What a handler may yield: one action, several in order, or nothing (just wait). */
 export type Yielded = Action | readonly Action[] | undefined | void;
@@ -358,4 +377,25 @@ export function recv(timeoutMs?: number): RecvAction {
     throw new RangeError(`recv: timeoutMs must be a number >= 0, not ${timeoutMs}`);
   }
   return timeoutMs === undefined ? { type: "recv" } : { type: "recv", timeoutMs };
+}
+
+/**
+ * Switch this live plain connection to TLS in place, the way SMTP, IMAP, XMPP and PostgreSQL
+ * clients do (STARTTLS): what the step sends before it goes out in plain text, then the TLS
+ * handshake runs, and what is sent after is encrypted. Nothing is lost or reordered across the
+ * switch. Yield it when the peer has agreed (in answer to its packet, so that no read is under
+ * way); bytes already read past the switch point are a `ProtocolError`, as is a switch on a
+ * server's connection (Deno has no API to upgrade an accepted socket to TLS). A failed
+ * handshake ends the connection with its error.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { startTls } from "./mod.ts";
+ * const action = startTls({ hostname: "mail.example.com" });
+ * assert.equal(action.type, "startTls");
+ * ```
+ */
+export function startTls(options: StartTlsOptions = {}): StartTlsAction {
+  return { type: "startTls", options };
 }

@@ -9,7 +9,7 @@
 import type { Driver } from "./_driver.ts";
 import { ConnectionClosed } from "./errors.ts";
 import { newConnectionId } from "./registry.ts";
-import type { Addr } from "./transport/transport.ts";
+import type { Addr, ProxyHeader } from "./transport/transport.ts";
 import { isDelay } from "./_timer.ts";
 
 /**
@@ -155,6 +155,16 @@ export class Connection<T = unknown> {
    */
   get closeReason(): unknown {
     return this.#driver.closeReason;
+  }
+
+  /** TLS: the protocol ALPN chose in the handshake (`null` if none, `undefined` without TLS). */
+  get alpnProtocol(): string | null | undefined {
+    return this.#driver.socket.alpnProtocol;
+  }
+
+  /** The PROXY protocol header the connection came with (servers with `proxyProtocol` only). */
+  get proxy(): ProxyHeader | undefined {
+    return this.#driver.socket.proxy;
   }
 
   /** Whether the handler is hibernating. */

@@ -30,7 +30,7 @@
  * @module
  */
 
-export { hibernate, recv, reply, send, setTimeout, stop } from "./actions.ts";
+export { hibernate, recv, reply, send, setTimeout, startTls, stop } from "./actions.ts";
 export type {
   Action,
   CallEvent,
@@ -51,6 +51,8 @@ export type {
   SendAction,
   SetTimeoutAction,
   ShutdownEvent,
+  StartTlsAction,
+  StartTlsOptions,
   StopAction,
   TimeoutEvent,
   UpgradeEvent,
@@ -87,6 +89,20 @@ export { tcp } from "./transport/tcp.ts";
 export type { TcpOptions } from "./transport/tcp.ts";
 export { memory } from "./transport/memory.ts";
 export type { MemoryOptions } from "./transport/memory.ts";
+export { unix, UnixPathTooLong } from "./transport/unix.ts";
+export {
+  encodeProxyHeader,
+  parseProxyHeader,
+  ProxyHeaderError,
+  readProxyHeader,
+  withProxyProtocol,
+} from "./transport/proxy.ts";
+export type {
+  ParsedProxyHeader,
+  ProxyHeaderErrorKind,
+  ProxyHeaderInit,
+  ReadProxyHeaderOptions,
+} from "./transport/proxy.ts";
 export type {
   Addr,
   Conn,
@@ -94,5 +110,6 @@ export type {
   Listener,
   ListenOptions,
   MemoryAddr,
+  ProxyHeader,
   Transport,
 } from "./transport/transport.ts";

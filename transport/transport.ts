@@ -50,6 +50,27 @@ export interface Conn {
   ref?(): void;
   /** Stop this connection from keeping the process alive while it waits for I/O. */
   unref?(): void;
+  /** TLS: the protocol ALPN chose in the handshake (`null` if none); absent on other transports. */
+  readonly alpnProtocol?: string | null;
+  /** What a PROXY protocol header said of this connection (servers with `proxyProtocol` only). */
+  readonly proxy?: ProxyHeader;
+}
+
+/**
+ * A PROXY protocol header (HAProxy's v1 text or v2 binary form), as a server with
+ * `proxyProtocol: true` read it before the handler ran.
+ */
+export interface ProxyHeader {
+  /** 1 (text) or 2 (binary). */
+  readonly version: 1 | 2;
+  /** `"PROXY"`: the addresses are the original client's and destination's; `"LOCAL"`: the proxy's own connection (health checks), addresses are the socket's. */
+  readonly command: "PROXY" | "LOCAL";
+  /** The original client, if the header carried one. */
+  readonly source?: Deno.NetAddr | Deno.UnixAddr;
+  /** The address the client connected to, if the header carried one. */
+  readonly destination?: Deno.NetAddr | Deno.UnixAddr;
+  /** v2 type-length-value extensions, raw (e.g. type 0x01 ALPN, 0x02 authority). */
+  readonly tlvs: ReadonlyArray<{ readonly type: number; readonly value: Uint8Array }>;
 }
 
 /** A listening endpoint. */

@@ -81,6 +81,32 @@ Deno.test("end: a sync finally that yields for ever is cut off, not a hung threa
   assert.equal(await within(2000, conn.closed, "closed"), "normal");
 });
 
+Deno.test("end: what a step sends before stop is written while its finally awaits, not lost at the deadline", async () => {
+  const slow = Promise.withResolvers<void>();
+  await using rig = await lineRig("sends-before-stop", async function* () {
+    try {
+      yield [send("bye"), stop("done")];
+    } finally {
+      await slow.promise; // longer than the deadline
+    }
+  }, { shutdownTimeout: 300 });
+  const { peer, conn } = await rig.open();
+  assert.equal(await readUntil(peer, "bye\n"), "bye\n", "written at once");
+  assert.equal(await within(3000, conn.closed, "closed at the deadline"), "done");
+  slow.resolve();
+});
+
+Deno.test("end: a second server.stop() with a shorter timeout wins over the first", async () => {
+  await using rig = await lineRig("second-stop", async function* () {
+    for (;;) yield; // ignores shutdown
+  });
+  const { conn } = await rig.open();
+  const first = tracked(rig.server.stop("shutdown", { timeout: 60_000 }));
+  await within(2000, rig.server.stop("shutdown", { timeout: 100 }), "the second stop");
+  assert.equal(first.settled(), true);
+  assert.equal(await conn.closed, "shutdown");
+});
+
 Deno.test("end: a shorter stop timeout wins over a shutdown already running", async () => {
   await using rig = await lineRig("earliest-wins", async function* () {
     for (;;) yield; // ignores shutdown

@@ -13,8 +13,15 @@
 // `async function*`, as `function*`, and as one that hibernates after every event must all
 // match it.
 //
-// fast-check prints the seed and the shrunk counterexample of a failure; rerun one with
-// `fc.assert(..., { seed, path })`. Runs are bounded so that the file takes a few seconds.
+// Driver lifecycle: a second model, of what happens around the end: named timers armed,
+// cancelled and re-armed while the handler is busy in an async step, hibernation and wakes,
+// upgrades with codeChanges, calls answered by this or another connection's handler, and
+// conn.stop() / server.stop() at any moment, against handlers that return, stop or ignore a
+// shutdown, with a finally that yields a send or is stuck in an await (details below).
+//
+// The driver's properties run with a fixed seed, or RELIABILITY_SEED; fast-check prints the
+// seed and the shrunk counterexample of a failure (rerun one with `fc.assert(..., { seed,
+// path })`). Runs are bounded so that the file takes some ten seconds.
 
 import assert from "node:assert/strict";
 // A dev-only dependency, pinned here rather than in deno.json's imports (the library has none).
@@ -22,12 +29,14 @@ import assert from "node:assert/strict";
 import fc from "npm:fast-check@3.23.2";
 import { setImmediate } from "node:timers";
 import {
+  type Action,
   type Connection,
   ConnectionClosed,
   type Decoder,
   type Event,
   FrameTooLarge,
   type Framing,
+  type From,
   type Handler,
   hibernate,
   lengthPrefixed,
@@ -43,7 +52,7 @@ import {
   TimeoutError,
   type Yielded,
 } from "../../mod.ts";
-import { capturingLogger, closeQuietly, logNames } from "./_support.ts";
+import { capturingLogger, closeQuietly, logNames, within } from "./_support.ts";
 
 const utf8 = new TextEncoder();
 
@@ -896,15 +905,1063 @@ async function runModel(variant: Variant, cmds: Cmd[], end: End): Promise<void> 
   }
 }
 
+/**
+ * The seed of the driver's model-based properties: fixed, so that a run is repeatable, or
+ * `RELIABILITY_SEED` to explore others (a failure says which seed to rerun with).
+ */
+const FUZZ_SEED = (() => {
+  const fixed = Deno.env.get("RELIABILITY_SEED");
+  return fixed ? Number(fixed) | 0 : 0x0e7c_9009;
+})();
+
+/** `fc.assert` with {@linkcode FUZZ_SEED}; a failure says how to run it again. */
+async function assertSeeded<Ts extends [unknown, ...unknown[]]>(
+  property: fc.IAsyncProperty<Ts>,
+  numRuns: number,
+): Promise<void> {
+  try {
+    await fc.assert(property, { seed: FUZZ_SEED, numRuns });
+  } catch (err) {
+    if (err instanceof Error) {
+      err.message += `\n  (rerun with RELIABILITY_SEED=${FUZZ_SEED}, or fc.assert's seed and path)`;
+    }
+    throw err;
+  }
+}
+
 for (const variant of ["async", "sync", "hibernating"] as const) {
   Deno.test(`fuzz: driver (${variant} handler): random events and actions match the model`, async () => {
-    await fc.assert(
+    await assertSeeded(
       fc.asyncProperty(
         fc.array(command, { maxLength: 40, size: "medium" }),
         fc.constantFrom<End>("disconnect", "stop", "stopWithReason"),
         (cmds, end) => runModel(variant, cmds, end),
       ),
-      { numRuns: 1000 },
+      1000,
+    );
+  });
+}
+
+// ---- The driver's lifecycle against a model ------------------------------------------------------
+//
+// A second model, of the interleavings around timers, hibernation, upgrades and the end. Random
+// runs cast a handler instructions (arm, cancel or re-arm named timers, hibernate, stop, send,
+// reply to a call it has; or first wait, busy in an async step, on a gate the test opens later:
+// timers fire, calls time out and events queue meanwhile), upgrade the server's code (one or
+// more times, while the handler is hibernated, live or busy; codeChanges that compose, are
+// absent, or throw), call the connection (answered by its handler, by another connection's
+// handler, too late, or never), call conn.stop() and server.stop() with timeouts from 0 to 4 s
+// at any moment (while the handler is busy, hibernated, or in a finally that yields `send` or
+// is stuck in an await the test may release), and let time pass. Each handler version returns
+// on `shutdown`, stops, or ignores it. Handlers: `async function*`, `function*` (nothing waits),
+// and `async function*` hibernating after every event.
+//
+// On the virtual clock, the model predicts every event the handler sees (with the version of
+// the handler that sees it, and the state each new generator starts with), the close reason
+// (the first one decided), the virtual time of the close and of every stop()'s resolution (no
+// later than the earliest deadline), how often each codeChange ran, every call's outcome, what
+// the peer reads, and that a step abandoned at the end deadline runs its finally once its await
+// settles. Apart from the model: a named timer's event comes only for a live arming, once, and
+// not before it is due; every stop() resolves, by its own deadline; codeChanges compose in
+// order, each at most once; no timer, connection or op is left behind (Deno's sanitizers).
+// Virtual time has no jitter, so deadlines are checked exactly there. A few runs on the real
+// clock, with times scaled down, check what holds whatever the order of near events, with a
+// margin of seconds on the deadlines, and with real timers under the sanitizers.
+
+type LAct =
+  | { a: "arm"; name: string; secs: number }
+  | { a: "cancel"; name: string }
+  | { a: "hibernate" }
+  | { a: "stop" }
+  | { a: "send" }
+  | { a: "reply" }; // to the oldest call the handler has and has not answered
+
+/** What a handler version does on `shutdown`, and what its finally does. */
+type Policy = { onShutdown: "return" | "stop" | "ignore"; yieldSend: boolean; stuck: boolean };
+
+type CodeChangeKind = "none" | "ok" | "throws";
+
+// Times: whole seconds plus a distinct even offset per timer or stop timeout (as above); the
+// shutdownTimeout is whole seconds plus 1 ms, so that nothing is ever due at the same moment.
+type LCmd =
+  | { kind: "do"; acts: LAct[] } // a cast: the handler performs `acts` in its step
+  | { kind: "busy"; acts: LAct[] } // a cast: the step awaits a gate, then performs `acts`
+  | { kind: "release" } // open the oldest gate not yet open
+  | { kind: "releaseFinally" } // finallies stuck in their await go on (now and from now on)
+  | { kind: "upgrade"; codeChange: CodeChangeKind; policy: Policy }
+  | { kind: "connStop"; timeout: number | null } // null: the default; 0: 0 ms; n: n-1 s + offset
+  | { kind: "serverStop"; timeout: number | null }
+  | { kind: "call"; secs: number } // conn.call() with a timeout of secs + offset
+  | { kind: "helperReply" } // another connection's handler answers the oldest call taken
+  | { kind: "wait"; secs: number };
+
+/** An action as cast to the handler, with its times and names made concrete. */
+type Concrete =
+  | { a: "arm"; name: string; ms: number }
+  | { a: "cancel"; name: string }
+  | { a: "hibernate" }
+  | { a: "stop"; reason: string }
+  | { a: "send"; data: string }
+  | { a: "reply" };
+
+type Msg = { label: string; gate?: number; acts: Concrete[] };
+type LState = { log: number[] };
+
+const lifeTimer = fc.constantFrom("a", "b");
+const lifeAct: fc.Arbitrary<LAct> = fc.oneof(
+  {
+    weight: 5,
+    arbitrary: fc.record({
+      a: fc.constant("arm" as const),
+      name: lifeTimer,
+      secs: fc.integer({ min: 0, max: 3 }),
+    }),
+  },
+  { weight: 3, arbitrary: fc.record({ a: fc.constant("cancel" as const), name: lifeTimer }) },
+  { weight: 2, arbitrary: fc.constant({ a: "hibernate" as const }) },
+  { weight: 1, arbitrary: fc.constant({ a: "stop" as const }) },
+  { weight: 1, arbitrary: fc.constant({ a: "send" as const }) },
+  { weight: 2, arbitrary: fc.constant({ a: "reply" as const }) },
+);
+const lifePolicy: fc.Arbitrary<Policy> = fc.record({
+  onShutdown: fc.constantFrom("return" as const, "stop" as const, "ignore" as const),
+  yieldSend: fc.boolean(),
+  stuck: fc.boolean(),
+});
+const stopTimeout = fc.option(fc.integer({ min: 0, max: 4 }), { freq: 4 });
+const lifeCommand: fc.Arbitrary<LCmd> = fc.oneof(
+  {
+    weight: 6,
+    arbitrary: fc.record({
+      kind: fc.constant("do" as const),
+      acts: fc.array(lifeAct, { minLength: 0, maxLength: 3 }),
+    }),
+  },
+  {
+    weight: 5,
+    arbitrary: fc.record({
+      kind: fc.constant("busy" as const),
+      acts: fc.array(lifeAct, { minLength: 0, maxLength: 3 }),
+    }),
+  },
+  { weight: 5, arbitrary: fc.constant({ kind: "release" as const }) },
+  { weight: 1, arbitrary: fc.constant({ kind: "releaseFinally" as const }) },
+  {
+    weight: 3,
+    arbitrary: fc.record({
+      kind: fc.constant("upgrade" as const),
+      codeChange: fc.constantFrom<CodeChangeKind>("ok", "ok", "ok", "ok", "none", "none", "throws"),
+      policy: lifePolicy,
+    }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({ kind: fc.constant("connStop" as const), timeout: stopTimeout }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({ kind: fc.constant("serverStop" as const), timeout: stopTimeout }),
+  },
+  {
+    weight: 3,
+    arbitrary: fc.record({
+      kind: fc.constant("call" as const),
+      secs: fc.integer({ min: 0, max: 3 }),
+    }),
+  },
+  { weight: 2, arbitrary: fc.constant({ kind: "helperReply" as const }) },
+  {
+    weight: 6,
+    arbitrary: fc.record({
+      kind: fc.constant("wait" as const),
+      secs: fc.integer({ min: 1, max: 3 }),
+    }),
+  },
+);
+// A second server.stop() returns the first one's promise and its timeout is not applied (see
+// the note at the test below): runs stop the server once at most.
+const lifeCommands = fc.array(lifeCommand, { maxLength: 40, size: "medium" }).map((cmds) =>
+  cmds.filter((c, i) => c.kind !== "serverStop" || cmds.findIndex((d) => d.kind === c.kind) === i)
+);
+
+type LifeVariant = "async" | "sync" | "hibernating";
+
+function showEvent(ev: Event<string>): string {
+  switch (ev.type) {
+    case "cast":
+      return `cast ${(ev.message as Msg).label}`;
+    case "timeout":
+      return `timeout ${ev.name ?? "(event timeout)"}`;
+    case "shutdown":
+      return `shutdown ${showReason(ev.reason)}`;
+    case "call":
+      return `call #${(ev.message as { id: number }).id}`;
+    default:
+      return ev.type;
+  }
+}
+
+function showReason(reason: unknown): string {
+  return reason instanceof Error ? `Error: ${reason.message}` : String(reason);
+}
+
+/** The test's side of a run: what the handlers record, the gates, the timer check. */
+class LifeRun {
+  readonly seen: string[] = [];
+  readonly gates = new Map<number, PromiseWithResolvers<void>>();
+  readonly finallyGate = Promise.withResolvers<void>();
+  readonly codeChangeCalls: number[] = [0];
+  /** Calls the handlers have taken and nobody has answered yet, oldest first. */
+  readonly froms: Array<{ id: number; from: From }> = [];
+  /** Broken timer promises, found apart from the model. */
+  readonly violations: string[] = [];
+  /** Every frame a handler yielded to send, in order. */
+  readonly sent: string[] = [];
+  readonly #armed = new Map<string, number>(); // name → due of its live arming
+  readonly now: () => number;
+  readonly #slack: number;
+  readonly variant: LifeVariant;
+
+  /** `slack`: how early (ms) a timer may fire on a real clock, whose timers are coarser. */
+  constructor(now: () => number, slack: number, variant: LifeVariant) {
+    this.now = now;
+    this.#slack = slack;
+    this.variant = variant;
+  }
+
+  /** The actions for `acts`, noting each arming and cancel as the handler yields it. */
+  actions(acts: Concrete[], st: LState): Action[] {
+    return acts.flatMap((act): Action | Action[] => {
+      switch (act.a) {
+        case "arm":
+          this.#armed.set(act.name, this.now() + act.ms);
+          return arm(act.ms, act.name);
+        case "cancel":
+          this.#armed.delete(act.name);
+          return arm(null, act.name);
+        case "hibernate":
+          return hibernate(st);
+        case "stop":
+          return stop(act.reason);
+        case "send":
+          this.sent.push(act.data);
+          return send(act.data);
+        case "reply": {
+          const call = this.froms.shift();
+          return call ? reply(call.from, `r#${call.id}`) : [];
+        }
+      }
+    });
+  }
+
+  /** A named timer's event: it must be for a live arming, due by now; that arming is used up. */
+  timerFired(name: string): void {
+    const due = this.#armed.get(name);
+    const now = this.now();
+    if (due === undefined) {
+      this.violations.push(`at ${now}: timeout ${name}, which is not armed`);
+    } else if (now < due - this.#slack) {
+      this.violations.push(`at ${now}: timeout ${name}, due at ${due}`);
+    }
+    this.#armed.delete(name);
+  }
+
+  /** What handler version `v` does on `ev` (after a busy cast's gate): its actions, or return. */
+  react(
+    ev: Event<string>,
+    v: number,
+    policy: Policy,
+    st: LState,
+    seen = false,
+  ): Action[] | "return" {
+    if (!seen) this.seen.push(`v${v} ${showEvent(ev)}`);
+    let actions: Action[] = [];
+    if (ev.type === "cast") {
+      actions = this.actions((ev.message as Msg).acts, st);
+    } else if (ev.type === "timeout") {
+      this.timerFired(ev.name!);
+    } else if (ev.type === "call") {
+      this.froms.push({ id: (ev.message as { id: number }).id, from: ev.from });
+    } else if (ev.type === "upgrade") {
+      actions = [hibernate(st)]; // switch
+    } else if (ev.type === "shutdown") {
+      if (policy.onShutdown === "return") return "return";
+      if (policy.onShutdown === "stop") actions = [stop(`v${v} stops`)];
+    }
+    if (this.variant === "hibernating") actions.push(hibernate(st));
+    return actions;
+  }
+
+  /**
+   * Handler version `v` (0: the first; n: the n-th upgrade's). Its finally may yield a send (on
+   * a return of its own it does not: that yield would be an ordinary one, waiting for events),
+   * and may be stuck in an await; a plain-generator handler waits on no gate.
+   */
+  handler(v: number, policy: Policy): Handler<string> {
+    // deno-lint-ignore no-this-alias
+    const run = this;
+    const start = (state: unknown) => {
+      const st = (state ?? { log: [] }) as LState;
+      run.seen.push(`v${v} start [${st.log.join(" ")}]`);
+      return st;
+    };
+    const fin = (v: number) => {
+      run.seen.push(`v${v} finally`);
+      if (!policy.yieldSend) return undefined;
+      run.sent.push(`fin v${v}`);
+      return send(`fin v${v}`);
+    };
+    if (this.variant === "sync") {
+      return function* (_conn: Connection<string>, state?: unknown): SyncGen {
+        const st = start(state);
+        let returning = false;
+        try {
+          let ev = yield;
+          for (;;) {
+            const actions = run.react(ev, v, policy, st);
+            if (actions === "return") return void (returning = true);
+            ev = yield actions;
+          }
+        } finally {
+          const last = fin(v);
+          if (last && !returning) run.seen.push(`v${v} finally resumed: ${showEvent(yield last)}`);
+        }
+      };
+    }
+    return async function* (_conn: Connection<string>, state?: unknown): Gen {
+      const st = start(state);
+      let returning = false;
+      try {
+        let ev = yield;
+        for (;;) {
+          const gate = ev.type === "cast" ? (ev.message as Msg).gate : undefined;
+          if (gate !== undefined) {
+            run.seen.push(`v${v} ${showEvent(ev)}`);
+            await run.gates.get(gate)!.promise;
+          }
+          const actions = run.react(ev, v, policy, st, gate !== undefined);
+          if (actions === "return") return void (returning = true);
+          ev = yield actions;
+        }
+      } finally {
+        const last = fin(v);
+        if (last && !returning) run.seen.push(`v${v} finally resumed: ${showEvent(yield last)}`);
+        if (policy.stuck) await run.finallyGate.promise;
+      }
+    };
+  }
+
+  codeChange(v: number, kind: CodeChangeKind): ((state: unknown) => unknown) | undefined {
+    this.codeChangeCalls[v] = 0;
+    if (kind === "none") return undefined;
+    return (state) => {
+      this.codeChangeCalls[v]++;
+      if (kind === "throws") throw new Error(`codeChange ${v}`);
+      return { log: [...(state as LState).log, v] };
+    };
+  }
+}
+
+type MEvent =
+  | { type: "cast"; msg: Msg }
+  | { type: "timeout"; name: string }
+  | { type: "shutdown"; reason: string }
+  | { type: "upgrade" }
+  | { type: "call"; id: number };
+
+/**
+ * The model: what the driver promises, for one connection. The handler is at a yield
+ * ("waiting"), hibernated, busy in a step (on a gate), returning of its own accord with its
+ * finally stuck ("returning"), in a finally stuck in its await ("finally"), or gone.
+ */
+class LifeModel {
+  now = 0;
+  readonly seen: string[] = ["v0 start []"];
+  /** What the peer must read, in order; then a prefix of `maybe` (what a forced end may drop). */
+  readonly replies: string[] = [];
+  readonly maybe: string[] = [];
+  readonly codeChangeCalls: number[] = [0];
+  /** How each call ended: `value …`, `timeout` or `closed`. */
+  readonly calls = new Map<number, { due: number; outcome?: string }>();
+  phase: "open" | "ending" | "closed" = "open";
+  at: "waiting" | "hibernated" | "busy" | "returning" | "finally" | "gone" = "waiting";
+  closeReason: string | undefined;
+  closedAt: number | undefined;
+  readonly #variant: LifeVariant;
+  readonly #shutdownTimeout: number;
+  #busy: { gate: number; acts: Concrete[] } | null = null;
+  #abandoned: { gate: number; v: number; acts: Concrete[] } | null = null; // left at the deadline
+  #froms: number[] = []; // calls taken by the handler, not answered yet
+  #mailbox: MEvent[] = [];
+  readonly #named = new Map<string, { due: number; fired: MEvent | null }>();
+  #upgrades: Array<{ v: number; codeChange: CodeChangeKind; policy: Policy }> = [];
+  #v = 0;
+  #policy: Policy;
+  #log: number[] = [];
+  #shutdownReason: string | null = null;
+  #endBy = Infinity;
+  readonly #released = new Set<number>();
+  #finallyReleased = false;
+  #forced = false;
+  #unwritten: string[] = []; // sent, not yet written (see #perform)
+  #flushLater = false; // a 0 ms timer writes them at the next advance
+  #offset = 0;
+
+  constructor(variant: LifeVariant, policy: Policy, shutdownTimeout: number) {
+    this.#variant = variant;
+    this.#policy = policy;
+    this.#shutdownTimeout = shutdownTimeout;
+  }
+
+  /** A distinct even offset, 10..988 ms. */
+  offset(): number {
+    return 10 + 2 * (this.#offset++ % 490);
+  }
+
+  // ---- Commands ----
+
+  cast(msg: Msg): void {
+    this.#push({ type: "cast", msg });
+  }
+
+  release(gate: number): void {
+    this.#released.add(gate);
+    if (this.at === "busy" && this.#busy!.gate === gate) {
+      const acts = this.#busy!.acts;
+      this.#busy = null;
+      this.#perform(acts);
+      this.#pump();
+    } else if (this.#abandoned?.gate === gate) {
+      // Its step goes on (its actions go nowhere; its replies come too late), the driver has it
+      // return, and its finally runs, late.
+      for (const act of this.#abandoned.acts) if (act.a === "reply") this.#froms.shift();
+      this.seen.push(`v${this.#abandoned.v} finally`);
+      this.#abandoned = null;
+    }
+  }
+
+  call(id: number, timeout: number): void {
+    if (this.phase !== "open") {
+      this.calls.set(id, { due: Infinity, outcome: "closed" });
+      return;
+    }
+    this.calls.set(id, { due: this.now + timeout });
+    this.#push({ type: "call", id });
+  }
+
+  /** Another connection's handler answers the oldest call taken. */
+  helperReply(): void {
+    const id = this.#froms.shift();
+    if (id !== undefined) this.#settle(id, `value r#${id}`);
+  }
+
+  #settle(id: number, outcome: string): void {
+    const call = this.calls.get(id)!;
+    call.outcome ??= outcome; // too late, after a timeout or the close: ignored
+  }
+
+  releaseFinally(): void {
+    this.#finallyReleased = true;
+    if (this.at === "finally") this.#finish();
+    else if (this.at === "returning") this.#returned();
+  }
+
+  upgrade(v: number, codeChange: CodeChangeKind, policy: Policy): void {
+    this.codeChangeCalls[v] = 0;
+    if (this.phase !== "open") return;
+    this.#upgrades.push({ v, codeChange, policy });
+    if (this.at !== "hibernated") this.#push({ type: "upgrade" });
+  }
+
+  /** conn.stop(reason, { timeout }) or the first server.stop(): when its promise resolves. */
+  stop(reason: string, timeout: number): () => number {
+    if (this.phase === "closed") {
+      const at = this.now;
+      return () => at;
+    }
+    this.#endBy = Math.min(this.#endBy, this.now + timeout);
+    if (this.phase === "open" && this.#shutdownReason === null) {
+      this.#shutdownReason = reason;
+      this.#push({ type: "shutdown", reason });
+    }
+    return () => this.closedAt!;
+  }
+
+  wait(ms: number): void {
+    if (this.#flushLater) {
+      this.#flushLater = false;
+      // The 0 ms timer fires first, unless an end deadline is due at this very moment (a stop
+      // with timeout 0), which may come first and drop the output.
+      if (this.#endBy <= this.now) this.#drop();
+      else this.#write();
+    }
+    const end = this.now + ms;
+    for (;;) {
+      let next: { at: number; fire: () => void } | null = null;
+      const consider = (at: number, fire: () => void) => {
+        if (at <= end && (next === null || at < next.at)) next = { at, fire };
+      };
+      if (this.phase === "open") {
+        for (const [name, timer] of this.#named) {
+          if (timer.fired === null) consider(timer.due, () => this.#fire(name, timer));
+        }
+      }
+      if (this.phase !== "closed") {
+        consider(this.#endBy, () => this.#deadline());
+        for (const [id, call] of this.calls) {
+          if (call.outcome === undefined) consider(call.due, () => this.#settle(id, "timeout"));
+        }
+      }
+      if (next === null) break;
+      const { at, fire } = next as { at: number; fire: () => void };
+      this.now = at;
+      fire();
+    }
+    this.now = end;
+  }
+
+  // ---- The driver ----
+
+  #push(ev: MEvent): void {
+    if (this.phase !== "open") return;
+    this.#mailbox.push(ev);
+    this.#pump();
+  }
+
+  #fire(name: string, timer: { due: number; fired: MEvent | null }): void {
+    const ev: MEvent = { type: "timeout", name };
+    timer.fired = ev;
+    this.#push(ev);
+  }
+
+  // Deliver queued events while the handler waits at a yield or hibernates.
+  #pump(): void {
+    while (
+      this.phase === "open" && (this.at === "waiting" || this.at === "hibernated") &&
+      this.#mailbox.length > 0
+    ) {
+      const ev = this.#mailbox.shift()!;
+      if (ev.type === "timeout" && this.#named.get(ev.name)?.fired === ev) {
+        this.#named.delete(ev.name);
+      }
+      if (this.at === "hibernated" && !this.#wake()) return;
+      this.#react(ev);
+    }
+  }
+
+  // A new generator, after the pending upgrades in order; false if a codeChange threw.
+  #wake(): boolean {
+    const upgrades = this.#upgrades;
+    this.#upgrades = [];
+    for (const { v, codeChange, policy } of upgrades) {
+      this.#v = v;
+      this.#policy = policy;
+      if (codeChange === "none") continue;
+      this.codeChangeCalls[v]++;
+      if (codeChange === "throws") {
+        this.at = "gone";
+        this.#end(`Error: codeChange ${v}`);
+        this.#finish();
+        return false;
+      }
+      this.#log = [...this.#log, v];
+    }
+    this.seen.push(`v${this.#v} start [${this.#log.join(" ")}]`);
+    this.at = "waiting";
+    return true;
+  }
+
+  // The finally awaits, and the test has not let it go on.
+  get #stuck(): boolean {
+    return this.#policy.stuck && !this.#finallyReleased && this.#variant !== "sync";
+  }
+
+  #react(ev: MEvent): void {
+    const v = this.#v;
+    switch (ev.type) {
+      case "cast":
+        this.seen.push(`v${v} cast ${ev.msg.label}`);
+        if (
+          ev.msg.gate !== undefined && !this.#released.has(ev.msg.gate) &&
+          this.#variant !== "sync" // (a plain generator waits on nothing)
+        ) {
+          this.at = "busy";
+          this.#busy = { gate: ev.msg.gate, acts: ev.msg.acts };
+          return;
+        }
+        return this.#perform(ev.msg.acts);
+      case "timeout":
+        this.seen.push(`v${v} timeout ${ev.name}`);
+        return this.#perform([]);
+      case "upgrade":
+        this.seen.push(`v${v} upgrade`);
+        return this.#perform([{ a: "hibernate" }]);
+      case "call":
+        this.seen.push(`v${v} call #${ev.id}`);
+        this.#froms.push(ev.id);
+        return this.#perform([]);
+      case "shutdown":
+        this.seen.push(`v${v} shutdown ${ev.reason}`);
+        switch (this.#policy.onShutdown) {
+          case "return":
+            this.seen.push(`v${v} finally`);
+            if (this.#stuck) this.at = "returning";
+            else this.#returned();
+            return;
+          case "stop":
+            return this.#perform([{ a: "stop", reason: `v${v} stops` }]);
+          case "ignore":
+            return this.#perform([]);
+        }
+    }
+  }
+
+  // The actions of a step, all of them in order; then stop wins over hibernate.
+  #perform(acts: Concrete[]): void {
+    if (this.#variant === "hibernating") acts = [...acts, { a: "hibernate" }];
+    let outcome: "continue" | "hibernate" | "stop" = "continue";
+    let reason = "";
+    const sent: string[] = [];
+    for (const act of acts) {
+      switch (act.a) {
+        case "send":
+          sent.push(act.data);
+          break;
+        case "arm":
+          this.#cancel(act.name);
+          this.#named.set(act.name, { due: this.now + act.ms, fired: null });
+          break;
+        case "cancel":
+          this.#cancel(act.name);
+          break;
+        case "hibernate":
+          if (outcome === "continue") outcome = "hibernate";
+          break;
+        case "stop":
+          outcome = "stop";
+          reason = act.reason;
+          break;
+        case "reply": {
+          const id = this.#froms.shift();
+          if (id !== undefined) this.#settle(id, `value r#${id}`);
+          break;
+        }
+      }
+    }
+    this.#unwritten.push(...sent);
+    if (outcome === "stop") {
+      this.#write(); // the end flushes what the step sent, while the finally runs
+      this.at = "waiting";
+      this.#end(reason);
+      this.#closeGenerator();
+    } else if (outcome === "hibernate") {
+      this.#write(); // hibernating flushes
+      this.at = "hibernated";
+    } else {
+      this.at = "waiting";
+      // An async handler with more events queued goes on at once: its output is written when
+      // it next waits, or by a 0 ms timer (so, here, when virtual time next moves).
+      if (this.#variant !== "async" || this.#mailbox.length === 0) this.#write();
+      else if (this.#unwritten.length > 0) this.#flushLater = true;
+    }
+  }
+
+  // A cancel or re-arm takes back the timer's event if it fired and is not yet delivered.
+  #cancel(name: string): void {
+    const timer = this.#named.get(name);
+    if (timer === undefined) return;
+    if (timer.fired !== null) {
+      const at = this.#mailbox.indexOf(timer.fired);
+      if (at >= 0) this.#mailbox.splice(at, 1);
+    }
+    this.#named.delete(name);
+  }
+
+  // The handler returned of its own accord (its finally done): a normal end.
+  #returned(): void {
+    this.at = "gone";
+    this.#end("normal");
+    this.#finish();
+  }
+
+  // The end is decided: the first reason stands; the deadline comes no later than
+  // shutdownTimeout from now.
+  #end(reason: string): void {
+    if (this.phase !== "open") return;
+    this.phase = "ending";
+    this.closeReason = reason;
+    this.#endBy = Math.min(this.#endBy, this.now + this.#shutdownTimeout);
+  }
+
+  // Run the finally of the generator at its yield, if there is one (not when hibernated).
+  #closeGenerator(): void {
+    if (this.at === "hibernated" || this.at === "gone") {
+      this.at = "gone";
+      return this.#finish();
+    }
+    const v = this.#v;
+    this.seen.push(`v${v} finally`);
+    if (this.#policy.yieldSend) {
+      this.#write(); // a finally's yield writes what is pending (none, when forced)
+      (this.#forced ? this.maybe : this.replies).push(`fin v${v}`);
+      this.seen.push(`v${v} finally resumed: shutdown ${this.closeReason}`);
+    }
+    if (this.#stuck) this.at = "finally";
+    else {
+      this.at = "gone";
+      this.#finish();
+    }
+  }
+
+  // The end deadline: whatever is still going is abandoned.
+  #deadline(): void {
+    if (this.phase === "open") {
+      // Shut down, and not ended in time: forced, with the first shutdown's reason.
+      this.phase = "ending";
+      this.closeReason = this.#shutdownReason!;
+      this.#forced = true;
+      this.#drop(); // pending output is dropped
+      if (this.at === "busy") {
+        this.#abandoned = { ...this.#busy!, v: this.#v };
+        this.#busy = null;
+      } else if (this.at !== "returning") {
+        this.#closeGenerator(); // its finally runs, and is abandoned at once if stuck
+        if (this.closedAt !== undefined) return;
+      }
+    }
+    this.#finish(true);
+  }
+
+  #write(): void {
+    this.replies.push(...this.#unwritten);
+    this.#unwritten = [];
+  }
+
+  // Output still unwritten when the end is forced may be lost: the peer reads a prefix of it.
+  #drop(): void {
+    this.maybe.push(...this.#unwritten);
+    this.#unwritten = [];
+  }
+
+  #finish(abandoned = false): void {
+    if (abandoned) this.#drop();
+    else this.#write();
+    this.at = "gone";
+    this.phase = "closed";
+    this.closedAt = this.now;
+    this.#mailbox = [];
+    this.#named.clear();
+    for (const id of this.calls.keys()) this.#settle(id, "closed");
+  }
+}
+
+/** On the real clock, a second of a run's times is this many milliseconds. */
+const REAL_SCALE = 0.01;
+/** On the real clock, how late (ms) a stop() may resolve past its deadline (a loaded machine). */
+const REAL_MARGIN = 2000;
+
+/** Whether `sub` is `all` with some elements left out (none repeated, none reordered). */
+function isSubsequence(sub: string[], all: string[]): boolean {
+  let i = 0;
+  for (const x of all) if (i < sub.length && sub[i] === x) i++;
+  return i === sub.length;
+}
+
+/**
+ * One run of `cmds`. On the virtual clock everything is checked against the model, exactly; on
+ * the real clock (times scaled by {@linkcode REAL_SCALE}, so that the order of near events is up
+ * to the machine), only what holds whatever the order: the checks apart from the model, with a
+ * generous margin on the deadlines, and Deno's sanitizers (real timers this time).
+ */
+async function runLifecycle(
+  variant: LifeVariant,
+  policy: Policy,
+  shutdownSecs: number,
+  cmds: LCmd[],
+  real = false,
+): Promise<void> {
+  const clock = new VirtualClock();
+  const scale = real ? REAL_SCALE : 1;
+  const now = real ? () => performance.now() : () => clock.now;
+  const until = <V>(promise: Promise<V>, what: string): Promise<V> =>
+    real ? within(10_000, promise, what) : clock.until(promise, what);
+  const transport = memory(`fuzz-lifecycle-${++memoryNames}`);
+  const logger = capturingLogger();
+  const shutdownTimeout = (shutdownSecs * 1000 + 1) * scale;
+  const run = new LifeRun(now, real ? 1.5 : 0, variant);
+  const accepted = Promise.withResolvers<Connection<string>>();
+  const first = run.handler(0, policy);
+  const server = await serve((conn: Connection<string>, state?: unknown) => {
+    accepted.resolve(conn);
+    return first(conn, state);
+  }, { transport, framing: lines(), logger, shutdownTimeout });
+  // Another server, whose connection's handler answers calls made to the first one.
+  const helperTransport = memory(`fuzz-lifecycle-helper-${memoryNames}`);
+  const helperStarted = Promise.withResolvers<Connection<string>>();
+  const helper = await serve(function* (conn: Connection<string>): SyncGen {
+    helperStarted.resolve(conn);
+    let ev = yield;
+    while (ev.type === "cast") {
+      const { from, value } = ev.message as { from: From; value: string };
+      ev = yield reply(from, value);
+    }
+  }, { transport: helperTransport, framing: lines() });
+  if (!real) clock.install();
+  const model = new LifeModel(variant, policy, shutdownTimeout);
+  const outcomes = new Map<number, string>();
+  const received: string[] = [];
+  // Every stop: its deadline, when it resolved, and when the model says it does.
+  const stops: Array<
+    { what: string; deadline: number; resolvedAt?: number; expected: () => number }
+  > = [];
+  let peer: Awaited<ReturnType<typeof transport.connect>> | undefined;
+  let helperPeer: Awaited<ReturnType<typeof transport.connect>> | undefined;
+  try {
+    peer = await transport.connect({});
+    helperPeer = await helperTransport.connect({});
+    const conn = await until(accepted.promise, "accept");
+    const helperConn = await until(helperStarted.promise, "the helper's accept");
+    let closedAt: number | undefined;
+    conn.closed.then(() => closedAt = now());
+    const reading = (async () => {
+      const text = new TextDecoder();
+      const buf = new Uint8Array(4096);
+      let rest = "";
+      for (;;) {
+        const n = await peer!.read(buf).catch(() => null);
+        if (n === null) return;
+        rest += text.decode(buf.subarray(0, n), { stream: true });
+        const parts = rest.split("\n");
+        rest = parts.pop()!;
+        received.push(...parts);
+      }
+    })();
+    await clock.settle();
+
+    let ids = 0;
+    let upgrades = 0;
+    const gateOrder: number[] = [];
+    let opened = 0;
+    const ms = (secs: number) => (secs * 1000 + model.offset()) * scale;
+    const concrete = (acts: LAct[], id: number): Concrete[] =>
+      acts.map((act, i): Concrete => {
+        switch (act.a) {
+          case "arm":
+            return { a: "arm", name: act.name, ms: ms(act.secs) };
+          case "stop":
+            return { a: "stop", reason: `stop #${id}` };
+          case "send":
+            return { a: "send", data: `#${id}.${i}` };
+          default:
+            return act;
+        }
+      });
+    const stopMs = (timeout: number | null): number | undefined =>
+      timeout === null ? undefined : timeout === 0 ? 0 : ms(timeout - 1);
+    const track = (what: string, promise: Promise<void>, timeout: number | undefined) => {
+      const stop = {
+        what,
+        deadline: now() + (timeout ?? shutdownTimeout),
+        resolvedAt: undefined as number | undefined,
+        expected: model.stop(what, timeout ?? shutdownTimeout),
+      };
+      promise.then(() => stop.resolvedAt = now());
+      stops.push(stop);
+    };
+    const openGate = (gate: number) => {
+      run.gates.get(gate)!.resolve();
+      model.release(gate);
+    };
+
+    // At the end, a stop that ends whatever is left, and time for its deadline.
+    const final: LCmd[] = [{ kind: "connStop", timeout: 6 }, { kind: "wait", secs: 7 }];
+    for (const cmd of [...cmds, ...final]) {
+      const id = ++ids;
+      switch (cmd.kind) {
+        case "do":
+        case "busy": {
+          const msg: Msg = { label: `#${id}`, acts: concrete(cmd.acts, id) };
+          if (cmd.kind === "busy") {
+            msg.gate = id;
+            run.gates.set(id, Promise.withResolvers());
+            gateOrder.push(id);
+          }
+          conn.cast(msg);
+          model.cast(msg);
+          break;
+        }
+        case "release":
+          if (opened < gateOrder.length) openGate(gateOrder[opened++]);
+          break;
+        case "releaseFinally":
+          run.finallyGate.resolve();
+          model.releaseFinally();
+          break;
+        case "upgrade": {
+          const v = ++upgrades;
+          server.upgrade(run.handler(v, cmd.policy), {
+            codeChange: run.codeChange(v, cmd.codeChange),
+          });
+          model.upgrade(v, cmd.codeChange, cmd.policy);
+          break;
+        }
+        case "connStop": {
+          const timeout = stopMs(cmd.timeout);
+          const reason = id > cmds.length ? "final" : `conn.stop #${id}`;
+          track(reason, conn.stop(reason, { timeout }), timeout);
+          break;
+        }
+        case "serverStop": {
+          const timeout = stopMs(cmd.timeout);
+          const reason = `server.stop #${id}`;
+          track(reason, server.stop(reason, { timeout }), timeout);
+          break;
+        }
+        case "call": {
+          const timeout = ms(cmd.secs);
+          conn.call({ id }, { timeout }).then(
+            (value) => outcomes.set(id, `value ${value}`),
+            (err) =>
+              outcomes.set(
+                id,
+                err instanceof TimeoutError
+                  ? "timeout"
+                  : err instanceof ConnectionClosed
+                  ? "closed"
+                  : `error ${err}`,
+              ),
+          );
+          model.call(id, timeout);
+          break;
+        }
+        case "helperReply": {
+          const call = run.froms.shift();
+          if (call) helperConn.cast({ from: call.from, value: `r#${call.id}` });
+          model.helperReply();
+          break;
+        }
+        case "wait":
+          model.wait(cmd.secs * 1000 * scale);
+          if (real) await new Promise((r) => setTimeout(r, cmd.secs * 1000 * scale));
+          else await clock.advance(cmd.secs * 1000);
+          continue;
+      }
+      await clock.settle();
+    }
+
+    const reason = await until(conn.closed, "the close");
+    // Whatever is still waiting goes on: an abandoned step's finally runs now.
+    while (opened < gateOrder.length) openGate(gateOrder[opened++]);
+    run.finallyGate.resolve();
+    model.releaseFinally();
+    await clock.settle();
+    await until(reading, "the peer's reads");
+
+    // Apart from the model.
+    assert.deepEqual(run.violations, [], "timers fire once per arming, never early or stale");
+    const margin = real ? REAL_MARGIN : 0;
+    for (const stop of stops) {
+      assert.ok(stop.resolvedAt !== undefined, `${stop.what} resolved`);
+      assert.ok(
+        stop.resolvedAt <= stop.deadline + margin,
+        `${stop.what} resolved at ${stop.resolvedAt}, by its deadline ${stop.deadline}`,
+      );
+    }
+    assert.ok(
+      /^(normal|final|(conn\.stop|server\.stop|stop) #\d+|v\d+ stops|Error: codeChange \d+)$/
+        .test(showReason(reason)),
+      `a close reason that was asked for: ${showReason(reason)}`,
+    );
+    assert.ok(run.codeChangeCalls.every((n) => n <= 1), "each codeChange ran once at most");
+    let log: number[] = [];
+    for (const entry of run.seen) {
+      const started = entry.match(/^v\d+ start \[(.*)\]$/);
+      if (started === null) continue;
+      const next = started[1] === "" ? [] : started[1].split(" ").map(Number);
+      assert.deepEqual(next.slice(0, log.length), log, "codeChanges compose, in order");
+      assert.ok(next.every((v, i) => i === 0 || next[i - 1] < v), "in the order of the upgrades");
+      log = next;
+    }
+    for (let id = 1; id <= ids; id++) {
+      if (!model.calls.has(id)) continue;
+      const outcome = outcomes.get(id);
+      assert.ok(
+        outcome === `value r#${id}` || outcome === "timeout" || outcome === "closed",
+        `call #${id} ended: ${outcome}`,
+      );
+    }
+    assert.ok(isSubsequence(received, run.sent), "the peer read only what was sent, in order");
+    // An abnormal end is logged once, with its reason; a normal one not at all.
+    if (reason === "normal") assert.deepEqual(logger.calls, []);
+    else {
+      assert.equal(logger.calls.length, 1, "logged once");
+      assert.ok(logNames(logger.calls[0], reason));
+    }
+    assert.equal(server.connections().length, 0, "the connection is gone from the server");
+    if (real) return;
+
+    // Against the model, exactly.
+    assert.equal(model.phase, "closed", "the model's own end");
+    assert.deepEqual(run.seen, model.seen, "the handlers saw exactly the model's events");
+    assert.equal(showReason(reason), model.closeReason, "the close reason");
+    assert.equal(closedAt, model.closedAt, "closed at the model's (virtual) time");
+    for (const stop of stops) {
+      assert.equal(stop.resolvedAt, stop.expected(), `${stop.what} resolved when the model says`);
+    }
+    assert.deepEqual(run.codeChangeCalls, model.codeChangeCalls, "codeChange calls");
+    assert.deepEqual(
+      outcomes,
+      new Map([...model.calls].map(([id, call]) => [id, call.outcome])),
+      "every call ended as the model says",
+    );
+    assert.deepEqual(
+      received.slice(0, model.replies.length),
+      model.replies,
+      "the peer read what the handlers sent",
+    );
+    assert.deepEqual(
+      received.slice(model.replies.length),
+      model.maybe.slice(0, received.length - model.replies.length),
+      "and then at most some of what a forced end may drop",
+    );
+    assert.equal(clock.pending, 0, "no timer left behind");
+  } finally {
+    if (!real) clock.uninstall();
+    if (peer) closeQuietly(peer);
+    if (helperPeer) closeQuietly(helperPeer);
+    for (const gate of run.gates.values()) gate.resolve();
+    run.finallyGate.resolve();
+    await server.stop("shutdown", { timeout: 0 });
+    await helper.stop("shutdown", { timeout: 0 });
+  }
+}
+
+for (const variant of ["async", "sync", "hibernating"] as const) {
+  // Noted while writing this property (server.ts): a second server.stop() with a shorter
+  // timeout is not applied (it returns the first call's promise), unlike a later conn.stop().
+  // Runs call it once at most.
+  Deno.test(`fuzz: driver lifecycle (${variant} handler): busy steps, timers, hibernation, upgrades and stops match the model`, async () => {
+    await assertSeeded(
+      fc.asyncProperty(
+        lifePolicy,
+        fc.integer({ min: 1, max: 4 }),
+        lifeCommands,
+        (policy, shutdownSecs, cmds) => runLifecycle(variant, policy, shutdownSecs, cmds),
+      ),
+      1500,
+    );
+  });
+
+  if (variant === "sync") continue; // (nothing waits in a plain generator: little is left to race)
+  Deno.test(`fuzz: driver lifecycle (${variant} handler), real clock: timers, codeChanges, calls and stop deadlines hold`, async () => {
+    await assertSeeded(
+      fc.asyncProperty(
+        lifePolicy,
+        fc.integer({ min: 1, max: 4 }),
+        lifeCommands,
+        (policy, shutdownSecs, cmds) => runLifecycle(variant, policy, shutdownSecs, cmds, true),
+      ),
+      20,
     );
   });
 }
