@@ -11,6 +11,7 @@ import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, isConnectionId, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
+import { encodeProxyHeader, type ProxyHeaderInit } from "./transport/proxy.ts"; // proxyHeader option
 import { closeQuietly, Driver, formatAddr } from "./_driver.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
@@ -52,6 +53,16 @@ export interface ConnectOptions<T = Uint8Array> {
   onBufferFull?: "stop" | "throw";
   /** Where an abnormal end is reported (default `console`). */
   logger?: Logger;
+  // ---- proxyHeader option (transport/proxy.ts) ----
+  /**
+   * Send this PROXY protocol header (v1 or v2) first, right after connecting and before the
+   * handler runs, as a proxy does, for a server with `proxyProtocol: true`. Checked before
+   * connecting (`encodeProxyHeader`'s errors); the write is bounded by `connectTimeout`. Not
+   * over a transport with a handshake of its own (TLS: the header would have to go out in plain
+   * text before it), which rejects with `Deno.errors.NotSupported`.
+   */
+  proxyHeader?: ProxyHeaderInit;
+  // ---- end proxyHeader option ----
 }
 
 /**
@@ -91,12 +102,28 @@ export async function connect<H extends Handler<any>>(
   const transport = options.transport ?? tcp();
   const timeout = options.connectTimeout ?? 10_000;
   const target = `connect to ${describeTarget(transport, options)}`;
+  const proxyHeader = options.proxyHeader === undefined
+    ? undefined
+    : encodeProxyHeader(options.proxyHeader);
   const socket = await withTimeout(
     transport.connect({ hostname: options.hostname, port: options.port }),
     timeout,
     target,
     (late) => late.close(),
   );
+  if (proxyHeader) {
+    try {
+      if (socket.handshake !== undefined) {
+        throw new Deno.errors.NotSupported(
+          "connect: proxyHeader over a transport with a handshake (TLS) is not supported",
+        );
+      }
+      await withTimeout(writeAll(socket, proxyHeader), timeout, `${target}: PROXY header`);
+    } catch (err) {
+      closeQuietly(socket);
+      throw err;
+    }
+  }
   if (socket.handshake !== undefined) {
     try {
       await withTimeout(socket.handshake(), timeout, `${target}: handshake`);
@@ -135,6 +162,11 @@ export async function connect<H extends Handler<any>>(
   }
   driver.start();
   return driver.handle;
+}
+
+// proxyHeader option: the whole header, however many writes that takes.
+async function writeAll(socket: { write(p: Uint8Array): Promise<number> }, bytes: Uint8Array) {
+  while (bytes.length > 0) bytes = bytes.subarray(await socket.write(bytes));
 }
 
 // What a connect is to, for messages: the transport's own words, not a TCP default.

@@ -9,6 +9,7 @@ import type { Connection, Logger, Mode, StopOptions } from "./connection.ts";
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
+import { withProxyProtocol } from "./transport/proxy.ts"; // proxyProtocol option
 import type { Addr, Conn, Listener, Transport } from "./transport/transport.ts";
 import { closeQuietly, type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
@@ -40,6 +41,19 @@ export interface ServeOptions<T = Uint8Array, A extends Addr = Addr> {
   maxConnections?: number;
   /** Milliseconds a transport handshake (TLS) may take (default 10000). */
   handshakeTimeout?: number;
+  // ---- proxyProtocol option (transport/proxy.ts) ----
+  /**
+   * Every connection starts with a PROXY protocol header (v1 or v2, HAProxy's specification),
+   * read before the handler runs and within `handshakeTimeout`: `conn.remoteAddr` and
+   * `conn.localAddr` are then the original client's and destination's (the socket's own for a
+   * `LOCAL` header), `conn.proxy` the header. A connection without a valid header is closed
+   * (one debug-level log line, a `ProxyHeaderError`). Off by default, and then a PROXY header
+   * is ordinary data. Enable it only behind a proxy that sends one: whoever can connect could
+   * otherwise claim any address. For plain-stream transports (`tcp()`, `unix()`, `memory()`);
+   * see `withProxyProtocol` for transports with a handshake of their own (TLS).
+   */
+  proxyProtocol?: boolean;
+  // ---- end proxyProtocol option ----
   /**
    * The default event timeout of every connection (off unless set): a connection that gets no
    * event for this many ms, while its handler has armed no event timeout of its own, is sent
@@ -242,7 +256,13 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
    * server's `shutdownTimeout`) for them to end, then force the rest. Resolves when all closed.
    */
   stop(reason: unknown = "shutdown", options: StopOptions = {}): Promise<void> {
-    if (this.#stopping) return this.#stopping;
+    if (this.#stopping) {
+      // Already stopping: a shorter timeout given now still wins (the earliest deadline).
+      if (options.timeout !== undefined) {
+        for (const driver of this.#drivers.values()) driver.shutdown(reason, options.timeout);
+      }
+      return this.#stopping;
+    }
     this.#status = "stopping";
     const timeout = options.timeout ?? this.#options.shutdownTimeout;
     // The acceptors' loops end once their pending accept has failed on the closed listener:
@@ -377,6 +397,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
   }
 
   #startConnection(socket: Conn): void {
+    if (this.#options.proxyProtocol) socket = withProxyProtocol(socket); // reads the header first
     if (socket.handshake === undefined) return this.#runConnection(socket);
     // Off the acceptor: a peer that stalls its handshake holds only its own socket.
     this.#handshaking.add(socket);
@@ -511,6 +532,7 @@ function checkServeOptions(handler: unknown, options: unknown): void {
   check.number("maxConnections", 0, { integer: true, infinite: true });
   check.delay("handshakeTimeout");
   check.boolean("reusePort");
+  check.boolean("proxyProtocol");
   check.function("onListen");
   check.function("onConnection");
   check.function("onClose");
