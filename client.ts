@@ -11,7 +11,7 @@ import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, isConnectionId, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
-import { encodeProxyHeader, type ProxyHeaderInit } from "./transport/proxy.ts"; // proxyHeader option
+import { encodeProxyHeader, type ProxyHeaderInit } from "./transport/proxy.ts";
 import { closeQuietly, Driver, formatAddr } from "./_driver.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
@@ -53,7 +53,6 @@ export interface ConnectOptions<T = Uint8Array> {
   onBufferFull?: "stop" | "throw";
   /** Where an abnormal end is reported (default `console`). */
   logger?: Logger;
-  // ---- proxyHeader option (transport/proxy.ts) ----
   /**
    * Send this PROXY protocol header (v1 or v2) first, right after connecting and before the
    * handler runs, as a proxy does, for a server with `proxyProtocol: true`. Checked before
@@ -62,7 +61,6 @@ export interface ConnectOptions<T = Uint8Array> {
    * text before it), which rejects with `Deno.errors.NotSupported`.
    */
   proxyHeader?: ProxyHeaderInit;
-  // ---- end proxyHeader option ----
 }
 
 /**
@@ -164,7 +162,7 @@ export async function connect<H extends Handler<any>>(
   return driver.handle;
 }
 
-// proxyHeader option: the whole header, however many writes that takes.
+// The whole of `bytes`, however many writes that takes.
 async function writeAll(socket: { write(p: Uint8Array): Promise<number> }, bytes: Uint8Array) {
   while (bytes.length > 0) bytes = bytes.subarray(await socket.write(bytes));
 }

@@ -9,7 +9,7 @@ import type { Connection, Logger, Mode, StopOptions } from "./connection.ts";
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
-import { withProxyProtocol } from "./transport/proxy.ts"; // proxyProtocol option
+import { withProxyProtocol } from "./transport/proxy.ts";
 import type { Addr, Conn, Listener, Transport } from "./transport/transport.ts";
 import { closeQuietly, type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
@@ -41,7 +41,6 @@ export interface ServeOptions<T = Uint8Array, A extends Addr = Addr> {
   maxConnections?: number;
   /** Milliseconds a transport handshake (TLS) may take (default 10000). */
   handshakeTimeout?: number;
-  // ---- proxyProtocol option (transport/proxy.ts) ----
   /**
    * Every connection starts with a PROXY protocol header (v1 or v2, HAProxy's specification),
    * read before the handler runs and within `handshakeTimeout`: `conn.remoteAddr` and
@@ -53,7 +52,6 @@ export interface ServeOptions<T = Uint8Array, A extends Addr = Addr> {
    * see `withProxyProtocol` for transports with a handshake of their own (TLS).
    */
   proxyProtocol?: boolean;
-  // ---- end proxyProtocol option ----
   /**
    * The default event timeout of every connection (off unless set): a connection that gets no
    * event for this many ms, while its handler has armed no event timeout of its own, is sent

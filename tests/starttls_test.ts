@@ -1,0 +1,142 @@
+// STARTTLS, client side: a live plain connection switches to TLS in place with a yielded
+// startTls(); what was sent before goes out in plain text, what is sent after (even in the same
+// yield) encrypted, nothing lost or reordered; bytes read past the switch point, a switch with a
+// read under way, and a switch on a server's connection are refused. The server is Node's
+// (tests/peers/starttls_server.mjs): Deno has no API to switch an accepted socket to TLS.
+
+import assert from "node:assert/strict";
+import {
+  connect,
+  type Event,
+  type HandlerGenerator,
+  lines,
+  memory,
+  ProtocolError,
+  send,
+  serve,
+  startTls,
+} from "../mod.ts";
+import { capturingLogger, Inbox, within } from "./_support.ts";
+
+const fixtures = new URL("./fixtures/", import.meta.url);
+const ca = Deno.readTextFileSync(new URL("ca.crt", fixtures));
+
+/** The Node STARTTLS server, on a free port; stopped when disposed. */
+async function nodeStartTlsServer(): Promise<{ port: number } & AsyncDisposable> {
+  const child = new Deno.Command("node", {
+    args: [
+      new URL("./peers/starttls_server.mjs", import.meta.url).pathname,
+      new URL("server.crt", fixtures).pathname,
+      new URL("server.key", fixtures).pathname,
+    ],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let out = "";
+  while (!out.includes("\n")) {
+    const { value, done } = await within(10_000, reader.read(), "the node server's port");
+    if (done) throw new Error("node server exited");
+    out += value;
+  }
+  reader.releaseLock();
+  return {
+    port: Number(out.trim()),
+    async [Symbol.asyncDispose]() {
+      await child.stdin.close();
+      await within(10_000, child.status, "node server exit");
+      await child.stdout.cancel().catch(() => {});
+    },
+  };
+}
+
+const label = (ev: Event<string>) => ev.type === "packet" ? ev.data : ev.type;
+
+Deno.test("startTls: plain before, encrypted after, in order; ALPN visible", async () => {
+  await using server = await nodeStartTlsServer();
+  const got = new Inbox<string>(5000);
+  const conn = await connect(async function* (): HandlerGenerator<string> {
+    let ev = yield [send("one"), send("STARTTLS")];
+    while (ev.type === "packet") {
+      got.push(label(ev));
+      if (ev.data === "GO") {
+        // Switch, and send in the same yield: that frame goes out encrypted.
+        ev = yield [
+          startTls({ hostname: "localhost", caCerts: [ca], alpnProtocols: ["etcp/1"] }),
+          send("two"),
+        ];
+      } else if (ev.data.startsWith("tls:two")) {
+        ev = yield send("three");
+      } else if (ev.data.startsWith("tls:three")) return;
+      else ev = yield;
+    }
+  }, { port: server.port, framing: lines() });
+  assert.equal(await got.next(), "plain:one");
+  assert.equal(await got.next(), "GO");
+  assert.equal(await got.next(), "tls:two alpn:etcp/1");
+  assert.equal(await got.next(), "tls:three alpn:etcp/1");
+  assert.equal(await within(5000, conn.closed, "closed"), "normal");
+  assert.equal(conn.alpnProtocol, "etcp/1");
+});
+
+Deno.test("startTls: sends from outside during the switch go out encrypted, after it", async () => {
+  await using server = await nodeStartTlsServer();
+  const got = new Inbox<string>(5000);
+  const conn = await connect(async function* (): HandlerGenerator<string> {
+    let ev = yield send("STARTTLS");
+    for (; ev.type === "packet"; ev = yield) {
+      got.push(label(ev));
+      if (ev.data === "GO") {
+        ev = yield startTls({ hostname: "localhost", caCerts: [ca] });
+        got.push(label(ev));
+      }
+    }
+  }, { port: server.port, framing: lines() });
+  assert.equal(await got.next(), "GO");
+  conn.send("outside"); // the handshake is under way: held, then encrypted
+  assert.match(await got.next(), /^tls:outside/);
+  await conn.stop();
+});
+
+Deno.test("startTls: bytes read past the switch point end the connection with ProtocolError", async () => {
+  await using server = await nodeStartTlsServer();
+  const logger = capturingLogger();
+  const conn = await connect(async function* (): HandlerGenerator<string> {
+    // "GO" and "EXTRA" come in one write: EXTRA was read as plain text before the switch.
+    for (let ev = yield send("STARTTLS-EXTRA"); ev.type === "packet"; ev = yield) {
+      if (ev.data === "GO") yield startTls({ hostname: "localhost", caCerts: [ca] });
+    }
+  }, { port: server.port, framing: lines(), logger });
+  const reason = await within(5000, conn.closed, "closed");
+  assert.ok(reason instanceof ProtocolError, `closed with ${reason}`);
+  assert.match(reason.message, /past the switch point/);
+});
+
+Deno.test("startTls: on a server's connection it is refused, with what to do instead", async () => {
+  const transport = memory(`starttls-server-${crypto.randomUUID()}`);
+  const closed = new Inbox<unknown>();
+  const server = await serve(async function* () {
+    yield startTls();
+  }, { transport, logger: capturingLogger(), onClose: (_conn, reason) => closed.push(reason) });
+  try {
+    await connect(async function* () {}, { transport });
+    const reason = await closed.next();
+    assert.ok(reason instanceof ProtocolError);
+    assert.match((reason as Error).message, /server's connection.*tls\(\) transport/);
+  } finally {
+    await server.stop();
+  }
+});
+
+Deno.test("startTls: with a read under way (not in answer to a packet) it is refused", async () => {
+  await using server = await nodeStartTlsServer();
+  const conn = await connect(async function* (): HandlerGenerator<string> {
+    const ev = yield; // a cast: the reader is waiting for the peer
+    if (ev.type === "cast") yield startTls({ hostname: "localhost", caCerts: [ca] });
+  }, { port: server.port, framing: lines(), logger: capturingLogger() });
+  conn.cast("now");
+  const reason = await within(5000, conn.closed, "closed");
+  assert.ok(reason instanceof ProtocolError);
+  assert.match((reason as Error).message, /read is under way/);
+});
