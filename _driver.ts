@@ -41,7 +41,7 @@ import type { Addr, Conn } from "./transport/transport.ts";
 import { Connection, type Logger, type Mode } from "./connection.ts";
 import { KEEP_WRITE_BUFFER, Outbox, type OutboxOwner } from "./_outbox.ts";
 import { clearTimer, isDelay, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
-import { startTlsOn } from "./_start_tls.ts";
+import { upgradeTls } from "./transport/tls.ts";
 
 /** Changes a hibernated connection's state when it switches to new code. */
 export type CodeChange = (state: unknown) => unknown;
@@ -627,12 +627,6 @@ export class Driver<T> implements OutboxOwner {
   // done. No read is under way (checked), so no byte of the TLS stream is read as plain text.
 
   #checkTlsSwitch(): void {
-    if (this.#opts.kind === "server") {
-      throw new ProtocolError(
-        "startTls on a server's connection: Deno has no API to switch an accepted socket to TLS " +
-          "(Deno.startTls is client-only); serve with the tls() transport instead",
-      );
-    }
     if (this.#input === Input.Reading) {
       throw new ProtocolError(
         "startTls while a read is under way: yield it in answer to the peer's packet (active " +
@@ -657,7 +651,11 @@ export class Driver<T> implements OutboxOwner {
         if (plain.broken !== null) throw plain.broken;
         this.#bytesWrittenBefore += plain.bytesWritten;
       }
-      return this.#phase === Phase.Open ? startTlsOn(this.socket, options) : undefined;
+      if (this.#phase !== Phase.Open) return undefined;
+      const role = this.#opts.kind === "server" ? "server" : "client";
+      return upgradeTls(this.socket, { ...options, role }).then((tls) =>
+        tls.handshake().then(() => tls)
+      );
     }).then((tls) => {
       if (tls === undefined) return;
       if (this.#phase !== Phase.Open) return closeQuietly(tls);

@@ -7,6 +7,7 @@
  */
 
 import type { Connection } from "./connection.ts";
+import type { TlsOptions } from "./transport/tls.ts";
 
 /**
  * Where a `call` came from; pass it to {@linkcode reply} to answer, now or from a later event,
@@ -71,17 +72,14 @@ export interface RecvAction {
   readonly timeoutMs?: number;
 }
 
-/** How {@linkcode startTls} checks the server it switches to TLS with. */
-export interface StartTlsOptions {
-  /** The server name checked against its certificate (default: the host connected to). */
-  hostname?: string;
-  /** PEM certificates of the authorities trusted (default: the system's). */
-  caCerts?: string[];
-  /** Protocols offered through ALPN; the one chosen is `conn.alpnProtocol` after the switch. */
-  alpnProtocols?: string[];
-}
+/**
+ * The TLS settings of a {@linkcode startTls} switch: those of the `tls()` transport. A client
+ * checks the server with `caCerts` and `serverName` (and may present `cert`/`key`); a server
+ * needs `cert`/`key` (or `certFile`/`keyFile`).
+ */
+export type StartTlsOptions = TlsOptions;
 
-/** Switch this live plain connection to TLS, in place (STARTTLS); client side only. */
+/** Switch this live plain connection to TLS, in place (STARTTLS). */
 export interface StartTlsAction {
   /** Discriminant. */
   readonly type: "startTls";
@@ -381,18 +379,19 @@ export function recv(timeoutMs?: number): RecvAction {
 
 /**
  * Switch this live plain connection to TLS in place, the way SMTP, IMAP, XMPP and PostgreSQL
- * clients do (STARTTLS): what the step sends before it goes out in plain text, then the TLS
- * handshake runs, and what is sent after is encrypted. Nothing is lost or reordered across the
- * switch. Yield it when the peer has agreed (in answer to its packet, so that no read is under
- * way); bytes already read past the switch point are a `ProtocolError`, as is a switch on a
- * server's connection (Deno has no API to upgrade an accepted socket to TLS). A failed
- * handshake ends the connection with its error.
+ * do (STARTTLS), on either side: a client starts the handshake, a server (with `cert`/`key`)
+ * answers it. What the step sends before it goes out in plain text, then the handshake runs,
+ * and what is sent after (even in the same yield, or from outside meanwhile) is encrypted.
+ * Nothing is lost or reordered across the switch. Yield it when the peer has agreed (in answer
+ * to its packet, so that no read is under way); bytes already read past the switch point are a
+ * `ProtocolError`. A failed handshake ends the connection with its error. The chosen ALPN
+ * protocol is `conn.alpnProtocol` afterwards.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
  * import { startTls } from "./mod.ts";
- * const action = startTls({ hostname: "mail.example.com" });
+ * const action = startTls({ serverName: "mail.example.com" });
  * assert.equal(action.type, "startTls");
  * ```
  */

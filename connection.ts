@@ -10,6 +10,7 @@ import type { Driver } from "./_driver.ts";
 import { ConnectionClosed } from "./errors.ts";
 import { newConnectionId } from "./registry.ts";
 import type { Addr, ProxyHeader } from "./transport/transport.ts";
+import type { TlsPeerCertificate } from "./transport/tls.ts";
 import { isDelay } from "./_timer.ts";
 
 /**
@@ -160,6 +161,14 @@ export class Connection<T = unknown> {
   /** TLS: the protocol ALPN chose in the handshake (`null` if none, `undefined` without TLS). */
   get alpnProtocol(): string | null | undefined {
     return this.#driver.socket.alpnProtocol;
+  }
+
+  /**
+   * TLS: the peer's certificate, where the connection can tell (`tls({ engine: "node" })`, a
+   * server with `clientCaCerts`, a `startTls` switch over `node:tls`); `null` if it gave none.
+   */
+  get peerCertificate(): TlsPeerCertificate | null | undefined {
+    return this.#driver.socket.peerCertificate;
   }
 
   /** The PROXY protocol header the connection came with (servers with `proxyProtocol` only). */

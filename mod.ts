@@ -89,6 +89,15 @@ export { tcp } from "./transport/tcp.ts";
 export type { TcpOptions } from "./transport/tcp.ts";
 export { memory } from "./transport/memory.ts";
 export type { MemoryOptions } from "./transport/memory.ts";
+export { tls, TlsConfigError, TlsHandshakeError, upgradeTls } from "./transport/tls.ts";
+export type {
+  TlsConn,
+  TlsHandshakeFailure,
+  TlsKeyPair,
+  TlsOptions,
+  TlsPeerCertificate,
+  TlsUpgradeOptions,
+} from "./transport/tls.ts";
 export { unix, UnixPathTooLong } from "./transport/unix.ts";
 export {
   encodeProxyHeader,

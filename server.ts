@@ -531,6 +531,15 @@ function checkServeOptions(handler: unknown, options: unknown): void {
   check.delay("handshakeTimeout");
   check.boolean("reusePort");
   check.boolean("proxyProtocol");
+  const { proxyProtocol, transport } = options as ServeOptions;
+  if (proxyProtocol && transport?.name === "tls") {
+    // The header comes in plain text before the ClientHello, but the tls() transport has done
+    // the handshake by then: terminate TLS in front (HAProxy does), or serve plain TCP.
+    throw new TypeError(
+      "serve: proxyProtocol with the tls() transport is not supported: the PROXY header " +
+        "precedes the TLS handshake; let the proxy terminate TLS, or use tcp()",
+    );
+  }
   check.function("onListen");
   check.function("onConnection");
   check.function("onClose");

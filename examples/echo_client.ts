@@ -3,7 +3,10 @@
  * each echo, and prints the round-trip rate.
  *
  *     deno run -A examples/echo_client.ts [--port 7001] [--hostname 127.0.0.1]
- *       [--count 1000] [--size 64] [--timeout 10000]
+ *       [--count 1000] [--size 64] [--timeout 10000] [--tls [--ca FILE] [--servername NAME]]
+ *
+ * `--tls` talks to examples/tls_echo_server.ts instead (port 7002 by default), trusting the
+ * test CA unless `--ca` names another; `--ca` and `--servername` imply `--tls`.
  *
  * Exits 0 once every echo came back intact; 1 with a one-line error if the server cannot be
  * reached, a frame is too large, an echo is wrong or late, or the connection ends before every
@@ -20,9 +23,11 @@ import {
   lengthPrefixed,
   send,
   setTimeout,
+  tls,
   type Yielded,
 } from "../mod.ts";
 import { DEFAULT_PORT } from "./echo_server.ts";
+import { DEFAULT_CA, DEFAULT_TLS_PORT } from "./tls_echo_server.ts";
 import { argsOrStatus, oneLine, type Parsed } from "./_command_line.ts";
 
 /** What `--help` prints. */
@@ -31,11 +36,16 @@ export const USAGE = `usage: deno run -A examples/echo_client.ts [options]
 Send --count frames of --size bytes to an echo server (examples/echo_server.ts, --framing len4),
 one at a time, check every echo, and print the round-trip rate.
 
-  --port N          the server's port (default ${DEFAULT_PORT})
+  --port N          the server's port (default ${DEFAULT_PORT}, ${DEFAULT_TLS_PORT} with --tls)
   --hostname HOST   the server's address (default 127.0.0.1)
   --count N         frames to send, at least 1 (default 1000)
   --size BYTES      bytes per frame, at least 4 (default 64)
   --timeout MS      how long the connect and each echo may take (default 10000)
+  --tls             connect over TLS (examples/tls_echo_server.ts)
+  --ca FILE         with TLS: trust the CA in FILE, PEM, besides the system's (default:
+                    tests/fixtures/ca.crt, the CA of tls_echo_server.ts's default certificate)
+  --servername NAME with TLS: the name to check the server's certificate against (default:
+                    --hostname)
   -h, --help        print this help and exit
 
 Exit status: 0 if every echo came back intact, 1 on failure, 2 for a bad command line.`;
@@ -47,6 +57,8 @@ export interface EchoClientArgs {
   count: number;
   size: number;
   timeout: number;
+  /** TLS (`--tls`, `--ca`, `--servername`); absent for plain TCP. */
+  tls?: { ca: string; serverName?: string };
 }
 
 /** Parse the client's command line; never throws. */
@@ -56,11 +68,14 @@ export function parseEchoClientArgs(argv: string[]): Parsed<EchoClientArgs> {
     ({ values } = parseArgs({
       args: argv,
       options: {
-        port: { type: "string", default: String(DEFAULT_PORT) },
+        port: { type: "string" },
         hostname: { type: "string", default: "127.0.0.1" },
         count: { type: "string", default: "1000" },
         size: { type: "string", default: "64" },
         timeout: { type: "string", default: "10000" },
+        tls: { type: "boolean", default: false },
+        ca: { type: "string" },
+        servername: { type: "string" },
         help: { type: "boolean", short: "h", default: false },
       },
     }));
@@ -69,6 +84,8 @@ export function parseEchoClientArgs(argv: string[]): Parsed<EchoClientArgs> {
     return { kind: "usage", error: String((err as Error).message).split("\n", 1)[0] };
   }
   if (values.help) return { kind: "help" };
+  const useTls = values.tls || values.ca !== undefined || values.servername !== undefined;
+  values.port ??= String(useTls ? DEFAULT_TLS_PORT : DEFAULT_PORT);
   const port = integer(values.port, 1, 65535);
   const count = integer(values.count, 1);
   const size = integer(values.size, 4);
@@ -83,12 +100,24 @@ export function parseEchoClientArgs(argv: string[]): Parsed<EchoClientArgs> {
     ? `--timeout must be an integer of at least 1 (ms), not "${values.timeout}"`
     : values.hostname === ""
     ? "--hostname must not be empty"
+    : values.ca === ""
+    ? "--ca must name a file"
+    : values.servername === ""
+    ? "--servername must not be empty"
     : undefined;
   if (error !== undefined) return { kind: "usage", error };
-  return {
-    kind: "run",
-    args: { port: port!, hostname: values.hostname, count: count!, size: size!, timeout: timeout! },
+  const args: EchoClientArgs = {
+    port: port!,
+    hostname: values.hostname,
+    count: count!,
+    size: size!,
+    timeout: timeout!,
   };
+  if (useTls) {
+    args.tls = { ca: values.ca ?? DEFAULT_CA };
+    if (values.servername !== undefined) args.tls.serverName = values.servername;
+  }
+  return { kind: "run", args };
 }
 
 /** `text` as a decimal integer in `[min, max]`, or undefined (no signs, exponents or blanks). */
@@ -119,6 +148,16 @@ export async function echoClient(args: EchoClientArgs): Promise<{ seconds: numbe
   let echoed = 0;
   const started = performance.now();
   let conn: Connection<Uint8Array>;
+  let transport;
+  if (args.tls !== undefined) {
+    let ca: string;
+    try {
+      ca = Deno.readTextFileSync(args.tls.ca);
+    } catch (err) {
+      throw new Error(`cannot read the CA file ${args.tls.ca}: ${oneLine(err)}`);
+    }
+    transport = tls({ caCerts: [ca], serverName: args.tls.serverName });
+  }
   try {
     conn = await connect(
       async function* (): AsyncGenerator<Yielded, void, Event<Uint8Array>> {
@@ -146,6 +185,7 @@ export async function echoClient(args: EchoClientArgs): Promise<{ seconds: numbe
         hostname: args.hostname,
         port: args.port,
         framing: lengthPrefixed(4),
+        transport,
         connectTimeout: timeout,
         // Every abnormal end is the close reason, reported once by the caller: nothing to log.
         logger: QUIET,

@@ -9,6 +9,8 @@ import assert from "node:assert/strict";
 import { type Event, type Handler, lengthPrefixed, send, serve, type Yielded } from "../mod.ts";
 import { echo, parseEchoServerArgs } from "../examples/echo_server.ts";
 import { parseEchoClientArgs } from "../examples/echo_client.ts";
+import { tls as tlsTransport } from "../mod.ts";
+import { parseTlsEchoServerArgs } from "../examples/tls_echo_server.ts";
 import { capturingLogger, HOST, portOf } from "./_support.ts";
 
 const CLIENT = new URL("../examples/echo_client.ts", import.meta.url).pathname;
@@ -286,6 +288,198 @@ Deno.test("examples: echo_server --port 0 serves echo_client, exits 0 on SIGTERM
       inUse.stderr,
       new RegExp(`^echo_server: cannot listen on 127\\.0\\.0\\.1:${port}: AddrInUse: .*\n$`),
     );
+
+    server.kill("SIGTERM");
+    const status = await Promise.race([
+      server.status,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error("no exit within 5 s of SIGTERM")), 5000);
+      }),
+    ]);
+    exited = true;
+    assert.equal(status.code, 0, await stderr);
+  } finally {
+    clearTimeout(timer);
+    if (!exited) {
+      try {
+        server.kill("SIGKILL");
+      } catch { /* already gone */ }
+      await server.status;
+    }
+    for (;;) if ((await reader.read()).done) break;
+    await stderr;
+  }
+});
+
+// ---- TLS: examples/tls_echo_server.ts and echo_client.ts --tls ---------------------------------
+
+const TLS_SERVER = new URL("../examples/tls_echo_server.ts", import.meta.url).pathname;
+const FIXTURES = new URL("./fixtures/", import.meta.url).pathname;
+
+Deno.test("examples (TLS): --tls means port 7002 and the test CA; tls_echo_server's defaults; bad TLS flags exit 2", async () => {
+  assert.deepEqual(parseEchoClientArgs(["--tls"]), {
+    kind: "run",
+    args: {
+      port: 7002,
+      hostname: "127.0.0.1",
+      count: 1000,
+      size: 64,
+      timeout: 10_000,
+      tls: { ca: `${FIXTURES}ca.crt` },
+    },
+  });
+  // --ca and --servername imply --tls; --port still wins.
+  const named = parseEchoClientArgs(["--servername", "localhost", "--port", "9"]);
+  assert.equal(named.kind, "run");
+  if (named.kind === "run") {
+    assert.equal(named.args.port, 9);
+    assert.deepEqual(named.args.tls, { ca: `${FIXTURES}ca.crt`, serverName: "localhost" });
+  }
+  assert.deepEqual(parseTlsEchoServerArgs([]), {
+    kind: "run",
+    args: {
+      port: 7002,
+      hostname: "127.0.0.1",
+      cert: `${FIXTURES}server.crt`,
+      key: `${FIXTURES}server.key`,
+      alpn: [],
+      framing: "len4",
+      hibernate: false,
+      sync: false,
+    },
+  });
+  const cases: [string, string[], RegExp][] = [
+    [CLIENT, ["--ca", "", "--port", "1"], /--ca must name a file/],
+    [CLIENT, ["--servername", "", "--port", "1"], /--servername must not be empty/],
+    [CLIENT, ["--tls=yes"], /'--tls' does not take an argument/],
+    [TLS_SERVER, ["--cert", "x.crt", "--port", "0"], /--cert and --key go together/],
+    [TLS_SERVER, ["--alpn", "a,,b", "--port", "0"], /--alpn must be protocol names/],
+    [TLS_SERVER, ["--port", "70000"], /--port must be an integer from 0 to 65535/],
+    [TLS_SERVER, ["--bogus"], /Unknown option '--bogus'/],
+  ];
+  const [help, ...results] = await Promise.all([
+    run(TLS_SERVER, ["--help"], 5000),
+    ...cases.map(([script, args]) => run(script, args, 5000)),
+  ]);
+  assert.equal(help.code, 0, help.stderr);
+  assert.ok(help.stdout.startsWith("usage: deno run -A examples/tls_echo_server.ts"));
+  assert.match(help.stdout, /--cert FILE/);
+  results.forEach((ran, i) => {
+    const [script, args, error] = cases[i];
+    const name = script === CLIENT ? "echo_client" : "tls_echo_server";
+    const what = `${name} ${args.join(" ")}`;
+    assert.equal(ran.code, 2, `${what}: exit code (stderr: ${ran.stderr})`);
+    assert.equal(ran.stdout, "", `${what}: stdout`);
+    const [first, ...rest] = ran.stderr.split("\n");
+    assert.ok(first.startsWith(`${name}: `), `${what}: ${first}`);
+    assert.match(first, error, what);
+    assert.ok(rest.join("\n").includes(`usage: deno run -A examples/${name}.ts`), what);
+  });
+});
+
+Deno.test("examples (TLS): echo_client --tls exits 0 against a TLS echo server; a wrong CA, name or CA file exits 1 with one line", async () => {
+  const server = await serve(echo, {
+    port: 0,
+    hostname: HOST,
+    framing: lengthPrefixed(4),
+    transport: tlsTransport({
+      certFile: `${FIXTURES}server.crt`,
+      keyFile: `${FIXTURES}server.key`,
+    }),
+    logger: capturingLogger(), // refused handshakes are logged: keep the output clean
+  });
+  try {
+    const p = String(portOf(server.addr));
+    const [ok, named, wrongCa, wrongName, noCaFile, notPem] = await Promise.all([
+      client(["--tls", "--port", p, "--count", "50"]),
+      client(["--servername", "localhost", "--port", p, "--count", "5"]),
+      client(["--ca", `${FIXTURES}other_ca.crt`, "--port", p]),
+      client(["--servername", "alt.test", "--port", p]),
+      client(["--ca", `${FIXTURES}missing.crt`, "--port", p]),
+      client(["--ca", `${FIXTURES}server.key`, "--port", p]),
+    ]);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.match(ok.stdout, /^50 frames echoed in /);
+    assert.equal(named.code, 0, named.stderr);
+    assert.match(
+      errorLine(wrongCa, "--ca other_ca.crt"),
+      new RegExp(
+        `^echo_client: cannot connect to 127\\.0\\.0\\.1:${p}: TlsHandshakeError: .*the server's certificate is not signed by a CA this end trusts`,
+      ),
+    );
+    assert.match(
+      errorLine(wrongName, "--servername alt.test"),
+      /TlsHandshakeError: .*not for the name connected to .*"alt\.test"/,
+    );
+    assert.match(
+      errorLine(noCaFile, "--ca missing.crt"),
+      /^echo_client: cannot read the CA file .*missing\.crt: NotFound: /,
+    );
+    assert.match(
+      errorLine(notPem, "--ca server.key"),
+      /^echo_client: TlsConfigError: tls: caCerts\[0\] is not a PEM certificate/,
+    );
+  } finally {
+    await server.stop();
+  }
+});
+
+Deno.test("examples (TLS): tls_echo_server --port 0 serves echo_client --tls, exits 0 on SIGTERM; a certificate it cannot use exits 1", async () => {
+  const server = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", TLS_SERVER, "--port", "0", "--alpn", "etcp/1"],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(server.stderr).text();
+  const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let exited = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    let out = "";
+    const expired = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no listening line within 10 s: ${out}`)), 10_000);
+    });
+    while (!out.includes("\n")) {
+      const { value, done } = await Promise.race([reader.read(), expired]);
+      if (done) throw new Error(`tls_echo_server ended before listening: ${out}`);
+      out += value;
+    }
+    clearTimeout(timer);
+    const match = /^listening on 127\.0\.0\.1:(\d+)\n/.exec(out);
+    assert.ok(match, `unexpected first line: ${JSON.stringify(out)}`);
+    const port = match[1];
+
+    const [ok, missing, mismatch] = await Promise.all([
+      client(["--tls", "--port", port, "--count", "100"]),
+      run(TLS_SERVER, ["--port", "0", "--cert", `${FIXTURES}missing.crt`, "--key", "x.key"]),
+      run(TLS_SERVER, [
+        "--port",
+        "0",
+        "--cert",
+        `${FIXTURES}server.crt`,
+        "--key",
+        `${FIXTURES}client.key`,
+      ]),
+    ]);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.match(ok.stdout, /^100 frames echoed in /);
+    for (
+      const [ran, message] of [
+        [
+          missing,
+          /^tls_echo_server: TlsConfigError: tls: certificate: certFile ".*missing\.crt": cannot read it: NotFound: .*\n$/,
+        ],
+        [
+          mismatch,
+          /^tls_echo_server: TlsConfigError: tls: certificate: the key .*client\.key.* does not match the certificate .*\n$/,
+        ],
+      ] as const
+    ) {
+      assert.equal(ran.code, 1, ran.stderr);
+      assert.equal(ran.stdout, "");
+      assert.match(ran.stderr, message);
+    }
 
     server.kill("SIGTERM");
     const status = await Promise.race([

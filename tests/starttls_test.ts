@@ -1,8 +1,8 @@
 // STARTTLS, client side: a live plain connection switches to TLS in place with a yielded
 // startTls(); what was sent before goes out in plain text, what is sent after (even in the same
 // yield) encrypted, nothing lost or reordered; bytes read past the switch point, a switch with a
-// read under way, and a switch on a server's connection are refused. The server is Node's
-// (tests/peers/starttls_server.mjs): Deno has no API to switch an accepted socket to TLS.
+// read under way are refused. Against Node's STARTTLS server (tests/peers/starttls_server.mjs),
+// a third-party peer, and against a server of this library switching its side too.
 
 import assert from "node:assert/strict";
 import {
@@ -10,7 +10,6 @@ import {
   type Event,
   type HandlerGenerator,
   lines,
-  memory,
   ProtocolError,
   send,
   serve,
@@ -63,7 +62,7 @@ Deno.test("startTls: plain before, encrypted after, in order; ALPN visible", asy
       if (ev.data === "GO") {
         // Switch, and send in the same yield: that frame goes out encrypted.
         ev = yield [
-          startTls({ hostname: "localhost", caCerts: [ca], alpnProtocols: ["etcp/1"] }),
+          startTls({ serverName: "localhost", caCerts: [ca], alpnProtocols: ["etcp/1"] }),
           send("two"),
         ];
       } else if (ev.data.startsWith("tls:two")) {
@@ -88,7 +87,7 @@ Deno.test("startTls: sends from outside during the switch go out encrypted, afte
     for (; ev.type === "packet"; ev = yield) {
       got.push(label(ev));
       if (ev.data === "GO") {
-        ev = yield startTls({ hostname: "localhost", caCerts: [ca] });
+        ev = yield startTls({ serverName: "localhost", caCerts: [ca] });
         got.push(label(ev));
       }
     }
@@ -105,7 +104,7 @@ Deno.test("startTls: bytes read past the switch point end the connection with Pr
   const conn = await connect(async function* (): HandlerGenerator<string> {
     // "GO" and "EXTRA" come in one write: EXTRA was read as plain text before the switch.
     for (let ev = yield send("STARTTLS-EXTRA"); ev.type === "packet"; ev = yield) {
-      if (ev.data === "GO") yield startTls({ hostname: "localhost", caCerts: [ca] });
+      if (ev.data === "GO") yield startTls({ serverName: "localhost", caCerts: [ca] });
     }
   }, { port: server.port, framing: lines(), logger });
   const reason = await within(5000, conn.closed, "closed");
@@ -113,17 +112,39 @@ Deno.test("startTls: bytes read past the switch point end the connection with Pr
   assert.match(reason.message, /past the switch point/);
 });
 
-Deno.test("startTls: on a server's connection it is refused, with what to do instead", async () => {
-  const transport = memory(`starttls-server-${crypto.randomUUID()}`);
-  const closed = new Inbox<unknown>();
-  const server = await serve(async function* () {
-    yield startTls();
-  }, { transport, logger: capturingLogger(), onClose: (_conn, reason) => closed.push(reason) });
+Deno.test("startTls on both sides: a server of this library switches too, ALPN agreed", async () => {
+  const cert = new URL("server.crt", fixtures).pathname;
+  const key = new URL("server.key", fixtures).pathname;
+  const server = await serve(async function* (conn): HandlerGenerator<string> {
+    for (let ev = yield; ev.type === "packet";) {
+      if (ev.data === "STARTTLS") {
+        ev = yield [
+          send("GO"),
+          startTls({ certFile: cert, keyFile: key, alpnProtocols: ["etcp/1"] }),
+        ];
+      } else ev = yield send(`${conn.alpnProtocol ? "tls" : "plain"}:${ev.data}`);
+    }
+  }, { hostname: "127.0.0.1", port: 0, framing: lines(), logger: capturingLogger() });
   try {
-    await connect(async function* () {}, { transport });
-    const reason = await closed.next();
-    assert.ok(reason instanceof ProtocolError);
-    assert.match((reason as Error).message, /server's connection.*tls\(\) transport/);
+    const got = new Inbox<string>(5000);
+    const client = await connect(async function* (): HandlerGenerator<string> {
+      let ev = yield [send("one"), send("STARTTLS")];
+      for (; ev.type === "packet"; ev = yield) {
+        got.push(ev.data);
+        if (ev.data === "GO") {
+          ev = yield [
+            startTls({ serverName: "localhost", caCerts: [ca], alpnProtocols: ["etcp/1"] }),
+            send("two"),
+          ];
+          got.push(label(ev));
+        }
+      }
+    }, { port: server.addr.port, framing: lines() });
+    assert.equal(await got.next(), "plain:one");
+    assert.equal(await got.next(), "GO");
+    assert.equal(await got.next(), "tls:two");
+    assert.equal(client.alpnProtocol, "etcp/1");
+    await client.stop();
   } finally {
     await server.stop();
   }
@@ -133,7 +154,7 @@ Deno.test("startTls: with a read under way (not in answer to a packet) it is ref
   await using server = await nodeStartTlsServer();
   const conn = await connect(async function* (): HandlerGenerator<string> {
     const ev = yield; // a cast: the reader is waiting for the peer
-    if (ev.type === "cast") yield startTls({ hostname: "localhost", caCerts: [ca] });
+    if (ev.type === "cast") yield startTls({ serverName: "localhost", caCerts: [ca] });
   }, { port: server.port, framing: lines(), logger: capturingLogger() });
   conn.cast("now");
   const reason = await within(5000, conn.closed, "closed");

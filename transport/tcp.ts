@@ -5,6 +5,7 @@
  */
 
 import type { ConnectOptions, Listener, ListenOptions, Transport } from "./transport.ts";
+import { type DualStack, listenEveryAddress } from "./_listen_any.ts";
 
 /** Options of {@linkcode tcp}. */
 export interface TcpOptions {
@@ -52,8 +53,7 @@ export function tcp(options: TcpOptions = {}): Transport<Deno.NetAddr> {
   if (tcpBacklog !== undefined && !(Number.isInteger(tcpBacklog) && tcpBacklog > 0)) {
     throw new RangeError(`tcp: backlog must be an integer > 0, not ${tcpBacklog}`);
   }
-  // Whether "::" also takes IPv4 here: learned by the first listen without a hostname.
-  let dualStack: boolean | undefined;
+  const dualStack: DualStack = {};
 
   const setUp = (conn: Deno.TcpConn): Deno.TcpConn => {
     try {
@@ -66,36 +66,6 @@ export function tcp(options: TcpOptions = {}): Transport<Deno.NetAddr> {
     return conn;
   };
 
-  // Bind every address: "::" when it takes IPv4 as well, else "0.0.0.0".
-  const listenAny = (port: number, reusePort: boolean | undefined): Deno.TcpListener => {
-    if (dualStack === false) {
-      return Deno.listen({ hostname: "0.0.0.0", port, reusePort, tcpBacklog });
-    }
-    let v6: Deno.TcpListener;
-    try {
-      v6 = Deno.listen({ hostname: "::", port, reusePort, tcpBacklog });
-    } catch {
-      // No IPv6 here (disabled, or not permitted): IPv4 only.
-      return Deno.listen({ hostname: "0.0.0.0", port, reusePort, tcpBacklog });
-    }
-    if (dualStack) return v6;
-    // Deno cannot set IPV6_V6ONLY, so ask the system: a "::" socket that takes IPv4 holds
-    // 0.0.0.0 on its port too. (The probe shares no port with anyone, so no reusePort.)
-    const bound = v6.addr.port;
-    let v4: Deno.TcpListener;
-    try {
-      v4 = Deno.listen({ hostname: "0.0.0.0", port: bound });
-    } catch (err) {
-      if (err instanceof Deno.errors.AddrInUse) dualStack = true;
-      return v6; // dual-stack, or IPv4 not permitted: "::" is what can be had
-    }
-    dualStack = false; // "::" takes IPv6 only: serve IPv4, as 0.0.0.0 always did
-    v6.close();
-    if (!reusePort && tcpBacklog === undefined) return v4;
-    v4.close();
-    return Deno.listen({ hostname: "0.0.0.0", port: bound, reusePort, tcpBacklog });
-  };
-
   return {
     name: "tcp",
     listen({ hostname, port = 0, reusePort }: ListenOptions): Listener<Deno.NetAddr> {
@@ -106,9 +76,11 @@ export function tcp(options: TcpOptions = {}): Transport<Deno.NetAddr> {
           'reusePort (and acceptors > 1) needs --unstable-net, or "unstable": ["net"] in deno.json',
         );
       }
+      const bind = (host: string, at: number) =>
+        Deno.listen({ transport: "tcp", hostname: host, port: at, reusePort, tcpBacklog });
       const listener = hostname === undefined
-        ? listenAny(port, reusePort)
-        : Deno.listen({ transport: "tcp", hostname, port, reusePort, tcpBacklog });
+        ? listenEveryAddress(bind, port, dualStack)
+        : bind(hostname, port);
       return {
         addr: listener.addr,
         close: () => listener.close(),

@@ -5,6 +5,8 @@
  * @module
  */
 
+import type { TlsPeerCertificate } from "./tls.ts";
+
 /** The address of an in-process {@linkcode memory} endpoint. */
 export interface MemoryAddr {
   /** Discriminant. */
@@ -54,6 +56,8 @@ export interface Conn {
   readonly alpnProtocol?: string | null;
   /** What a PROXY protocol header said of this connection (servers with `proxyProtocol` only). */
   readonly proxy?: ProxyHeader;
+  /** TLS over `node:tls`: the peer's certificate after the handshake (`null` if it gave none). */
+  readonly peerCertificate?: TlsPeerCertificate | null;
 }
 
 /**
