@@ -3,9 +3,10 @@
 // (cc -O2) and falls back to load.ts when there is no C compiler.
 //
 //   cc -O2 -o etcp-load bench/load.c
+//   cc -O2 -DETCP_TLS -o etcp-load-tls bench/load.c -lssl -lcrypto
 //   ./etcp-load --port P [--host 127.0.0.1] [--connections 50] [--size 64]
 //     [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]
-//     [--server-pid PID]
+//     [--server-pid PID] [--tls --ca FILE]
 //
 // Same flags, same frames (bench/_frames.ts: 4-byte big-endian length, then a
 // payload that starts with the frame's sequence number and goes on with a
@@ -20,6 +21,18 @@
 // more, so bulk runs copy no payload in user space). accept: `connections` loops of non-blocking connect → one
 // frame → its echo → close. Only what completes in the measured window counts.
 // The process always exits within warmup + duration + 5 s.
+//
+// --tls (only when built with -DETCP_TLS and OpenSSL): every connection speaks
+// TLS (OpenSSL, non-blocking, read-ahead), verified against the CA in --ca and
+// --host as the server name (an IP address is checked against the
+// certificate's IP SANs). Echo mode only; handshakes finish before the warmup
+// starts. Frames go through SSL_write from one buffer (no writev: bulk frames
+// are copied once from the pattern table, as the server has to encrypt them
+// anyway) into a memory BIO, so that the records of one send go out in one
+// write; reads use an 80 KiB read-ahead buffer and go on while OpenSSL holds
+// buffered records. Deno's TLS servers cannot turn Nagle off and hold the tail
+// of a big echo until its head is ACKed: a connection with part of an echo
+// received sets TCP_QUICKACK, or Linux's delayed ACK would stall it by 40 ms.
 
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,6 +52,12 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef ETCP_TLS
+#include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#endif
 
 #define HEADER 4
 #define MIN_SIZE 4
@@ -53,7 +72,7 @@
 static const char USAGE[] =
     "usage: etcp-load --port P [--host 127.0.0.1] [--connections 50]\n"
     "  [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]\n"
-    "  [--server-pid PID]\n";
+    "  [--server-pid PID] [--tls --ca FILE]\n";
 
 // No libm (cc without -lm must do): floor and ceil for |x| < 2^63.
 static double dfloor(double x) {
@@ -73,7 +92,9 @@ static struct {
     long port, connections, size, depth, server_pid;
     double duration, warmup;
     int accept_mode;
-} opt = {"127.0.0.1", 0, 50, 64, 1, 0, 5, 1, 0};
+    int tls;
+    const char *ca;
+} opt = {"127.0.0.1", 0, 50, 64, 1, 0, 5, 1, 0, 0, NULL};
 
 static void fail(const char *fmt, ...) {
     va_list ap;
@@ -117,10 +138,14 @@ static void parse_flags(int argc, char **argv) {
         const char *value = eq ? eq + 1 : NULL;
         static const char *const known[] = {"host",     "port",   "connections", "size",
                                              "depth",    "duration", "warmup",   "mode",
-                                             "server-pid"};
+                                             "server-pid", "tls", "ca"};
         int found = 0;
         for (size_t k = 0; k < sizeof known / sizeof *known; k++) found |= !strcmp(name, known[k]);
         if (!found) fail("unknown option: --%s", name);
+        if (!strcmp(name, "tls")) { // a boolean: --tls, --tls=true|1|false|0
+            opt.tls = !value || !strcmp(value, "true") || !strcmp(value, "1");
+            continue;
+        }
         if (!value) {
             if (i + 1 >= argc) fail("--%s needs a value", name);
             value = argv[++i];
@@ -134,6 +159,7 @@ static void parse_flags(int argc, char **argv) {
         else if (!strcmp(name, "server-pid")) opt.server_pid = parse_int(name, value);
         else if (!strcmp(name, "duration")) opt.duration = parse_number(name, value);
         else if (!strcmp(name, "warmup")) opt.warmup = parse_number(name, value);
+        else if (!strcmp(name, "ca")) opt.ca = value;
     }
     if (!opt.port) fail("--port is required");
     if (opt.port < 0 || opt.port > 65535) fail("bad --port");
@@ -143,6 +169,14 @@ static void parse_flags(int argc, char **argv) {
     if (opt.duration < 0 || opt.warmup < 0) fail("bad --duration/--warmup");
     if (!strcmp(mode, "accept")) opt.accept_mode = 1;
     else if (strcmp(mode, "echo")) fail("bad --mode");
+    if (opt.ca && !opt.tls) fail("--ca is for --tls");
+    if (opt.tls) {
+#ifndef ETCP_TLS
+        fail("--tls: this build has no TLS (cc -DETCP_TLS ... -lssl -lcrypto)");
+#endif
+        if (!opt.ca) fail("--tls needs --ca FILE (the CA that signed the server's certificate)");
+        if (opt.accept_mode) fail("--tls: echo mode only (bench/load.ts does --mode accept over TLS)");
+    }
 }
 
 // -------------------------------------------------------------------- clock
@@ -231,7 +265,7 @@ enum Phase { WARMUP, MEASURE, DONE };
 static enum Phase phase = WARMUP;
 static uint64_t frames, errors, corrupt;
 
-enum State { CLOSED, CONNECTING, OPEN, RETRY };
+enum State { CLOSED, CONNECTING, HANDSHAKE, OPEN, RETRY };
 
 typedef struct {
     int fd;
@@ -251,6 +285,10 @@ typedef struct {
     uint32_t sent, received; // echo: sequence numbers; accept: `sent` is this cycle's
     double *sent_at;         // echo: send time of frame seq, at [seq % depth]
     double t0;               // accept: cycle start; RETRY: when to try again
+#ifdef ETCP_TLS
+    SSL *ssl;  // reads from the socket, writes records into wbio
+    BIO *wbio; // memory BIO: records not yet written to the socket
+#endif
 } Conn;
 
 static Conn *conns;
@@ -286,7 +324,109 @@ static void set_events(Conn *c, uint32_t events) {
     c->events = events;
 }
 
+// ---------------------------------------------------------------------- TLS
+
+#ifdef ETCP_TLS
+static SSL_CTX *tls_ctx;
+
+// OpenSSL's queued errors as one line (and the queue emptied).
+static const char *tls_errors(void) {
+    static char buf[512];
+    size_t n = 0;
+    buf[0] = 0;
+    for (unsigned long e; (e = ERR_get_error()) != 0;) {
+        if (n + 2 >= sizeof buf) continue;
+        if (n) buf[n++] = ';', buf[n++] = ' ';
+        ERR_error_string_n(e, buf + n, sizeof buf - n);
+        n = strlen(buf);
+    }
+    return n ? buf : "no OpenSSL error queued";
+}
+
+static void tls_init(void) {
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx) {
+        fprintf(stderr, "load: SSL_CTX_new: %s\n", tls_errors());
+        exit(1);
+    }
+    if (SSL_CTX_load_verify_locations(tls_ctx, opt.ca, NULL) != 1) {
+        fprintf(stderr, "load: --ca %s: %s\n", opt.ca, tls_errors());
+        exit(1);
+    }
+    SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_PEER, NULL);
+    // Read-ahead into a buffer that holds a whole bulk echo: one read
+    // syscall takes several records.
+    SSL_CTX_set_read_ahead(tls_ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(tls_ctx, 80 * 1024);
+    SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);
+}
+
+// Attaches a client session to the connected socket, checking --host. It
+// reads from the socket and writes into a memory BIO, which tls_drain()
+// writes out: all records of one send go out in one write syscall.
+static int tls_attach(Conn *c) {
+    c->ssl = SSL_new(tls_ctx);
+    if (!c->ssl) return -1;
+    BIO *r = BIO_new_socket(c->fd, BIO_NOCLOSE);
+    c->wbio = BIO_new(BIO_s_mem());
+    if (!r || !c->wbio) {
+        BIO_free(r);
+        BIO_free(c->wbio);
+        c->wbio = NULL;
+        return -1;
+    }
+    SSL_set_bio(c->ssl, r, c->wbio);
+    unsigned char ip[16];
+    int is_ip = inet_pton(AF_INET, opt.host, ip) == 1 || inet_pton(AF_INET6, opt.host, ip) == 1;
+    if (is_ip) {
+        if (X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), opt.host) != 1) return -1;
+    } else if (SSL_set1_host(c->ssl, opt.host) != 1 ||
+               SSL_set_tlsext_host_name(c->ssl, opt.host) != 1) {
+        return -1;
+    }
+    SSL_set_connect_state(c->ssl);
+    return 0;
+}
+
+// Writes the records waiting in wbio; returns what write() did last (< 0:
+// errno tells, EAGAIN included), or 0 once nothing waits.
+static ssize_t tls_write_out(Conn *c) {
+    static char skip[16384];
+    char *p;
+    long n;
+    while ((n = BIO_get_mem_data(c->wbio, &p)) > 0) {
+        ssize_t w = write(c->fd, p, (size_t)n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return w;
+        }
+        if (w == n) {
+            (void)BIO_reset(c->wbio);
+            break;
+        }
+        // The socket took part of it (rare): drop that part.
+        for (ssize_t left = w; left > 0;) {
+            int k = BIO_read(c->wbio, skip, left < (ssize_t)sizeof skip ? (int)left : (int)sizeof skip);
+            if (k <= 0) break;
+            left -= k;
+        }
+    }
+    return 0;
+}
+#endif
+
 static void close_conn(Conn *c) {
+#ifdef ETCP_TLS
+    if (c->ssl) {
+        // close_notify if it fits in the socket at once: a clean end for the
+        // server, never a wait.
+        if (c->state == OPEN && SSL_shutdown(c->ssl) >= 0) (void)tls_write_out(c);
+        SSL_free(c->ssl); // and its BIOs
+        c->ssl = NULL;
+        c->wbio = NULL;
+        ERR_clear_error();
+    }
+#endif
     if (c->fd >= 0) close(c->fd); // also leaves the epoll set
     c->fd = -1;
     c->events = 0;
@@ -391,12 +531,39 @@ static int flush_big(Conn *c) {
 }
 
 static int pending(const Conn *c) {
+#ifdef ETCP_TLS
+    if (c->ssl) return c->out_off < c->out_len || BIO_ctrl_pending(c->wbio) > 0;
+#endif
     return big ? c->pend_n > 0 : c->out_off < c->out_len;
 }
+
+#ifdef ETCP_TLS
+// flush() over TLS: encrypts the queued frames into wbio (a memory BIO takes
+// all of it), then writes wbio's records out; waits for EPOLLOUT if the
+// socket is full.
+static int flush_tls(Conn *c) {
+    if (c->out_off < c->out_len) {
+        ERR_clear_error();
+        errno = 0;
+        int w = SSL_write(c->ssl, c->out + c->out_off, (int)(c->out_len - c->out_off));
+        if (w <= 0) {
+            conn_failed(c, 0, "SSL_write: %s", tls_errors());
+            return -1;
+        }
+        c->out_off = c->out_len = 0;
+    }
+    if (tls_write_out(c) < 0) return write_failed(c, "write");
+    set_events(c, EPOLLIN);
+    return 0;
+}
+#endif
 
 // Writes what is pending; waits for EPOLLOUT if the socket is full.
 static int flush(Conn *c) {
     if (big) return flush_big(c);
+#ifdef ETCP_TLS
+    if (c->ssl) return flush_tls(c);
+#endif
     while (c->out_off < c->out_len) {
         ssize_t w = write(c->fd, c->out + c->out_off, c->out_len - c->out_off);
         if (w < 0) {
@@ -451,6 +618,27 @@ static ssize_t read_some(Conn *c, const char *closed_msg) {
         c->in_start = 0;
         c->in_end = used;
     }
+#ifdef ETCP_TLS
+    if (c->ssl) {
+        ERR_clear_error();
+        errno = 0;
+        int n = SSL_read(c->ssl, c->in + c->in_end, (int)(c->in_cap - c->in_end));
+        if (n > 0) {
+            c->in_end += (size_t)n;
+            return n;
+        }
+        int e = SSL_get_error(c->ssl, n);
+        if (e == SSL_ERROR_WANT_READ) return 0;
+        if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && !errno)) {
+            conn_failed(c, 0, "%s", closed_msg);
+        } else if (e == SSL_ERROR_SYSCALL) {
+            conn_failed(c, 0, "SSL_read: %s", strerror(errno));
+        } else {
+            conn_failed(c, 0, "SSL_read: %s", tls_errors());
+        }
+        return -1;
+    }
+#endif
     for (;;) {
         ssize_t n = read(c->fd, c->in + c->in_end, c->in_cap - c->in_end);
         if (n > 0) {
@@ -480,8 +668,42 @@ static const uint8_t *next_frame(Conn *c, int *bad) {
     return p;
 }
 
+// OpenSSL holds records already read from the socket (read-ahead): epoll will
+// not report them, so the read goes on until they are taken.
+static int tls_buffered(const Conn *c) {
+#ifdef ETCP_TLS
+    return c->state == OPEN && c->ssl && SSL_has_pending(c->ssl);
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
+static int echo_readable_once(Conn *c);
+
 static void echo_readable(Conn *c) {
-    if (read_some(c, "server closed the connection") <= 0) return;
+    // (A partial record may stay buffered: stop when a read finds nothing.)
+    while (echo_readable_once(c) > 0 && tls_buffered(c)) {
+    }
+#ifdef ETCP_TLS
+    if (c->ssl && c->state == OPEN) {
+        // What OpenSSL wrote while reading (alerts, key updates) goes out.
+        if (BIO_ctrl_pending(c->wbio) > 0) flush(c);
+        // Part of an echo is still to come: ACK what came at once. A Deno TLS
+        // server cannot turn Nagle off, and holds the tail of a big echo
+        // until its head is ACKed; Linux would delay that ACK by up to 40 ms.
+        if (c->state == OPEN && c->in_end > c->in_start) {
+            int one = 1;
+            setsockopt(c->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+        }
+    }
+#endif
+}
+
+// One read and the frames it completes; returns what read_some returned.
+static int echo_readable_once(Conn *c) {
+    ssize_t got = read_some(c, "server closed the connection");
+    if (got <= 0) return (int)got;
     double now = now_s();
     int measuring = phase == MEASURE, bad = 0;
     uint32_t echoed = 0;
@@ -490,7 +712,7 @@ static void echo_readable(Conn *c) {
         uint32_t seq = c->received++;
         if (!check_payload(p, seq)) {
             conn_failed(c, 1, "frame %u: wrong echo", seq);
-            return;
+            return -1;
         }
         if (measuring) {
             frames++;
@@ -501,9 +723,10 @@ static void echo_readable(Conn *c) {
     if (bad) {
         conn_failed(c, 1, "frame %u: wrong length %u", c->received,
                     get_u32(c->in + c->in_start));
-        return;
+        return -1;
     }
     if (echoed) send_frames(c, echoed, now);
+    return c->state == OPEN ? (int)got : -1;
 }
 
 // Accept mode: a new connect → frame → echo → close cycle.
@@ -537,6 +760,34 @@ static void accept_readable(Conn *c) {
     start_cycle(c, now);
 }
 
+#ifdef ETCP_TLS
+// Drives the TLS handshake; once done, the first frames go out.
+static void handshake(Conn *c) {
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_do_handshake(c->ssl);
+    int e = r == 1 ? SSL_ERROR_NONE : SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_NONE || e == SSL_ERROR_WANT_READ) {
+        // The ClientHello, or the client's Finished: out they go.
+        if (flush(c) < 0) return;
+        if (e == SSL_ERROR_NONE) {
+            c->state = OPEN;
+            send_frames(c, (uint32_t)opt.depth, now_s());
+        }
+        return;
+    }
+    if (e == SSL_ERROR_SYSCALL && errno) conn_failed(c, 0, "TLS handshake: %s", strerror(errno));
+    else {
+        long v = SSL_get_verify_result(c->ssl);
+        if (v != X509_V_OK) {
+            conn_failed(c, 0, "TLS handshake: certificate: %s", X509_verify_cert_error_string(v));
+        } else {
+            conn_failed(c, 0, "TLS handshake: %s", tls_errors());
+        }
+    }
+}
+#endif
+
 // A connecting socket became writable: connected, or failed.
 static void connected(Conn *c) {
     int err = 0;
@@ -546,6 +797,17 @@ static void connected(Conn *c) {
         conn_failed(c, 0, "connect: %s", strerror(err));
         return;
     }
+#ifdef ETCP_TLS
+    if (opt.tls) {
+        if (tls_attach(c) < 0) {
+            conn_failed(c, 0, "TLS setup: %s", tls_errors());
+            return;
+        }
+        c->state = HANDSHAKE;
+        handshake(c);
+        return;
+    }
+#endif
     c->state = OPEN;
     if (opt.accept_mode) flush(c);
     else send_frames(c, (uint32_t)opt.depth, now_s());
@@ -556,6 +818,13 @@ static void on_event(Conn *c, uint32_t events) {
         if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) connected(c);
         return;
     }
+#ifdef ETCP_TLS
+    if (c->state == HANDSHAKE) {
+        if ((events & EPOLLOUT) && pending(c) && flush(c) < 0) return;
+        if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) handshake(c);
+        return;
+    }
+#endif
     if (c->state != OPEN) return;
     if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
         if (opt.accept_mode) accept_readable(c);
@@ -711,9 +980,12 @@ int main(int argc, char **argv) {
     setitimer(ITIMER_REAL, &it, NULL);
 
     FRAME = HEADER + (size_t)opt.size;
-    big = !opt.accept_mode && opt.size >= BIG_FRAME;
+    big = !opt.accept_mode && !opt.tls && opt.size >= BIG_FRAME;
     make_pattern();
     resolve();
+#ifdef ETCP_TLS
+    if (opt.tls) tls_init();
+#endif
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) {
         perror("load: epoll_create1");
@@ -756,7 +1028,7 @@ int main(int argc, char **argv) {
                     fprintf(stderr, "load: a connection to %s:%ld failed before the run started\n", opt.host, opt.port);
                     return 1;
                 }
-                connecting += conns[i].state == CONNECTING;
+                connecting += conns[i].state == CONNECTING || conns[i].state == HANDSHAKE;
             }
             if (!connecting) break;
             poll_once(now_s() + 1);

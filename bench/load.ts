@@ -2,7 +2,7 @@
 //
 //   deno run -A bench/load.ts --port P [--host 127.0.0.1] [--connections 50]
 //     [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]
-//     [--server-pid PID]
+//     [--server-pid PID] [--tls --ca FILE]
 //
 // echo: every connection keeps `depth` length-prefixed frames in flight and
 // checks each echo (order and content). accept: `connections` loops of
@@ -15,6 +15,10 @@
 // With --server-pid, also for the window: serverCpuPct, serverUsPerFrame (the
 // server's cost per frame, telling servers apart even when the client is the
 // limit) and otherCpuPct (every other process: high means a noisy run).
+// --tls: every connection is Deno.connectTls, verified against the CA in
+// --ca (PEM) and --host as the server name (the fixture certificate covers
+// localhost, 127.0.0.1 and ::1); echo connections finish their handshake
+// before the warmup starts, accept cycles count theirs.
 import process from "node:process";
 import { cpuSeconds, machineCpuSeconds, parseFlags, sleep, writeAll } from "./_common.ts";
 import {
@@ -30,7 +34,7 @@ import {
 
 const USAGE = `usage: deno run -A bench/load.ts --port P [--host 127.0.0.1] [--connections 50]
   [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]
-  [--server-pid PID]`;
+  [--server-pid PID] [--tls --ca FILE]`;
 const opts = parseFlags(Deno.args, {
   host: "127.0.0.1",
   port: 0,
@@ -41,11 +45,18 @@ const opts = parseFlags(Deno.args, {
   warmup: 1,
   mode: "echo",
   "server-pid": 0,
+  tls: false,
+  ca: "",
 }, USAGE);
 if (!opts.port) fail("--port is required");
 if (opts.size < MIN_SIZE) fail(`--size must be at least ${MIN_SIZE}`);
 if (opts.depth < 1 || opts.connections < 1) fail("bad --depth/--connections");
 if (opts.mode !== "echo" && opts.mode !== "accept") fail("bad --mode");
+if (opts.tls && !opts.ca) {
+  fail("--tls needs --ca FILE (the CA that signed the server's certificate)");
+}
+if (opts.ca && !opts.tls) fail("--ca is for --tls");
+const caCerts = opts.tls ? [Deno.readTextFileSync(opts.ca)] : [];
 
 const GRACE_MS = 5000;
 const FRAME = HEADER + opts.size;
@@ -150,6 +161,13 @@ class EchoConn {
 }
 
 async function connect(): Promise<Deno.Conn> {
+  if (opts.tls) {
+    // No setNoDelay on a Deno.TlsConn: Nagle stays on (each frame is one write).
+    const conn = await Deno.connectTls({ hostname: opts.host, port: opts.port, caCerts });
+    open.add(conn);
+    if (opts.mode === "echo") await conn.handshake();
+    return conn;
+  }
   const conn = await Deno.connect({ hostname: opts.host, port: opts.port });
   conn.setNoDelay(true);
   open.add(conn);
