@@ -1,11 +1,41 @@
-// What the examples share about their command lines: the parse result, and turning help or a
-// bad command line into output and an exit status, failures into one line.
+// What the examples share about their command lines: parsing the flags, the parse result, and
+// turning help or a bad command line into output and an exit status, failures into one line.
+
+import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 
 /** Parsed command line: settings to run with, a request for help, or what is wrong with it. */
 export type Parsed<T> = { kind: "run"; args: T } | { kind: "help" } | {
   kind: "usage";
   error: string;
 };
+
+/** The values of the flags `options` describes, as `parseArgs` gives them. */
+export type FlagValues<O extends ParseArgsOptionsConfig> = ReturnType<
+  typeof parseArgs<{ args: string[]; options: O }>
+>["values"];
+
+/**
+ * `argv` parsed against `options` and `-h`/`--help`; never throws. The flags' values, or, for
+ * `--help` or a command line `parseArgs` refuses (unknown flag, missing value, …), the
+ * {@linkcode Parsed} that says so.
+ */
+export function parseFlags<O extends ParseArgsOptionsConfig>(
+  argv: string[],
+  options: O,
+): { kind: "flags"; values: FlagValues<O> } | Exclude<Parsed<never>, { kind: "run" }> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: { ...options, help: { type: "boolean", short: "h", default: false } },
+    }));
+  } catch (err) {
+    // parseArgs's own errors: the first line says it.
+    return { kind: "usage", error: String((err as Error).message).split("\n", 1)[0] };
+  }
+  if ((values as { help?: boolean }).help) return { kind: "help" };
+  return { kind: "flags", values: values as FlagValues<O> };
+}
 
 /**
  * The settings to run with, or the exit status after printing the usage: 0 for `--help` (to

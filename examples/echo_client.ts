@@ -15,7 +15,6 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
 import {
   connect,
   type Connection,
@@ -28,7 +27,7 @@ import {
 } from "../mod.ts";
 import { DEFAULT_PORT } from "./echo_server.ts";
 import { DEFAULT_CA, DEFAULT_TLS_PORT } from "./tls_echo_server.ts";
-import { argsOrStatus, oneLine, type Parsed } from "./_command_line.ts";
+import { argsOrStatus, oneLine, type Parsed, parseFlags } from "./_command_line.ts";
 
 /** What `--help` prints. */
 export const USAGE = `usage: deno run -A examples/echo_client.ts [options]
@@ -63,27 +62,18 @@ export interface EchoClientArgs {
 
 /** Parse the client's command line; never throws. */
 export function parseEchoClientArgs(argv: string[]): Parsed<EchoClientArgs> {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      options: {
-        port: { type: "string" },
-        hostname: { type: "string", default: "127.0.0.1" },
-        count: { type: "string", default: "1000" },
-        size: { type: "string", default: "64" },
-        timeout: { type: "string", default: "10000" },
-        tls: { type: "boolean", default: false },
-        ca: { type: "string" },
-        servername: { type: "string" },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    }));
-  } catch (err) {
-    // parseArgs's own errors (unknown flag, missing value, …): the first line says it.
-    return { kind: "usage", error: String((err as Error).message).split("\n", 1)[0] };
-  }
-  if (values.help) return { kind: "help" };
+  const flags = parseFlags(argv, {
+    port: { type: "string" },
+    hostname: { type: "string", default: "127.0.0.1" },
+    count: { type: "string", default: "1000" },
+    size: { type: "string", default: "64" },
+    timeout: { type: "string", default: "10000" },
+    tls: { type: "boolean", default: false },
+    ca: { type: "string" },
+    servername: { type: "string" },
+  });
+  if (flags.kind !== "flags") return flags;
+  const { values } = flags;
   const useTls = values.tls || values.ca !== undefined || values.servername !== undefined;
   values.port ??= String(useTls ? DEFAULT_TLS_PORT : DEFAULT_PORT);
   const port = integer(values.port, 1, 65535);

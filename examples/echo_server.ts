@@ -13,7 +13,6 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
 import {
   type Event,
   type Framing,
@@ -23,10 +22,17 @@ import {
   raw,
   send,
   serve,
+  type Transport,
   type Yielded,
 } from "../mod.ts";
 import { stopOnSignals } from "./_stop_on_signals.ts";
-import { argsOrStatus, oneLine, type Parsed } from "./_command_line.ts";
+import {
+  argsOrStatus,
+  type FlagValues,
+  oneLine,
+  type Parsed,
+  parseFlags,
+} from "./_command_line.ts";
 
 /** Echo every frame; end on disconnect or shutdown. */
 export async function* echo(): AsyncGenerator<Yielded, void, Event> {
@@ -103,26 +109,29 @@ export interface EchoServerArgs {
   sync: boolean;
 }
 
-/** Parse the server's command line; never throws. */
-export function parseEchoServerArgs(argv: string[]): Parsed<EchoServerArgs> {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      options: {
-        port: { type: "string", default: String(DEFAULT_PORT) },
-        hostname: { type: "string", default: "127.0.0.1" },
-        framing: { type: "string", default: "len4" },
-        hibernate: { type: "boolean", default: false },
-        sync: { type: "boolean", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    }));
-  } catch (err) {
-    // parseArgs's own errors (unknown flag, missing value, …): the first line says it.
-    return { kind: "usage", error: String((err as Error).message).split("\n", 1)[0] };
-  }
-  if (values.help) return { kind: "help" };
+/**
+ * The flags both echo servers take (examples/tls_echo_server.ts adds its own), for
+ * {@linkcode parseFlags}; `--port` defaults to `port`.
+ */
+export function echoServerFlags(port: number) {
+  return {
+    port: { type: "string", default: String(port) },
+    hostname: { type: "string", default: "127.0.0.1" },
+    framing: { type: "string", default: "len4" },
+    hibernate: { type: "boolean", default: false },
+    sync: { type: "boolean", default: false },
+  } as const;
+}
+
+/**
+ * The settings both echo servers take, from the values of their {@linkcode echoServerFlags}, or
+ * what is wrong with them. `check` looks at a server's own flags, after `--port` and
+ * `--hostname` and before `--framing`, and says what is wrong with them, if anything.
+ */
+export function echoServerArgs(
+  values: FlagValues<ReturnType<typeof echoServerFlags>>,
+  check: () => string | undefined = () => undefined,
+): Parsed<EchoServerArgs> {
   const port = /^\d{1,5}$/.test(values.port) ? Number(values.port) : NaN;
   if (!(port <= 65535)) {
     return {
@@ -131,6 +140,8 @@ export function parseEchoServerArgs(argv: string[]): Parsed<EchoServerArgs> {
     };
   }
   if (values.hostname === "") return { kind: "usage", error: "--hostname must not be empty" };
+  const error = check();
+  if (error !== undefined) return { kind: "usage", error };
   if (!Object.hasOwn(framings, values.framing)) {
     return { kind: "usage", error: `--framing must be len4, line or raw, not "${values.framing}"` };
   }
@@ -146,13 +157,22 @@ export function parseEchoServerArgs(argv: string[]): Parsed<EchoServerArgs> {
   };
 }
 
+/** Parse the server's command line; never throws. */
+export function parseEchoServerArgs(argv: string[]): Parsed<EchoServerArgs> {
+  const flags = parseFlags(argv, echoServerFlags(DEFAULT_PORT));
+  return flags.kind === "flags" ? echoServerArgs(flags.values) : flags;
+}
+
 /**
- * Run the example with command-line `argv`; resolves with the exit status: 0 after a graceful
- * stop or `--help`, 1 if it cannot listen, 2 for a bad command line.
+ * Serve the echo handler `args` choose over `transport` (default: TCP) until SIGINT or SIGTERM,
+ * printing `listening on HOST:PORT` once listening. Resolves with the exit status: 0 after a
+ * graceful stop, 1 if it cannot listen (after one line on stderr, starting with `name: `).
  */
-async function main(argv: string[]): Promise<number> {
-  const args = argsOrStatus("echo_server", parseEchoServerArgs(argv), USAGE);
-  if (typeof args === "number") return args;
+export async function runEchoServer(
+  name: string,
+  args: EchoServerArgs,
+  transport?: Transport,
+): Promise<number> {
   const handler = args.hibernate ? echoHibernating : args.sync ? echoSync : echo;
   let server;
   try {
@@ -160,17 +180,28 @@ async function main(argv: string[]): Promise<number> {
       port: args.port,
       hostname: args.hostname,
       framing: framings[args.framing](),
+      transport,
       maxConnections: Infinity,
       onListen(addr) {
         if (addr.transport === "tcp") console.log(`listening on ${addr.hostname}:${addr.port}`);
       },
     });
   } catch (err) {
-    console.error(`echo_server: cannot listen on ${args.hostname}:${args.port}: ${oneLine(err)}`);
+    console.error(`${name}: cannot listen on ${args.hostname}:${args.port}: ${oneLine(err)}`);
     return 1;
   }
   await stopOnSignals(server);
   return 0;
+}
+
+/**
+ * Run the example with command-line `argv`; resolves with the exit status: 0 after a graceful
+ * stop or `--help`, 1 if it cannot listen, 2 for a bad command line.
+ */
+async function main(argv: string[]): Promise<number> {
+  const args = argsOrStatus("echo_server", parseEchoServerArgs(argv), USAGE);
+  if (typeof args === "number") return args;
+  return await runEchoServer("echo_server", args);
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -16,11 +16,14 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { serve, tls } from "../mod.ts";
-import { echo, echoHibernating, echoSync, framings } from "./echo_server.ts";
-import { stopOnSignals } from "./_stop_on_signals.ts";
-import { argsOrStatus, oneLine, type Parsed } from "./_command_line.ts";
+import { tls } from "../mod.ts";
+import {
+  type EchoServerArgs,
+  echoServerArgs,
+  echoServerFlags,
+  runEchoServer,
+} from "./echo_server.ts";
+import { argsOrStatus, oneLine, type Parsed, parseFlags } from "./_command_line.ts";
 
 const FIXTURES = new URL("../tests/fixtures/", import.meta.url).pathname;
 
@@ -54,72 +57,42 @@ listening; SIGINT or SIGTERM stops it.
   -h, --help        print this help and exit`;
 
 /** The settings given on the command line. */
-export interface TlsEchoServerArgs {
-  port: number;
-  hostname: string;
+export interface TlsEchoServerArgs extends EchoServerArgs {
   cert: string;
   key: string;
   alpn: string[];
   clientCa?: string;
-  framing: string;
-  hibernate: boolean;
-  sync: boolean;
 }
 
 /** Parse the server's command line; never throws. */
 export function parseTlsEchoServerArgs(argv: string[]): Parsed<TlsEchoServerArgs> {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      options: {
-        port: { type: "string", default: String(DEFAULT_TLS_PORT) },
-        hostname: { type: "string", default: "127.0.0.1" },
-        cert: { type: "string" },
-        key: { type: "string" },
-        alpn: { type: "string" },
-        "client-ca": { type: "string" },
-        framing: { type: "string", default: "len4" },
-        hibernate: { type: "boolean", default: false },
-        sync: { type: "boolean", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    }));
-  } catch (err) {
-    // parseArgs's own errors (unknown flag, missing value, …): the first line says it.
-    return { kind: "usage", error: String((err as Error).message).split("\n", 1)[0] };
-  }
-  if (values.help) return { kind: "help" };
-  const port = /^\d{1,5}$/.test(values.port) ? Number(values.port) : NaN;
-  if (!(port <= 65535)) {
-    return {
-      kind: "usage",
-      error: `--port must be an integer from 0 to 65535, not "${values.port}"`,
-    };
-  }
-  if (values.hostname === "") return { kind: "usage", error: "--hostname must not be empty" };
-  if ((values.cert === undefined) !== (values.key === undefined)) {
-    return { kind: "usage", error: "--cert and --key go together: give both, or neither" };
-  }
-  if (values.cert === "" || values.key === "" || values["client-ca"] === "") {
-    return { kind: "usage", error: "--cert, --key and --client-ca take a file name" };
-  }
+  const flags = parseFlags(argv, {
+    ...echoServerFlags(DEFAULT_TLS_PORT),
+    cert: { type: "string" },
+    key: { type: "string" },
+    alpn: { type: "string" },
+    "client-ca": { type: "string" },
+  });
+  if (flags.kind !== "flags") return flags;
+  const { values } = flags;
   const alpn = values.alpn === undefined ? [] : values.alpn.split(",");
-  if (alpn.some((p) => p === "")) {
-    return { kind: "usage", error: `--alpn must be protocol names separated by commas` };
-  }
-  if (!Object.hasOwn(framings, values.framing)) {
-    return { kind: "usage", error: `--framing must be len4, line or raw, not "${values.framing}"` };
-  }
+  const common = echoServerArgs(
+    values,
+    () =>
+      (values.cert === undefined) !== (values.key === undefined)
+        ? "--cert and --key go together: give both, or neither"
+        : values.cert === "" || values.key === "" || values["client-ca"] === ""
+        ? "--cert, --key and --client-ca take a file name"
+        : alpn.some((p) => p === "")
+        ? `--alpn must be protocol names separated by commas`
+        : undefined,
+  );
+  if (common.kind !== "run") return common;
   const args: TlsEchoServerArgs = {
-    port,
-    hostname: values.hostname,
+    ...common.args,
     cert: values.cert ?? DEFAULT_CERT,
     key: values.key ?? DEFAULT_KEY,
     alpn,
-    framing: values.framing,
-    hibernate: values.hibernate,
-    sync: values.sync,
   };
   if (values["client-ca"] !== undefined) args.clientCa = values["client-ca"];
   return { kind: "run", args };
@@ -133,7 +106,6 @@ export function parseTlsEchoServerArgs(argv: string[]): Parsed<TlsEchoServerArgs
 async function main(argv: string[]): Promise<number> {
   const args = argsOrStatus("tls_echo_server", parseTlsEchoServerArgs(argv), USAGE);
   if (typeof args === "number") return args;
-  const handler = args.hibernate ? echoHibernating : args.sync ? echoSync : echo;
   let transport;
   try {
     const clientCaCerts = args.clientCa === undefined
@@ -149,26 +121,7 @@ async function main(argv: string[]): Promise<number> {
     console.error(`tls_echo_server: ${oneLine(err)}`);
     return 1;
   }
-  let server;
-  try {
-    server = await serve(handler, {
-      port: args.port,
-      hostname: args.hostname,
-      framing: framings[args.framing](),
-      transport,
-      maxConnections: Infinity,
-      onListen(addr) {
-        if (addr.transport === "tcp") console.log(`listening on ${addr.hostname}:${addr.port}`);
-      },
-    });
-  } catch (err) {
-    console.error(
-      `tls_echo_server: cannot listen on ${args.hostname}:${args.port}: ${oneLine(err)}`,
-    );
-    return 1;
-  }
-  await stopOnSignals(server);
-  return 0;
+  return await runEchoServer("tls_echo_server", args, transport);
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));

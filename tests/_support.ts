@@ -1,9 +1,9 @@
 // Test helpers shared by every suite (tests/reliability/_support.ts re-exports them and adds its
 // own): bounded waits, raw-socket I/O, an independent length-prefix encoder, seeded randomness
-// and checksummed frames for raw echo clients.
+// and checksummed frames for raw echo clients, a transport wrapping another's accepted sockets.
 
 import assert from "node:assert/strict";
-import type { Addr, Logger } from "../mod.ts";
+import type { Addr, Conn, Logger, Transport } from "../mod.ts";
 
 /** The loopback address every TCP test listens and connects on. */
 export const HOST = "127.0.0.1";
@@ -196,6 +196,29 @@ export function assertFrameOf(got: Uint8Array, id: number, seq: number, tag: str
     fnv1a(got.subarray(0, got.length - 4)),
     `${tag}: corrupted (checksum)`,
   );
+}
+
+/**
+ * `base`, with each accepted socket replaced by `wrap(socket)` and connecting as `base` does: a
+ * transport written in a test, called `name`.
+ */
+export function acceptingWith<A extends Addr>(
+  base: Transport<A>,
+  wrap: (conn: Conn) => Conn,
+  name = `wrapped-${base.name}`,
+): Transport<A> {
+  return {
+    name,
+    async listen(options) {
+      const listener = await base.listen(options);
+      return {
+        addr: listener.addr,
+        close: () => listener.close(),
+        accept: async () => wrap(await listener.accept()),
+      };
+    },
+    connect: (options) => base.connect(options),
+  };
 }
 
 /** Runs `script` (TypeScript, imports relative to the repository root) in a child Deno, bounded. */

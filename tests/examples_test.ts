@@ -23,14 +23,19 @@ interface Ran {
   stderr: string;
 }
 
-/** Run `deno run -A script ...args` to its end; kill it and fail if it takes over `ms`. */
-async function run(script: string, args: string[], ms = RUN_WAIT_MS): Promise<Ran> {
-  const child = new Deno.Command(Deno.execPath(), {
+/** Start `deno run -A script ...args`, with no stdin, its stdout and stderr piped. */
+function spawn(script: string, args: string[]): Deno.ChildProcess {
+  return new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", script, ...args],
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
   }).spawn();
+}
+
+/** Run `deno run -A script ...args` to its end; kill it and fail if it takes over `ms`. */
+async function run(script: string, args: string[], ms = RUN_WAIT_MS): Promise<Ran> {
+  const child = spawn(script, args);
   const output = child.output();
   let timer: ReturnType<typeof setTimeout> | undefined;
   const expired = new Promise<"expired">((resolve) => {
@@ -89,6 +94,76 @@ function errorLine(ran: Ran, what: string): string {
   assert.equal(lines.length, 1, `${what}: one line on stderr, not:\n${ran.stderr}`);
   assert.match(lines[0], /^echo_client: \S/, what);
   return lines[0];
+}
+
+/** The name an example's messages start with: its file name without `.ts`. */
+const nameOf = (script: string) => script.split("/").pop()!.replace(/\.ts$/, "");
+
+/**
+ * Checks that `ran`, `script` run with `args`, refused its command line: exit 2, nothing on
+ * stdout, and on stderr a first line `NAME: ` matching `error`, then the usage.
+ */
+function assertRefusedFlags(ran: Ran, script: string, args: string[], error: RegExp): void {
+  const name = nameOf(script);
+  const what = `${name} ${args.join(" ")}`;
+  assert.equal(ran.code, 2, `${what}: exit code (stderr: ${ran.stderr})`);
+  assert.equal(ran.stdout, "", `${what}: stdout`);
+  const [first, ...rest] = ran.stderr.split("\n");
+  assert.ok(first.startsWith(`${name}: `), `${what}: ${first}`);
+  assert.match(first, error, what);
+  assert.ok(rest.join("\n").includes(`usage: deno run -A examples/${name}.ts`), what);
+}
+
+/**
+ * Start `deno run -A script ...args` (a server example), wait (10 s at most) for its first line,
+ * `listening on 127.0.0.1:PORT`, and run `body` with that port; then SIGTERM it and expect exit
+ * 0 within 5 s. Killed if it has not exited by the end.
+ */
+async function withServerProcess(
+  script: string,
+  args: string[],
+  body: (port: string) => Promise<void>,
+): Promise<void> {
+  const server = spawn(script, args);
+  const stderr = new Response(server.stderr).text();
+  const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let exited = false;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    let out = "";
+    const expired = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no listening line within 10 s: ${out}`)), 10_000);
+    });
+    while (!out.includes("\n")) {
+      const { value, done } = await Promise.race([reader.read(), expired]);
+      if (done) throw new Error(`${nameOf(script)} ended before listening: ${out}`);
+      out += value;
+    }
+    clearTimeout(timer);
+    const match = /^listening on 127\.0\.0\.1:(\d+)\n/.exec(out);
+    assert.ok(match, `unexpected first line: ${JSON.stringify(out)}`);
+    await body(match[1]);
+
+    server.kill("SIGTERM");
+    const status = await Promise.race([
+      server.status,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error("no exit within 5 s of SIGTERM")), 5000);
+      }),
+    ]);
+    exited = true;
+    assert.equal(status.code, 0, await stderr);
+  } finally {
+    clearTimeout(timer);
+    if (!exited) {
+      try {
+        server.kill("SIGKILL");
+      } catch { /* already gone */ }
+      await server.status;
+    }
+    for (;;) if ((await reader.read()).done) break;
+    await stderr;
+  }
 }
 
 Deno.test("examples: --help prints the usage on stdout and exits 0", async () => {
@@ -150,17 +225,7 @@ Deno.test("examples: a bad flag or value exits 2 at once, with the usage on stde
     ];
     const started = performance.now();
     const results = await Promise.all(cases.map(([script, args]) => run(script, args, 5000)));
-    results.forEach((ran, i) => {
-      const [script, args, error] = cases[i];
-      const name = script === CLIENT ? "echo_client" : "echo_server";
-      const what = `${name} ${args.join(" ")}`;
-      assert.equal(ran.code, 2, `${what}: exit code (stderr: ${ran.stderr})`);
-      assert.equal(ran.stdout, "", `${what}: stdout`);
-      const [first, ...rest] = ran.stderr.split("\n");
-      assert.ok(first.startsWith(`${name}: `), `${what}: ${first}`);
-      assert.match(first, error, what);
-      assert.ok(rest.join("\n").includes(`usage: deno run -A examples/${name}.ts`), what);
-    });
+    results.forEach((ran, i) => assertRefusedFlags(ran, ...cases[i]));
     assert.ok(performance.now() - started < 5000, "bad flags are refused at once");
   });
 });
@@ -252,31 +317,7 @@ Deno.test("examples: echo_client fails with exit 1 and one line when the server 
 });
 
 Deno.test("examples: echo_server --port 0 serves echo_client, exits 0 on SIGTERM; a port in use exits 1", async () => {
-  const server = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", SERVER, "--port", "0", "--sync"],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(server.stderr).text();
-  const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let exited = false;
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    let out = "";
-    const expired = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`no listening line within 10 s: ${out}`)), 10_000);
-    });
-    while (!out.includes("\n")) {
-      const { value, done } = await Promise.race([reader.read(), expired]);
-      if (done) throw new Error(`echo_server ended before listening: ${out}`);
-      out += value;
-    }
-    clearTimeout(timer);
-    const match = /^listening on 127\.0\.0\.1:(\d+)\n/.exec(out);
-    assert.ok(match, `unexpected first line: ${JSON.stringify(out)}`);
-    const port = match[1];
-
+  await withServerProcess(SERVER, ["--port", "0", "--sync"], async (port) => {
     const [ok, inUse] = await Promise.all([
       client(["--port", port, "--count", "100"]),
       run(SERVER, ["--port", port]),
@@ -288,27 +329,7 @@ Deno.test("examples: echo_server --port 0 serves echo_client, exits 0 on SIGTERM
       inUse.stderr,
       new RegExp(`^echo_server: cannot listen on 127\\.0\\.0\\.1:${port}: AddrInUse: .*\n$`),
     );
-
-    server.kill("SIGTERM");
-    const status = await Promise.race([
-      server.status,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error("no exit within 5 s of SIGTERM")), 5000);
-      }),
-    ]);
-    exited = true;
-    assert.equal(status.code, 0, await stderr);
-  } finally {
-    clearTimeout(timer);
-    if (!exited) {
-      try {
-        server.kill("SIGKILL");
-      } catch { /* already gone */ }
-      await server.status;
-    }
-    for (;;) if ((await reader.read()).done) break;
-    await stderr;
-  }
+  });
 });
 
 // ---- TLS: examples/tls_echo_server.ts and echo_client.ts --tls ---------------------------------
@@ -364,17 +385,7 @@ Deno.test("examples (TLS): --tls means port 7002 and the test CA; tls_echo_serve
   assert.equal(help.code, 0, help.stderr);
   assert.ok(help.stdout.startsWith("usage: deno run -A examples/tls_echo_server.ts"));
   assert.match(help.stdout, /--cert FILE/);
-  results.forEach((ran, i) => {
-    const [script, args, error] = cases[i];
-    const name = script === CLIENT ? "echo_client" : "tls_echo_server";
-    const what = `${name} ${args.join(" ")}`;
-    assert.equal(ran.code, 2, `${what}: exit code (stderr: ${ran.stderr})`);
-    assert.equal(ran.stdout, "", `${what}: stdout`);
-    const [first, ...rest] = ran.stderr.split("\n");
-    assert.ok(first.startsWith(`${name}: `), `${what}: ${first}`);
-    assert.match(first, error, what);
-    assert.ok(rest.join("\n").includes(`usage: deno run -A examples/${name}.ts`), what);
-  });
+  results.forEach((ran, i) => assertRefusedFlags(ran, ...cases[i]));
 });
 
 Deno.test("examples (TLS): echo_client --tls exits 0 against a TLS echo server; a wrong CA, name or CA file exits 1 with one line", async () => {
@@ -425,31 +436,7 @@ Deno.test("examples (TLS): echo_client --tls exits 0 against a TLS echo server; 
 });
 
 Deno.test("examples (TLS): tls_echo_server --port 0 serves echo_client --tls, exits 0 on SIGTERM; a certificate it cannot use exits 1", async () => {
-  const server = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", TLS_SERVER, "--port", "0", "--alpn", "etcp/1"],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(server.stderr).text();
-  const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let exited = false;
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    let out = "";
-    const expired = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`no listening line within 10 s: ${out}`)), 10_000);
-    });
-    while (!out.includes("\n")) {
-      const { value, done } = await Promise.race([reader.read(), expired]);
-      if (done) throw new Error(`tls_echo_server ended before listening: ${out}`);
-      out += value;
-    }
-    clearTimeout(timer);
-    const match = /^listening on 127\.0\.0\.1:(\d+)\n/.exec(out);
-    assert.ok(match, `unexpected first line: ${JSON.stringify(out)}`);
-    const port = match[1];
-
+  await withServerProcess(TLS_SERVER, ["--port", "0", "--alpn", "etcp/1"], async (port) => {
     const [ok, missing, mismatch] = await Promise.all([
       client(["--tls", "--port", port, "--count", "100"]),
       run(TLS_SERVER, ["--port", "0", "--cert", `${FIXTURES}missing.crt`, "--key", "x.key"]),
@@ -480,25 +467,5 @@ Deno.test("examples (TLS): tls_echo_server --port 0 serves echo_client --tls, ex
       assert.equal(ran.stdout, "");
       assert.match(ran.stderr, message);
     }
-
-    server.kill("SIGTERM");
-    const status = await Promise.race([
-      server.status,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error("no exit within 5 s of SIGTERM")), 5000);
-      }),
-    ]);
-    exited = true;
-    assert.equal(status.code, 0, await stderr);
-  } finally {
-    clearTimeout(timer);
-    if (!exited) {
-      try {
-        server.kill("SIGKILL");
-      } catch { /* already gone */ }
-      await server.status;
-    }
-    for (;;) if ((await reader.read()).done) break;
-    await stderr;
-  }
+  });
 });

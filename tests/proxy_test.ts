@@ -24,6 +24,7 @@ import {
   readProxyHeader,
   send,
   serve,
+  type ServeOptions,
   type Transport,
   unix,
   withProxyProtocol,
@@ -115,18 +116,52 @@ async function* reporter(
   }
 }
 
-async function proxyServer(handshakeTimeout = 10_000) {
+/** A lines() server with `options` whose handler, {@linkcode reporter}, reports to `seen`. */
+async function reportingServer(options: Partial<ServeOptions<string>>) {
   const seen = new Inbox<Seen>(WAIT_MS);
-  const logger = capturingLogger();
   const server = await serve((conn: Connection<string>) => reporter(conn, seen), {
+    framing: lines(),
+    ...options,
+  });
+  return { server, seen };
+}
+
+async function proxyServer(handshakeTimeout = 10_000) {
+  const logger = capturingLogger();
+  const { server, seen } = await reportingServer({
     hostname: HOST,
     port: 0,
-    framing: lines(),
     proxyProtocol: true,
     handshakeTimeout,
     logger,
   });
   return { server, seen, logger, port: portOf(server.addr) };
+}
+
+/** Runs `body` against a fresh {@linkcode proxyServer}, stopped afterwards. */
+async function withProxyServer(
+  body: (proxy: Awaited<ReturnType<typeof proxyServer>>) => Promise<void>,
+  handshakeTimeout?: number,
+): Promise<void> {
+  const proxy = await proxyServer(handshakeTimeout);
+  try {
+    await body(proxy);
+  } finally {
+    await proxy.server.stop();
+  }
+}
+
+/** Runs `body` with a raw TCP connection to `port`, closed afterwards. */
+async function withRawConn(
+  port: number,
+  body: (conn: Deno.TcpConn) => Promise<void>,
+): Promise<void> {
+  const conn = await Deno.connect({ hostname: HOST, port });
+  try {
+    await body(conn);
+  } finally {
+    conn.close();
+  }
 }
 
 /** Over a raw TCP connection: write `bytes`, read the echo of `line`. */
@@ -548,8 +583,7 @@ Deno.test("proxy encode: what a header cannot say is a TypeError or RangeError n
 // ---- serve(…, { proxyProtocol: true }) -------------------------------------------------------------
 
 Deno.test("proxy serve: v1 and v2 headers set remoteAddr, localAddr and conn.proxy; the data after the header in the same packet is not lost", async () => {
-  const { server, seen, port } = await proxyServer();
-  try {
+  await withProxyServer(async ({ seen, port }) => {
     const cases: Array<[string, Uint8Array, Partial<ProxyHeader> | null]> = [
       ["v1 TCP4", enc("PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n"), {
         version: 1,
@@ -581,8 +615,7 @@ Deno.test("proxy serve: v1 and v2 headers set remoteAddr, localAddr and conn.pro
       ["v2 UNSPEC", v2(0x21, 0x00, []), null],
     ];
     for (const [label, header, want] of cases) {
-      const conn = await Deno.connect({ hostname: HOST, port });
-      try {
+      await withRawConn(port, async (conn) => {
         // Header and first line in one write.
         assert.equal(
           await exchange(conn, concat([header, enc("hello\n")]), "hello"),
@@ -604,18 +637,13 @@ Deno.test("proxy serve: v1 and v2 headers set remoteAddr, localAddr and conn.pro
           assert.equal(got.proxy.source, undefined, label);
           assert.equal(got.proxy.command, label === "v2 LOCAL" ? "LOCAL" : "PROXY", label);
         }
-      } finally {
-        conn.close();
-      }
+      });
     }
-  } finally {
-    await server.stop();
-  }
+  });
 });
 
 Deno.test("proxy serve: v2 TLVs are on conn.proxy raw, a CRC32C checked", async () => {
-  const { server, seen, port } = await proxyServer();
-  try {
+  await withProxyServer(async ({ seen, port }) => {
     const header = withCrc(v2(0x21, 0x11, [
       ...TCP4_BLOCK,
       ...tlv(0x01, ascii("h2")),
@@ -623,8 +651,7 @@ Deno.test("proxy serve: v2 TLVs are on conn.proxy raw, a CRC32C checked", async 
       ...tlv(0x20, [0x05, 0, 0, 0, 0, ...tlv(0x22, ascii("client-cn"))]),
       ...tlv(0x03, [0, 0, 0, 0]),
     ]));
-    const conn = await Deno.connect({ hostname: HOST, port });
-    try {
+    await withRawConn(port, async (conn) => {
       await exchange(conn, concat([header, enc("tlv\n")]), "tlv");
       const { proxy } = await seen.next();
       assert.deepEqual(proxy?.tlvs.map((t) => t.type), [0x01, 0x02, 0x20, 0x03]);
@@ -635,38 +662,28 @@ Deno.test("proxy serve: v2 TLVs are on conn.proxy raw, a CRC32C checked", async 
         new Uint8Array([0x05, 0, 0, 0, 0, ...tlv(0x22, ascii("client-cn"))]),
       );
       assert.deepEqual(proxy!.tlvs[3].value, header.slice(-4));
-    } finally {
-      conn.close();
-    }
-  } finally {
-    await server.stop();
-  }
+    });
+  });
 });
 
 Deno.test("proxy serve: a header written byte by byte, then the data", async () => {
-  const { server, seen, port } = await proxyServer();
-  try {
+  await withProxyServer(async ({ seen, port }) => {
     for (
       const header of [
         enc("PROXY TCP6 2001:db8::1 2001:db8::2 4000 443\r\n"),
         v2(0x21, 0x21, [...TCP6_BLOCK, ...tlv(0x02, ascii("example.com"))]),
       ]
     ) {
-      const conn = await Deno.connect({ hostname: HOST, port });
-      conn.setNoDelay(true);
-      try {
+      await withRawConn(port, async (conn) => {
+        conn.setNoDelay(true);
         for (let i = 0; i < header.length; i++) await conn.write(header.subarray(i, i + 1));
         assert.equal(await exchange(conn, enc("split\n"), "split"), "echo split\n");
         const got = await seen.next();
         assert.deepEqual(got.remote, tcp("2001:db8::1", 4000));
         assert.equal(got.line, "split");
-      } finally {
-        conn.close();
-      }
+      });
     }
-  } finally {
-    await server.stop();
-  }
+  });
 });
 
 /**
@@ -709,12 +726,7 @@ function trickle(name: string): Transport<MemoryAddr> & { reads: number } {
 
 Deno.test("proxy serve: over a custom transport that delivers one byte per read", async () => {
   const transport = trickle("proxy-test-trickle");
-  const seen = new Inbox<Seen>(WAIT_MS);
-  const server = await serve((conn: Connection<string>) => reporter(conn, seen), {
-    transport,
-    framing: lines(),
-    proxyProtocol: true,
-  });
+  const { server, seen } = await reportingServer({ transport, proxyProtocol: true });
   try {
     for (
       const [header, source] of [
@@ -744,50 +756,44 @@ Deno.test("proxy serve: over a custom transport that delivers one byte per read"
 });
 
 Deno.test("proxy serve: every bad header, and none, closes that connection only", async () => {
-  const { server, seen, logger, port } = await proxyServer(300);
-  const good = await Deno.connect({ hostname: HOST, port });
-  try {
-    assert.equal(
-      await exchange(
-        good,
-        concat([enc("PROXY TCP4 192.0.2.9 192.0.2.10 1000 25\r\n"), enc("a\n")]),
-        "a",
-      ),
-      "echo a\n",
-    );
-    await seen.next();
-    for (const [label, bytes, kind, message] of BAD) {
+  await withProxyServer(async ({ seen, logger, port }) => {
+    await withRawConn(port, async (good) => {
+      assert.equal(
+        await exchange(
+          good,
+          concat([enc("PROXY TCP4 192.0.2.9 192.0.2.10 1000 25\r\n"), enc("a\n")]),
+          "a",
+        ),
+        "echo a\n",
+      );
+      await seen.next();
+      for (const [label, bytes, kind, message] of BAD) {
+        const logged = logger.calls.length;
+        await assertClosedAfter(port, bytes, kind === "truncated");
+        const line = logger.calls.slice(logged).map((c) => c.join(" ")).join("\n");
+        assert.match(line, /handshake failed: ProxyHeaderError/, label);
+        assert.match(line, message, label);
+      }
+      // Connected, and nothing sent within handshakeTimeout: closed too.
       const logged = logger.calls.length;
-      await assertClosedAfter(port, bytes, kind === "truncated");
-      const line = logger.calls.slice(logged).map((c) => c.join(" ")).join("\n");
-      assert.match(line, /handshake failed: ProxyHeaderError/, label);
-      assert.match(line, message, label);
-    }
-    // Connected, and nothing sent within handshakeTimeout: closed too.
-    const logged = logger.calls.length;
-    await assertClosedAfter(port, new Uint8Array(0));
-    assert.match(logger.calls.slice(logged).join("\n"), /handshake timed out after 300 ms/);
-    // Closed before sending anything.
-    await assertClosedAfter(port, new Uint8Array(0), true);
-    assert.match(logger.calls.at(-1)!.join(" "), /closed without sending a PROXY header/);
+      await assertClosedAfter(port, new Uint8Array(0));
+      assert.match(logger.calls.slice(logged).join("\n"), /handshake timed out after 300 ms/);
+      // Closed before sending anything.
+      await assertClosedAfter(port, new Uint8Array(0), true);
+      assert.match(logger.calls.at(-1)!.join(" "), /closed without sending a PROXY header/);
 
-    // One debug line per bad peer, nothing louder; no handler ran for them.
-    assert.deepEqual(new Set(logger.levels), new Set(["debug"]));
-    assert.equal(logger.levels.length, BAD.length + 2);
-    assert.equal(seen.size, 0);
-    // The good connection goes on, and new ones are served.
-    assert.equal(await exchange(good, enc("b\n"), "b"), "echo b\n");
-    assert.deepEqual((await seen.next()).remote, tcp("192.0.2.9", 1000));
-    const again = await Deno.connect({ hostname: HOST, port });
-    try {
-      assert.equal(await exchange(again, enc("PROXY UNKNOWN\r\nc\n"), "c"), "echo c\n");
-    } finally {
-      again.close();
-    }
-  } finally {
-    good.close();
-    await server.stop();
-  }
+      // One debug line per bad peer, nothing louder; no handler ran for them.
+      assert.deepEqual(new Set(logger.levels), new Set(["debug"]));
+      assert.equal(logger.levels.length, BAD.length + 2);
+      assert.equal(seen.size, 0);
+      // The good connection goes on, and new ones are served.
+      assert.equal(await exchange(good, enc("b\n"), "b"), "echo b\n");
+      assert.deepEqual((await seen.next()).remote, tcp("192.0.2.9", 1000));
+      await withRawConn(port, async (again) => {
+        assert.equal(await exchange(again, enc("PROXY UNKNOWN\r\nc\n"), "c"), "echo c\n");
+      });
+    });
+  }, 300);
 });
 
 Deno.test("proxy serve: stop() ends connections still waiting for their header", async () => {
@@ -804,37 +810,26 @@ Deno.test("proxy serve: stop() ends connections still waiting for their header",
 });
 
 Deno.test("proxy serve: with the option off, a PROXY header is ordinary data", async () => {
-  const seen = new Inbox<Seen>(WAIT_MS);
-  const server = await serve((conn: Connection<string>) => reporter(conn, seen), {
-    hostname: HOST,
-    port: 0,
-    framing: lines(),
-  });
+  const { server, seen } = await reportingServer({ hostname: HOST, port: 0 });
   const raw = await serve(async function* (): HandlerGenerator<Uint8Array> {
     let ev = yield;
     while (ev.type === "packet") ev = yield send(ev.data);
   }, { hostname: HOST, port: 0 });
   try {
-    const conn = await Deno.connect({ hostname: HOST, port: portOf(server.addr) });
-    try {
+    await withRawConn(portOf(server.addr), async (conn) => {
       const line = "PROXY TCP4 192.0.2.1 198.51.100.2 56324 443";
       assert.equal(await exchange(conn, enc(`${line}\r\n`), line), `echo ${line}\n`);
       const got = await seen.next();
       assert.equal(got.line, line);
       assert.equal(got.proxy, undefined);
       assert.deepEqual(got.remote, conn.localAddr);
-    } finally {
-      conn.close();
-    }
+    });
     // A v2 header comes back byte for byte from a raw echo.
     const header = v2(0x21, 0x11, TCP4_BLOCK);
-    const echo = await Deno.connect({ hostname: HOST, port: portOf(raw.addr) });
-    try {
+    await withRawConn(portOf(raw.addr), async (echo) => {
       await writeAll(echo, header);
       assert.deepEqual(await within(WAIT_MS, readExactly(echo, header.length)), header);
-    } finally {
-      echo.close();
-    }
+    });
   } finally {
     await server.stop();
     await raw.stop();
@@ -852,8 +847,7 @@ Deno.test("proxy serve: the option must be a boolean", async () => {
 // ---- connect(…, { proxyHeader }) -------------------------------------------------------------------
 
 Deno.test("proxy connect: proxyHeader round-trips through a proxyProtocol server", async () => {
-  const { server, seen, port } = await proxyServer();
-  try {
+  await withProxyServer(async ({ seen, port }) => {
     const headers: ProxyHeaderInit[] = [
       { version: 1, source: tcp("192.0.2.1", 5000), destination: tcp("192.0.2.2", 25) },
       {
@@ -903,21 +897,14 @@ Deno.test("proxy connect: proxyHeader round-trips through a proxyProtocol server
       RangeError,
     );
     assert.equal(seen.size, 0);
-  } finally {
-    await server.stop();
-  }
+  });
 });
 
 Deno.test("proxy connect and serve over unix(): a v2 UNIX header", async () => {
   const dir = await Deno.makeTempDir({ prefix: "etcp-proxy-" });
   try {
     const transport = unix(`${dir}/p.sock`);
-    const seen = new Inbox<Seen>(WAIT_MS);
-    const server = await serve((conn: Connection<string>) => reporter(conn, seen), {
-      transport,
-      framing: lines(),
-      proxyProtocol: true,
-    });
+    const { server, seen } = await reportingServer({ transport, proxyProtocol: true });
     try {
       const source: Deno.UnixAddr = { transport: "unix", path: "/run/app/client.sock" };
       const destination: Deno.UnixAddr = { transport: "unix", path: "/run/app/server.sock" };
@@ -1055,12 +1042,7 @@ Deno.test("proxy serve: a transport with its own handshake must read the header 
   });
   // It reads the header from the raw socket before its handshake: the server takes that.
   const good = handshaking("proxy-test-handshake-good", true);
-  const seen = new Inbox<Seen>(WAIT_MS);
-  const server = await serve((conn: Connection<string>) => reporter(conn, seen), {
-    transport: good,
-    framing: lines(),
-    proxyProtocol: true,
-  });
+  const { server, seen } = await reportingServer({ transport: good, proxyProtocol: true });
   try {
     const client = await good.connect({});
     try {

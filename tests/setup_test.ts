@@ -16,6 +16,7 @@ import {
   serve,
   type ServeOptions,
   tcp,
+  tls,
 } from "../mod.ts";
 import { capturingLogger, evalInChild, HOST, Inbox, within } from "./_support.ts";
 
@@ -56,6 +57,16 @@ Deno.test("serve: every bad option is refused up front, naming the option and th
   }
   await assert.rejects(serve(null as never), /serve: the handler must be a generator function/);
   await assert.rejects(serve(noop, "x" as never), /serve: options must be an object/);
+});
+
+Deno.test("serve: proxyProtocol with the tls() transport is refused up front, saying why", async () => {
+  const fixtures = new URL("./fixtures/", import.meta.url).pathname;
+  const transport = tls({ certFile: fixtures + "server.crt", keyFile: fixtures + "server.key" });
+  await assert.rejects(
+    serve(noop, { hostname: HOST, port: 0, transport, proxyProtocol: true }),
+    (err: Error) =>
+      err instanceof TypeError && /PROXY header precedes the TLS handshake/.test(err.message),
+  );
 });
 
 Deno.test("connect: bad options are refused before anything connects", async () => {

@@ -27,7 +27,15 @@ import {
   upgradeTls,
   type Yielded,
 } from "../mod.ts";
-import { closeQuietly, HOST, portOf, readExactly, within, writeAll } from "./_support.ts";
+import {
+  acceptingWith,
+  closeQuietly,
+  HOST,
+  portOf,
+  readExactly,
+  within,
+  writeAll,
+} from "./_support.ts";
 
 const FIXTURES = new URL("./fixtures/", import.meta.url).pathname;
 const pem = (name: string) => Deno.readTextFileSync(FIXTURES + name);
@@ -629,25 +637,12 @@ Deno.test("tls: handshakeTimeout gives up on a peer that never completes the han
 Deno.test("tls: 500 peers stuck mid-handshake do not delay a good client's accept and echo", async () => {
   const STUCK = 500;
   // The tls() transport, counting accepted connections: an event when all the stuck are in.
-  const base = tls(SERVER);
   let accepted = 0;
   const allIn = Promise.withResolvers<void>();
-  const counting: Transport<Deno.NetAddr> = {
-    name: "counting-tls",
-    async listen(options) {
-      const listener = await base.listen(options);
-      return {
-        addr: listener.addr,
-        close: () => listener.close(),
-        async accept() {
-          const conn = await listener.accept();
-          if (++accepted === STUCK) allIn.resolve();
-          return conn;
-        },
-      };
-    },
-    connect: (options) => base.connect(options),
-  };
+  const counting = acceptingWith(tls(SERVER), (conn) => {
+    if (++accepted === STUCK) allIn.resolve();
+    return conn;
+  }, "counting-tls");
   const logger = waitingLogger();
   const { server, port, handled } = await echoServer(counting, {
     logger,

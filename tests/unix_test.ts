@@ -17,13 +17,14 @@ import { Inbox, readExactly, within } from "./_support.ts";
 
 const WAIT_MS = 5000;
 
-/** A fresh directory for a test's socket files (each test removes it in its finally). */
-function tempDir(): Promise<string> {
-  return Deno.makeTempDir({ prefix: "etcp-unix-" });
-}
-
-async function removeDir(dir: string): Promise<void> {
-  await Deno.remove(dir, { recursive: true }).catch(() => {});
+/** Runs `body` with a fresh directory for its socket files, removed afterwards. */
+async function inTempDir(body: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "etcp-unix-" });
+  try {
+    await body(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -60,6 +61,16 @@ async function ask(transport: ReturnType<typeof unix>, line: string): Promise<st
   }
 }
 
+/** Serves echoServer() over `transport`, checks that connect() gets `line` echoed, and stops. */
+async function assertEchoes(transport: ReturnType<typeof unix>, line: string): Promise<void> {
+  const server = await serve(echoServer(), { transport, framing: lines() });
+  try {
+    assert.equal(await ask(transport, line), `echo ${line}`);
+  } finally {
+    await server.stop();
+  }
+}
+
 /** Sends `line` over a raw Deno unix connection, resolves with the answer line. */
 async function askRaw(path: string, line: string): Promise<string> {
   const conn = await Deno.connect({ transport: "unix", path });
@@ -73,9 +84,8 @@ async function askRaw(path: string, line: string): Promise<string> {
 }
 
 Deno.test("unix: echo through serve and connect, with Unix addresses on both ends", async () => {
-  const dir = await tempDir();
-  const path = `${dir}/echo.sock`;
-  try {
+  await inTempDir(async (dir) => {
+    const path = `${dir}/echo.sock`;
     const transport = unix(path);
     const seen = new Inbox<Connection<string>>(WAIT_MS);
     const server = await serve(echoServer(seen), { transport, framing: lines() });
@@ -103,15 +113,12 @@ Deno.test("unix: echo through serve and connect, with Unix addresses on both end
     } finally {
       await server.stop();
     }
-  } finally {
-    await removeDir(dir);
-  }
+  });
 });
 
 Deno.test("unix: stop() removes the socket file, and the path can be served again", async () => {
-  const dir = await tempDir();
-  const path = `${dir}/s.sock`;
-  try {
+  await inTempDir(async (dir) => {
+    const path = `${dir}/s.sock`;
     const transport = unix(path);
     const first = await serve(echoServer(), { transport, framing: lines() });
     assert.equal(await exists(path), true);
@@ -124,22 +131,14 @@ Deno.test("unix: stop() removes the socket file, and the path can be served agai
       (err: Error) => err instanceof Deno.errors.NotFound && err.message.includes(path),
     );
 
-    const second = await serve(echoServer(), { transport, framing: lines() });
-    try {
-      assert.equal(await ask(transport, "again"), "echo again");
-    } finally {
-      await second.stop();
-    }
+    await assertEchoes(transport, "again");
     assert.equal(await exists(path), false);
-  } finally {
-    await removeDir(dir);
-  }
+  });
 });
 
 Deno.test("unix: a stale socket file left by a killed process is replaced", async () => {
-  const dir = await tempDir();
-  const path = `${dir}/stale.sock`;
-  try {
+  await inTempDir(async (dir) => {
+    const path = `${dir}/stale.sock`;
     // A child process binds the path and is killed with SIGKILL: nothing removes the file.
     const child = new Deno.Command(Deno.execPath(), {
       args: [
@@ -173,21 +172,13 @@ Deno.test("unix: a stale socket file left by a killed process is replaced", asyn
         err instanceof Deno.errors.ConnectionRefused && err.message.includes("stale socket"),
     );
 
-    const server = await serve(echoServer(), { transport: unix(path), framing: lines() });
-    try {
-      assert.equal(await ask(unix(path), "fresh"), "echo fresh");
-    } finally {
-      await server.stop();
-    }
-  } finally {
-    await removeDir(dir);
-  }
+    await assertEchoes(unix(path), "fresh");
+  });
 });
 
 Deno.test("unix: a path a live server holds is refused with AddrInUse; that server goes on", async () => {
-  const dir = await tempDir();
-  const path = `${dir}/live.sock`;
-  try {
+  await inTempDir(async (dir) => {
+    const path = `${dir}/live.sock`;
     const transport = unix(path);
     const server = await serve(echoServer(), { transport, framing: lines() });
     try {
@@ -215,15 +206,12 @@ Deno.test("unix: a path a live server holds is refused with AddrInUse; that serv
     } finally {
       await server.stop();
     }
-  } finally {
-    await removeDir(dir);
-  }
+  });
 });
 
 Deno.test("unix: a file that is not a socket is never replaced", async () => {
-  const dir = await tempDir();
-  const path = `${dir}/not-a-socket`;
-  try {
+  await inTempDir(async (dir) => {
+    const path = `${dir}/not-a-socket`;
     await Deno.writeTextFile(path, "keep me");
     await assert.rejects(
       () => serve(echoServer(), { transport: unix(path), framing: lines() }),
@@ -232,26 +220,18 @@ Deno.test("unix: a file that is not a socket is never replaced", async () => {
         /is not a socket; not replacing it/.test(err.message),
     );
     assert.equal(await Deno.readTextFile(path), "keep me");
-  } finally {
-    await removeDir(dir);
-  }
+  });
 });
 
 Deno.test("unix: a path too long for the system is refused before binding", async () => {
-  const dir = await tempDir();
-  try {
+  await inTempDir(async (dir) => {
     // Linux: sun_path holds 108 bytes with the NUL, so 107 bind and 108 do not; 104 elsewhere.
     const max = Deno.build.os === "linux" ? 107 : Deno.build.os === "darwin" ? 103 : undefined;
     if (max !== undefined) {
       const fill = (n: number) => `${dir}/${"p".repeat(n - dir.length - 1)}`;
       const longest = fill(max);
       assert.equal(new TextEncoder().encode(longest).length, max);
-      const server = await serve(echoServer(), { transport: unix(longest), framing: lines() });
-      try {
-        assert.equal(await ask(unix(longest), "edge"), "echo edge");
-      } finally {
-        await server.stop();
-      }
+      await assertEchoes(unix(longest), "edge");
       const tooLong = fill(max + 1);
       assert.throws(() => unix(tooLong), (err: unknown) => {
         assert.ok(err instanceof UnixPathTooLong);
@@ -268,28 +248,22 @@ Deno.test("unix: a path too long for the system is refused before binding", asyn
     assert.throws(() => unix(`${"é".repeat(60)}`), UnixPathTooLong);
     assert.throws(() => unix(""), TypeError);
     assert.throws(() => unix("a\0b"), TypeError);
-  } finally {
-    await removeDir(dir);
-  }
+  });
 });
 
 Deno.test("unix: several acceptors are refused (one socket file has one listener)", async () => {
-  const dir = await tempDir();
-  try {
+  await inTempDir(async (dir) => {
     await assert.rejects(
       () =>
         serve(echoServer(), { transport: unix(`${dir}/a.sock`), acceptors: 2, framing: lines() }),
       Deno.errors.NotSupported,
     );
     assert.equal(await exists(`${dir}/a.sock`), false);
-  } finally {
-    await removeDir(dir);
-  }
+  });
 });
 
 Deno.test("unix: works without any --unstable flag (and without deno.json)", async () => {
-  const dir = await tempDir();
-  try {
+  await inTempDir(async (dir) => {
     const script = `${dir}/child.ts`;
     await Deno.writeTextFile(
       script,
@@ -331,7 +305,5 @@ await server.stop();
     const stderr = new TextDecoder().decode(out.stderr);
     assert.equal(out.code, 0, stderr);
     assert.equal(new TextDecoder().decode(out.stdout).trim(), "pong ping");
-  } finally {
-    await removeDir(dir);
-  }
+  });
 });

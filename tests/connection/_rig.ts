@@ -14,6 +14,8 @@ import {
 } from "../../mod.ts";
 import { capturingLogger, Inbox, within } from "../_support.ts";
 
+export { acceptingWith } from "../_support.ts";
+
 let rigs = 0;
 
 /** A memory transport on a name no other test uses. */
@@ -90,20 +92,4 @@ export async function until(condition: () => boolean, what: string, ms = 3000): 
     if (performance.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
     await new Promise((r) => setTimeout(r, 2));
   }
-}
-
-/** `base`, with each accepted socket replaced by `wrap(socket)`: a transport written in a test. */
-export function acceptingWith(base: Transport, wrap: (conn: Conn) => Conn): Transport {
-  return {
-    name: `wrapped-${base.name}`,
-    async listen(options) {
-      const listener = await base.listen(options);
-      return {
-        addr: listener.addr,
-        close: () => listener.close(),
-        accept: async () => wrap(await listener.accept()),
-      };
-    },
-    connect: (options) => base.connect(options),
-  };
 }

@@ -20,7 +20,7 @@ import {
   type Server,
   type Transport,
 } from "../../mod.ts";
-import { Inbox } from "../_support.ts";
+import { acceptingWith, Inbox } from "../_support.ts";
 
 export * from "../_support.ts";
 
@@ -175,20 +175,13 @@ export function counting(
 ): { transport: Transport; accepted: Counts[]; connected: Counts[] } {
   const accepted: Counts[] = [];
   const connected: Counts[] = [];
+  const countAccepted = (inner: Conn) => {
+    const conn = new CountingConn(inner);
+    accepted.push(conn.counts);
+    return conn;
+  };
   const transport: Transport = {
-    name: `counting-${base.name}`,
-    async listen(options) {
-      const listener = await base.listen(options);
-      return {
-        addr: listener.addr,
-        close: () => listener.close(),
-        async accept() {
-          const conn = new CountingConn(await listener.accept());
-          accepted.push(conn.counts);
-          return conn;
-        },
-      };
-    },
+    ...acceptingWith(base, countAccepted, `counting-${base.name}`),
     async connect(options) {
       const conn = new CountingConn(await base.connect(options));
       connected.push(conn.counts);
