@@ -42,6 +42,7 @@ import { Connection, type Logger, type Mode } from "./connection.ts";
 import { KEEP_WRITE_BUFFER, Outbox, type OutboxOwner } from "./_outbox.ts";
 import { clearTimer, isDelay, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
 import { upgradeTls } from "./transport/tls.ts";
+import { withTimeout } from "./_with_timeout.ts";
 
 /** Changes a hibernated connection's state when it switches to new code. */
 export type CodeChange = (state: unknown) => unknown;
@@ -58,6 +59,7 @@ export interface DriverOptions<T> {
   kind: RegistryEntry["kind"];
   logger: Logger;
   shutdownTimeout: number;
+  handshakeTimeout: number; // bounds a STARTTLS switch
   idleTimeout?: number;
   onClose?: (conn: Connection<T>) => void;
 }
@@ -461,20 +463,15 @@ export class Driver<T> implements OutboxOwner {
     try {
       outcome = this.#perform(step.value);
     } catch (err) {
+      this.#cancelTlsSwitch();
       this.#end(err);
       return undefined;
     }
     // The default event timeout: a connection that hears nothing for idleTimeout ms is asked
     // to shut down, unless its handler armed an event timeout of its own.
     if (this.#opts.idleTimeout !== undefined && !this.#armedTimeout) this.#armIdle();
-    if (this.#tlsSwitch !== null && outcome !== Run.StartTls) {
-      // startTls with stop (stop wins: what was sent before goes out plain) or with hibernate.
-      this.#outbox = this.#tlsSwitch.plain;
-      this.#tlsSwitch = null;
-      if (outcome === Run.Hibernate) {
-        this.#end(new ProtocolError("startTls and hibernate cannot be yielded together"));
-        return undefined;
-      }
+    if (this.#tlsSwitch !== null && outcome === Run.Stop) {
+      this.#cancelTlsSwitch(); // stop wins: what was sent before goes out plain
     }
     if (outcome === Run.Stop) {
       this.#end(this.#stopReason);
@@ -558,6 +555,10 @@ export class Driver<T> implements OutboxOwner {
       let outcome = Run.Continue;
       for (let i = 0; i < yielded.length; i++) {
         const next = this.#act(yielded[i]);
+        if (
+          (next === Run.Hibernate && outcome === Run.StartTls) ||
+          (next === Run.StartTls && outcome === Run.Hibernate)
+        ) throw new ProtocolError("startTls and hibernate cannot be yielded together");
         if (next === Run.Stop || outcome === Run.Continue) outcome = next;
       }
       return outcome;
@@ -599,6 +600,7 @@ export class Driver<T> implements OutboxOwner {
         this.#stopReason = action.reason;
         return Run.Stop;
       case "startTls":
+        if (this.#tlsSwitch !== null) throw new ProtocolError("one startTls per yield");
         this.#checkTlsSwitch();
         // Sends after it, even in the same yield, wait for the switch in an outbox of their own.
         this.#tlsSwitch = { options: action.options ?? {}, plain: this.#outbox };
@@ -641,6 +643,14 @@ export class Driver<T> implements OutboxOwner {
     }
   }
 
+  // A startTls yielded with stop, or with an action that failed: nothing switches, and what was
+  // sent before it is written as it is.
+  #cancelTlsSwitch(): void {
+    if (this.#tlsSwitch === null) return;
+    this.#outbox = this.#tlsSwitch.plain;
+    this.#tlsSwitch = null;
+  }
+
   #switchToTls(): void {
     this.#at = HandlerAt.SwitchingTls;
     const { options, plain } = this.#tlsSwitch!;
@@ -653,8 +663,15 @@ export class Driver<T> implements OutboxOwner {
       }
       if (this.#phase !== Phase.Open) return undefined;
       const role = this.#opts.kind === "server" ? "server" : "client";
-      return upgradeTls(this.socket, { ...options, role }).then((tls) =>
+      const switching = upgradeTls(this.socket, { ...options, role }).then((tls) =>
         tls.handshake().then(() => tls)
+      );
+      // Bounded as any handshake: a peer that stalls it costs only its connection.
+      return withTimeout(
+        switching,
+        this.#opts.handshakeTimeout,
+        "STARTTLS handshake",
+        (late) => closeQuietly(late),
       );
     }).then((tls) => {
       if (tls === undefined) return;

@@ -161,7 +161,7 @@ export function checkConnectionSettings(check: OptionCheck): void {
 /** Driver options from a server's or client's settings, with the defaults both share. */
 export function driverOptions<T>(
   settings: ConnectionSettings<T>,
-  owned: Pick<DriverOptions<T>, "registry" | "owner" | "kind" | "onClose">,
+  owned: Pick<DriverOptions<T>, "registry" | "owner" | "kind" | "onClose" | "handshakeTimeout">,
 ): DriverOptions<T> {
   return {
     framing: settings.framing ?? (raw() as unknown as Framing<T>),

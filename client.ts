@@ -136,7 +136,12 @@ export async function connect<H extends Handler<any>>(
     driver = new Driver(
       socket,
       handler,
-      driverOptions(options, { registry, owner: "client", kind: "client" }),
+      driverOptions(options, {
+        registry,
+        owner: "client",
+        kind: "client",
+        handshakeTimeout: timeout,
+      }),
     );
   } catch (err) {
     closeQuietly(socket);

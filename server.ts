@@ -160,6 +160,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
       registry: this.registry,
       owner: this.name,
       kind: "server",
+      handshakeTimeout: options.handshakeTimeout ?? 10_000,
       onClose: (conn) => {
         this.#drivers.delete(conn.id);
         this.#openGate();

@@ -1,4 +1,4 @@
-// STARTTLS, client side: a live plain connection switches to TLS in place with a yielded
+// STARTTLS: a live plain connection switches to TLS in place with a yielded
 // startTls(); what was sent before goes out in plain text, what is sent after (even in the same
 // yield) encrypted, nothing lost or reordered; bytes read past the switch point, a switch with a
 // read under way are refused. Against Node's STARTTLS server (tests/peers/starttls_server.mjs),
@@ -9,6 +9,7 @@ import {
   connect,
   type Event,
   type HandlerGenerator,
+  hibernate,
   lines,
   ProtocolError,
   send,
@@ -160,4 +161,59 @@ Deno.test("startTls: with a read under way (not in answer to a packet) it is ref
   const reason = await within(5000, conn.closed, "closed");
   assert.ok(reason instanceof ProtocolError);
   assert.match((reason as Error).message, /read is under way/);
+});
+
+for (
+  const [label, actions, message] of [
+    ["startTls then hibernate", () => [startTls(), hibernate()], /startTls and hibernate/],
+    ["hibernate then startTls", () => [hibernate(), startTls()], /startTls and hibernate/],
+    [
+      "two startTls",
+      () => [send("a"), startTls(), send("b"), startTls()],
+      /one startTls per yield/,
+    ],
+  ] as const
+) {
+  Deno.test(`startTls: ${label} in one yield is a ProtocolError`, async () => {
+    await using server = await nodeStartTlsServer();
+    const got = new Inbox<string>(5000);
+    const conn = await connect(async function* (): HandlerGenerator<string> {
+      for (let ev = yield send("STARTTLS"); ev.type === "packet"; ev = yield) {
+        got.push(ev.data);
+        if (ev.data === "GO") yield [send("before"), ...actions()];
+      }
+    }, { port: server.port, framing: lines(), logger: capturingLogger() });
+    assert.equal(await got.next(), "GO");
+    const reason = await within(5000, conn.closed, "closed");
+    assert.ok(reason instanceof ProtocolError, `closed with ${reason}`);
+    assert.match(reason.message, message);
+  });
+}
+
+Deno.test("startTls: a peer that stalls the handshake ends the connection at handshakeTimeout", async () => {
+  // A plain server that agrees to switch and then never answers the ClientHello.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const accepted = (async () => {
+    const peer = await listener.accept();
+    await peer.read(new Uint8Array(64)); // "STARTTLS\n"
+    await peer.write(new TextEncoder().encode("GO\n"));
+    return peer; // and then silence
+  })();
+  try {
+    const conn = await connect(async function* (): HandlerGenerator<string> {
+      for (let ev = yield send("STARTTLS"); ev.type === "packet"; ev = yield) {
+        if (ev.data === "GO") yield startTls({ serverName: "localhost", caCerts: [ca] });
+      }
+    }, {
+      port: listener.addr.port,
+      framing: lines(),
+      connectTimeout: 300,
+      logger: capturingLogger(),
+    });
+    const reason = await within(5000, conn.closed, "closed at the timeout");
+    assert.equal((reason as Error).name, "TimeoutError");
+    (await accepted).close();
+  } finally {
+    listener.close();
+  }
 });

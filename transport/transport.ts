@@ -1,6 +1,6 @@
 /**
- * The transport interface: how the library listens, accepts and connects. `tcp()` and
- * `memory()` ship; write your own by implementing {@linkcode Transport}.
+ * The transport interface: how the library listens, accepts and connects. `tcp()`, `tls()`,
+ * `unix()` and `memory()` ship; write your own by implementing {@linkcode Transport}.
  *
  * @module
  */

@@ -3,7 +3,13 @@
 // (not fired at once), and bad delays are refused up front.
 
 import assert from "node:assert/strict";
-import { type Connection, type HandlerGenerator, recv, setTimeout as arm } from "../../mod.ts";
+import {
+  type Connection,
+  type HandlerGenerator,
+  recv,
+  setTimeout as arm,
+  type SetTimeoutAction,
+} from "../../mod.ts";
 import { evalInChild, Inbox } from "../_support.ts";
 import { lineRig, writeText } from "./_rig.ts";
 
@@ -36,6 +42,33 @@ function busyHandler(
   };
 }
 
+/**
+ * A handler that arms `armIt` on "arm", then on "busy" waits in its step until `release`, and
+ * ends that step with `settle`; the test lets the armed timer (5 ms) fire meanwhile.
+ */
+async function timerFiredWhileBusy(
+  label: string,
+  armIt: SetTimeoutAction,
+  settle: SetTimeoutAction,
+) {
+  const release = new Inbox<void>();
+  const events = new Inbox<string>(3000);
+  const rig = await lineRig(
+    label,
+    busyHandler(release, events, (ev) => ev === "arm" ? [armIt] : ev === "busy" ? [settle] : []),
+  );
+  const { peer } = await rig.open();
+  await writeText(peer, "arm\n");
+  assert.equal(await events.next(), "arm");
+  await writeText(peer, "busy\n");
+  assert.equal(await events.next(), "busy");
+  // The timer fires while the step is busy (there is no event for that: wait it out), then the
+  // step ends with the cancel or re-arm.
+  await new Promise((r) => globalThis.setTimeout(r, 30));
+  release.push();
+  return { rig, peer, events };
+}
+
 for (
   const [label, armIt, settle] of [
     ["cancelled", arm(5, "t"), arm(null, "t")],
@@ -43,25 +76,8 @@ for (
   ] as const
 ) {
   Deno.test(`timer ${label} in a busy step after it fired: its stale event is not delivered`, async () => {
-    const release = new Inbox<void>();
-    const events = new Inbox<string>(3000);
-    await using rig = await lineRig(
-      `stale-${label}`,
-      busyHandler(release, events, (ev) => {
-        if (ev === "arm") return [armIt];
-        if (ev === "busy") return [settle];
-        return [];
-      }),
-    );
-    const { peer } = await rig.open();
-    await writeText(peer, "arm\n");
-    assert.equal(await events.next(), "arm");
-    await writeText(peer, "busy\n");
-    assert.equal(await events.next(), "busy");
-    // The timer (5 ms) fires while the step is busy (there is no event for that: wait it out),
-    // then the step ends with the cancel or re-arm.
-    await new Promise((r) => globalThis.setTimeout(r, 30));
-    release.push();
+    const { rig, peer, events } = await timerFiredWhileBusy(`stale-${label}`, armIt, settle);
+    await using _rig = rig;
     // A marker that must be the next event: nothing stale in between.
     await writeText(peer, "marker\n");
     assert.equal(await events.next(), "marker", "no stale timeout event");
@@ -69,23 +85,12 @@ for (
 }
 
 Deno.test("named timer re-armed in a busy step after it fired: fires once, for the new arming", async () => {
-  const release = new Inbox<void>();
-  const events = new Inbox<string>(3000);
-  await using rig = await lineRig(
+  const { rig, peer, events } = await timerFiredWhileBusy(
     "rearmed-once",
-    busyHandler(release, events, (ev) => {
-      if (ev === "arm") return [arm(5, "t")];
-      if (ev === "busy") return [arm(40, "t")];
-      return [];
-    }),
+    arm(5, "t"),
+    arm(40, "t"),
   );
-  const { peer } = await rig.open();
-  await writeText(peer, "arm\n");
-  assert.equal(await events.next(), "arm");
-  await writeText(peer, "busy\n");
-  assert.equal(await events.next(), "busy");
-  await new Promise((r) => globalThis.setTimeout(r, 30)); // the first arming fires meanwhile
-  release.push();
+  await using _rig = rig;
   assert.equal(await events.next(), "timeout t");
   await writeText(peer, "marker\n");
   assert.equal(await events.next(), "marker", "it fired once");

@@ -1,4 +1,4 @@
-// A STARTTLS line server for the tests, in Node (Deno cannot switch an accepted socket to TLS):
+// A STARTTLS line server for the tests, in Node: a third-party peer for the library's client:
 // `node starttls_server.mjs CERT KEY` prints its port. Before "STARTTLS" each line L is answered
 // "plain:L"; "STARTTLS" is answered "GO" and the socket switches to TLS (ALPN "etcp/1"); after
 // that each line L is answered "tls:L alpn:P". With "STARTTLS-EXTRA", "GO" comes with one more
