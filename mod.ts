@@ -85,6 +85,19 @@ export { serve, Server } from "./server.ts";
 export type { AcceptorInfo, ServeOptions, ServerStatus, UpgradeOptions } from "./server.ts";
 export { connect } from "./client.ts";
 export type { ConnectOptions } from "./client.ts";
+export { createPool, Pool, PoolUnavailable } from "./pool.ts";
+export type {
+  CheckoutOptions,
+  PoolAddress,
+  PoolAddressStats,
+  PoolCallOptions,
+  PoolConnectionState,
+  PoolOptions,
+  PoolStats,
+  PoolStopOptions,
+  PoolStrategy,
+  PoolUnavailableReason,
+} from "./pool.ts";
 export { tcp } from "./transport/tcp.ts";
 export type { TcpOptions } from "./transport/tcp.ts";
 export { memory } from "./transport/memory.ts";

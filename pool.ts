@@ -1,0 +1,895 @@
+/**
+ * `createPool()`: N client connections to one or more servers, each run by its own handler, with
+ * the pool choosing which one carries a request (etcp's `start_link_pool`).
+ *
+ * @module
+ */
+
+import type { FrameOf, Handler } from "./actions.ts";
+import { connect, type ConnectOptions } from "./client.ts";
+import type { CallOptions, Connection, Logger, Mode } from "./connection.ts";
+import { describeReason } from "./errors.ts";
+import type { Framing, FramingFor } from "./framing.ts";
+import { defaultRegistry, type Registry } from "./registry.ts";
+import { tcp } from "./transport/tcp.ts";
+import type { Transport } from "./transport/transport.ts";
+import { checkConnectionSettings, checkHandler, OptionCheck } from "./_options.ts";
+
+/** Where a pool connects: a TCP `{ hostname, port }`, or any transport's address. */
+export interface PoolAddress {
+  /** Server host (default `"127.0.0.1"` for TCP). */
+  hostname?: string;
+  /** Server port. */
+  port?: number;
+  /** How to reach this address (default: the pool's `transport`). */
+  transport?: Transport;
+  /** How the address is named in stats and errors (default `hostname:port`, or the transport's name). */
+  label?: string;
+}
+
+/** How a pool chooses the connection that carries a request. */
+export type PoolStrategy = "round-robin" | "random" | "least-busy" | "hash";
+
+/** Options of {@linkcode createPool}. */
+export interface PoolOptions<T = Uint8Array> {
+  /** The servers to connect to (at least one). */
+  addresses: PoolAddress[];
+  /** Connections per address (default 1). */
+  size?: number;
+  /**
+   * `"round-robin"` (default), `"random"`, `"least-busy"` (fewest calls in flight through the
+   * pool) or `"hash"` (rendezvous hashing of `key`: one key stays on one live connection while it
+   * lives; a connection that dies moves only its own keys).
+   */
+  strategy?: PoolStrategy;
+  /** With `"hash"` (required there): the key of a message (`call`, `cast`, `info`, `send`). */
+  key?: (message: unknown) => string;
+  /** How to connect (default `tcp()`); an address may name its own. */
+  transport?: Transport;
+  /** How bytes become frames (default `raw()`). */
+  framing?: Framing<T>;
+  /** `"active"` (default) or `"passive"`. */
+  mode?: Mode;
+  /** The pool's name: the owner of its connections in the registry (default `pool1`, `pool2`, …). */
+  name?: string;
+  /** Where the connections are recorded, with `kind: "pool"` (default: the process's memory registry). */
+  registry?: Registry;
+  /** Milliseconds each connect may take (default 10000). */
+  connectTimeout?: number;
+  /** Milliseconds a `pool.call` waits for its reply unless it says otherwise (default 5000). */
+  callTimeout?: number;
+  /**
+   * Milliseconds a request may wait for a connection when none is free (default 0: fail at once
+   * with {@linkcode PoolUnavailable}; `connectTimeout` if only `maxQueued` is set).
+   */
+  acquireTimeout?: number;
+  /** Requests that may wait at once (default: unbounded with `acquireTimeout`, else 0). */
+  maxQueued?: number;
+  /**
+   * Resolve `createPool` only once a connection is up: `true` waits up to `connectTimeout`, a
+   * number that many ms; it rejects with `PoolUnavailable` (and the pool is stopped) if none is.
+   */
+  waitReady?: boolean | number;
+  /** Milliseconds a connection's handler has to finish after `shutdown` (default 5000). */
+  shutdownTimeout?: number;
+  /** The default event timeout of each connection (see `ConnectOptions.idleTimeout`). */
+  idleTimeout?: number;
+  /** Active mode: frames the mailbox may hold before reading pauses (default 1). */
+  highWaterMark?: number;
+  /** Bytes that may be pending when a send comes from outside the handler (default 8 MiB). */
+  maxBuffered?: number;
+  /** What a send past `maxBuffered` does (default `"stop"`). */
+  onBufferFull?: "stop" | "throw";
+  /** Where an abnormal end is reported (default `console`). */
+  logger?: Logger;
+}
+
+/** Why a pool could not serve a request. */
+export type PoolUnavailableReason = "down" | "busy" | "queue-full" | "timeout" | "stopped";
+
+/**
+ * A pool has no connection to give: none is up (`"down"`), every live one is checked out
+ * (`"busy"`), the wait queue is full (`"queue-full"`), the wait took longer than
+ * `acquireTimeout` (`"timeout"`), or the pool is stopping (`"stopped"`). Names the addresses and
+ * the last error of each.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { PoolUnavailable } from "./mod.ts";
+ * const err = new PoolUnavailable("down", [{ address: "10.0.0.1:6379", lastError: "refused" }]);
+ * assert.equal(err.name, "PoolUnavailable");
+ * assert.equal(err.reason, "down");
+ * assert.deepEqual(err.addresses, ["10.0.0.1:6379"]);
+ * assert.equal(err.message, "pool unavailable: no connection is up; addresses: 10.0.0.1:6379 (refused)");
+ * ```
+ */
+export class PoolUnavailable extends Error {
+  /** Why there was no connection. */
+  readonly reason: PoolUnavailableReason;
+  /** The pool's addresses, by label. */
+  readonly addresses: string[];
+  /** The last error of each address that has one. */
+  readonly errors: { address: string; error: unknown }[];
+  /** Make one; `addresses` lists each address with its last error, if any. */
+  constructor(
+    reason: PoolUnavailableReason,
+    addresses: { address: string; lastError?: unknown }[],
+    detail?: string,
+  ) {
+    const why = {
+      down: "no connection is up",
+      busy: "every live connection is checked out",
+      "queue-full": "too many requests are waiting",
+      timeout: "no connection came free in time",
+      stopped: "the pool is stopping",
+    }[reason];
+    const list = addresses.map((a) =>
+      a.lastError === undefined ? a.address : `${a.address} (${describeReason(a.lastError)})`
+    ).join(", ");
+    super(`pool unavailable: ${why}${detail ? ` ${detail}` : ""}; addresses: ${list || "none"}`);
+    this.name = "PoolUnavailable";
+    this.reason = reason;
+    this.addresses = addresses.map((a) => a.address);
+    this.errors = addresses.filter((a) => a.lastError !== undefined).map((a) => ({
+      address: a.address,
+      error: a.lastError,
+    }));
+  }
+}
+
+/** The state of one pool connection slot. */
+export type PoolConnectionState = "connecting" | "up" | "draining" | "down";
+
+/** {@linkcode Pool.stats} of one address. */
+export interface PoolAddressStats {
+  /** The address's label. */
+  address: string;
+  /** Connects under way. */
+  connecting: number;
+  /** Connections up and taking requests. */
+  up: number;
+  /** Connections finishing their calls before they stop (`removeAddress`). */
+  draining: number;
+  /** Slots whose connect failed or whose connection ended. */
+  down: number;
+  /** Calls through the pool awaiting their reply on this address. */
+  inFlight: number;
+  /** Connections held by `withConnection`. */
+  checkedOut: number;
+  /** Connects that failed and connections that ended abnormally. */
+  failures: number;
+  /** The last such error, if any. */
+  lastError?: unknown;
+}
+
+/** What {@linkcode Pool.stats} returns. */
+export interface PoolStats {
+  /** The pool's name. */
+  name: string;
+  /** Per address. */
+  addresses: PoolAddressStats[];
+  /** Calls in flight, over every address. */
+  inFlight: number;
+  /** Requests waiting for a connection. */
+  queued: number;
+}
+
+/** Options of {@linkcode Pool.call}. */
+export interface PoolCallOptions extends CallOptions {
+  /** With `"hash"`: route by this key instead of the `key` option's. */
+  key?: string;
+}
+
+/** Options of {@linkcode Pool.withConnection}. */
+export interface CheckoutOptions {
+  /** Milliseconds to wait for a free connection (default `acquireTimeout`, or 5000 if that is 0). */
+  timeout?: number;
+}
+
+/** Options of {@linkcode Pool.stop} and {@linkcode Pool.removeAddress}. */
+export interface PoolStopOptions {
+  /**
+   * Milliseconds in-flight calls and checkouts have to finish before the connections are stopped
+   * (and what is still in flight rejects with `ConnectionClosed`); the handlers then get the same
+   * again (default 5000).
+   */
+  timeout?: number;
+}
+
+// One connection slot: made by createPool / addConnection; kept (down) after its connection ends,
+// so that a reconnect can later bring it back under the same hash identity.
+interface Slot<T> {
+  readonly id: string; // the hash identity: address key + index
+  readonly site: Site;
+  state: PoolConnectionState;
+  conn?: Connection<T>;
+  inFlight: number;
+  checkedOut: boolean;
+  drained?: () => void; // called once inFlight is 0 and not checked out, while draining
+}
+
+// One address and what is known of it.
+interface Site {
+  readonly key: string;
+  readonly label: string;
+  readonly address: PoolAddress;
+  readonly transport: Transport;
+  slots: number; // slot indexes handed out
+  failures: number;
+  lastError?: unknown;
+  removed: boolean;
+}
+
+interface Waiter<T> {
+  exclusive: boolean;
+  key?: string;
+  resolve(slot: Slot<T>): void;
+  reject(err: Error): void;
+  timer?: ReturnType<typeof setTimeout>;
+}
+
+let pools = 0;
+const transportIds = new WeakMap<Transport, number>();
+let transports = 0;
+
+function transportId(transport: Transport): number {
+  let id = transportIds.get(transport);
+  if (id === undefined) transportIds.set(transport, id = ++transports);
+  return id;
+}
+
+// FNV-1a then a murmur3 finaliser: a well-mixed 32-bit hash for rendezvous scores.
+function hash32(text: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  h ^= h >>> 16;
+  return h >>> 0;
+}
+
+// The pool's registry: the same entries, recorded with kind "pool" and the pool as owner.
+// (connect() sets kind "client" and owner "client"; this is the one place that changes them.)
+function poolRegistry(inner: Registry, owner: string): Registry {
+  return {
+    get node() {
+      return inner.node;
+    },
+    add: (entry, conn) => inner.add({ ...entry, kind: "pool", owner }, conn),
+    remove: (id) => inner.remove(id),
+    claim: (id, name) => inner.claim(id, name),
+    list: (filter) => inner.list(filter),
+    lookup: (idOrName) => inner.lookup(idOrName),
+  };
+}
+
+const STRATEGIES = ["round-robin", "random", "least-busy", "hash"] as const;
+
+function checkPoolOptions(handler: unknown, options: unknown): void {
+  checkHandler("createPool", handler);
+  const check = new OptionCheck("createPool", options);
+  const o = options as Record<string, unknown>;
+  if (!Array.isArray(o.addresses) || o.addresses.length === 0) {
+    throw new TypeError(
+      `createPool: option addresses must be a non-empty array of { hostname, port } or transport addresses, not ${
+        Array.isArray(o.addresses) ? "an empty array" : String(o.addresses)
+      }`,
+    );
+  }
+  o.addresses.forEach((a, i) => checkAddress(`createPool: option addresses[${i}]`, a));
+  check.number("size", 1, { integer: true });
+  check.oneOf("strategy", STRATEGIES);
+  check.function("key");
+  if (o.strategy === "hash" && o.key === undefined) {
+    throw new TypeError(
+      'createPool: option key must be a function (message) => string with strategy "hash"',
+    );
+  }
+  check.methods("transport", ["listen", "connect"], " (such as tcp() or memory(name))");
+  check.delay("connectTimeout");
+  check.delay("callTimeout");
+  check.delay("acquireTimeout");
+  check.number("maxQueued", 0, { integer: true, infinite: true });
+  if (typeof o.waitReady !== "boolean") check.delay("waitReady");
+  checkConnectionSettings(check);
+}
+
+function checkAddress(where: string, address: unknown): void {
+  if (address === null || typeof address !== "object") {
+    throw new TypeError(`${where} must be an object such as { hostname, port }, not ${address}`);
+  }
+  const check = new OptionCheck(where.replace(/^createPool: option /, "createPool: "), address);
+  check.string("hostname");
+  check.port("port");
+  check.string("label");
+  check.methods("transport", ["listen", "connect"], " (such as tcp() or memory(name))");
+}
+
+/**
+ * Start a pool of connections to `options.addresses`, `size` to each, each run by `handler` as
+ * with {@linkcode connect}. Resolves at once (or, with `waitReady`, once a connection is up):
+ * a pool whose servers are all down still starts, and its `call` fails at once with
+ * {@linkcode PoolUnavailable} until one is up. Bad options throw a `TypeError` or `RangeError`
+ * naming the option.
+ *
+ * @example Calls spread over two connections
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { createPool, memory, reply, serve } from "./mod.ts";
+ * const transport = memory("pool-doc");
+ * const server = await serve(async function* () {
+ *   yield;
+ * }, { transport });
+ * const pool = await createPool(async function* (conn) {
+ *   for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) {
+ *     ev = ev.type === "call" ? yield reply(ev.from, conn.id) : yield;
+ *   }
+ * }, { addresses: [{ transport }], size: 2, waitReady: true });
+ * await pool.ready;
+ * while (pool.connections().length < 2) await new Promise((r) => setTimeout(r, 1));
+ * const ids = new Set([await pool.call("who"), await pool.call("who")]);
+ * assert.equal(ids.size, 2);
+ * await pool.stop();
+ * await server.stop();
+ * ```
+ */
+// deno-lint-ignore no-explicit-any
+export async function createPool<H extends Handler<any>>(
+  handler: H,
+  options: PoolOptions<FrameOf<H>> & FramingFor<FrameOf<H>>,
+): Promise<Pool<FrameOf<H>>> {
+  checkPoolOptions(handler, options);
+  const pool = new Pool<FrameOf<H>>(handler, options as PoolOptions<FrameOf<H>>, poolToken);
+  const wait = options.waitReady === true
+    ? options.connectTimeout ?? 10_000
+    : options.waitReady === false
+    ? undefined
+    : options.waitReady;
+  if (wait !== undefined) {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      await Promise.race([
+        pool.ready,
+        new Promise<never>((_, reject) => {
+          if (Number.isFinite(wait)) {
+            timer = setTimeout(
+              () => reject(pool.unavailable("down", `within ${wait} ms (waitReady)`)),
+              wait,
+            );
+          }
+        }),
+      ]);
+    } catch (err) {
+      clearTimeout(timer);
+      await pool.stop();
+      throw err;
+    }
+    clearTimeout(timer);
+  }
+  return pool;
+}
+
+const poolToken = Symbol("pool");
+
+/**
+ * A pool of client connections made by {@linkcode createPool}. Requests (`call`, `cast`,
+ * `info`, `send`, `sendSync`) go to a live connection chosen by the strategy;
+ * {@linkcode Pool.withConnection} checks one out for a caller alone.
+ *
+ * @example Hashing keeps a key on one connection
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { createPool, memory, reply, serve } from "./mod.ts";
+ * const transport = memory("pool-class-doc");
+ * const server = await serve(async function* () {
+ *   yield;
+ * }, { transport });
+ * await using pool = await createPool(async function* (conn) {
+ *   for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) {
+ *     ev = ev.type === "call" ? yield reply(ev.from, conn.id) : yield;
+ *   }
+ * }, {
+ *   addresses: [{ transport }],
+ *   size: 3,
+ *   strategy: "hash",
+ *   key: (m) => (m as { user: string }).user,
+ *   waitReady: true,
+ * });
+ * const first = await pool.call({ user: "ada" });
+ * assert.equal(await pool.call({ user: "ada" }), first);
+ * assert.equal(pool.stats().addresses[0].failures, 0);
+ * await pool.stop();
+ * await server.stop();
+ * ```
+ */
+export class Pool<T = Uint8Array> {
+  /** The pool's name (owner of its connections in the registry). */
+  readonly name: string;
+  /** Resolves once a connection is up; rejects with `PoolUnavailable` if none can be (all failed, or stopped first). */
+  readonly ready: Promise<void>;
+  // deno-lint-ignore no-explicit-any
+  readonly #handler: Handler<any>;
+  readonly #options: PoolOptions<T>;
+  readonly #registry: Registry;
+  readonly #size: number;
+  readonly #strategy: PoolStrategy;
+  readonly #acquireTimeout: number;
+  readonly #maxQueued: number;
+  readonly #sites = new Map<string, Site>();
+  readonly #slots: Slot<T>[] = [];
+  readonly #waiters: Waiter<T>[] = [];
+  readonly #pending = new Set<Promise<unknown>>(); // connects under way
+  #ready = Promise.withResolvers<void>();
+  #isReady = false;
+  #next = 0;
+  #stopping: Promise<void> | undefined;
+
+  /** Made by {@linkcode createPool}; not constructed directly. */
+  constructor(
+    // deno-lint-ignore no-explicit-any
+    handler: Handler<any>,
+    options: PoolOptions<T>,
+    token: unknown,
+  ) {
+    if (token !== poolToken) throw new TypeError("Pool: use createPool()");
+    this.#handler = handler;
+    this.#options = options;
+    this.name = options.name ?? `pool${++pools}`;
+    this.#registry = poolRegistry(options.registry ?? defaultRegistry, this.name);
+    this.#size = options.size ?? 1;
+    this.#strategy = options.strategy ?? "round-robin";
+    const queueing = options.maxQueued !== undefined && options.maxQueued > 0;
+    this.#acquireTimeout = options.acquireTimeout ??
+      (queueing ? options.connectTimeout ?? 10_000 : 0);
+    this.#maxQueued = options.maxQueued ?? (this.#acquireTimeout > 0 ? Infinity : 0);
+    this.ready = this.#ready.promise;
+    this.ready.catch(() => {});
+    for (const address of options.addresses) {
+      for (let i = 0; i < this.#size; i++) this.#open(this.#site(address)).catch(() => {});
+    }
+  }
+
+  // ---- Addresses and connections ---------------------------------------------------------------
+
+  #site(address: PoolAddress): Site {
+    const transport = address.transport ?? this.#options.transport ?? tcp();
+    const explicit = address.transport ?? this.#options.transport;
+    const key = `${explicit ? transportId(explicit) : "tcp"}|${address.hostname ?? ""}|${
+      address.port ?? ""
+    }`;
+    let site = this.#sites.get(key);
+    if (!site || site.removed) {
+      const label = address.label ??
+        (address.port !== undefined || transport.name === "tcp"
+          ? `${address.hostname ?? "127.0.0.1"}:${address.port ?? 0}`
+          : address.hostname !== undefined
+          ? `${transport.name}:${address.hostname}`
+          : `${transport.name}#${this.#sites.size + 1}`);
+      site = { key, label, address, transport, slots: 0, failures: 0, removed: false };
+      this.#sites.set(key, site);
+    }
+    return site;
+  }
+
+  #find(address: PoolAddress): Site | undefined {
+    const explicit = address.transport ?? this.#options.transport;
+    const key = `${explicit ? transportId(explicit) : "tcp"}|${address.hostname ?? ""}|${
+      address.port ?? ""
+    }`;
+    const site = this.#sites.get(key);
+    return site && !site.removed ? site : undefined;
+  }
+
+  // Make a slot and connect it. Rejects with the connect's error (recorded in the stats).
+  #open(site: Site): Promise<Connection<T>> {
+    const slot: Slot<T> = {
+      id: `${site.key}#${site.slots++}`,
+      site,
+      state: "connecting",
+      inFlight: 0,
+      checkedOut: false,
+    };
+    this.#slots.push(slot);
+    const o = this.#options;
+    const connectOptions: ConnectOptions<T> = {
+      hostname: site.address.hostname,
+      port: site.address.port,
+      transport: site.transport,
+      framing: o.framing,
+      mode: o.mode,
+      highWaterMark: o.highWaterMark,
+      connectTimeout: o.connectTimeout,
+      registry: this.#registry,
+      shutdownTimeout: o.shutdownTimeout,
+      idleTimeout: o.idleTimeout,
+      maxBuffered: o.maxBuffered,
+      onBufferFull: o.onBufferFull,
+      logger: o.logger,
+    };
+    const connecting = connect(this.#handler, connectOptions as never) as Promise<Connection<T>>;
+    const settled = connecting.then(
+      (conn) => this.#connected(slot, conn),
+      (err) => {
+        slot.state = "down";
+        site.failures++;
+        site.lastError = err;
+        this.#checkReady();
+        throw err;
+      },
+    );
+    const tracked = settled.catch(() => {}).finally(() => this.#pending.delete(tracked));
+    this.#pending.add(tracked);
+    return settled;
+  }
+
+  #connected(slot: Slot<T>, conn: Connection<T>): Connection<T> {
+    slot.conn = conn;
+    conn.closed.then((reason) => {
+      slot.state = "down";
+      if (reason !== "normal" && reason !== "shutdown" && reason !== "idle") {
+        slot.site.failures++;
+        slot.site.lastError = reason;
+      }
+      slot.drained?.();
+      this.#checkReady();
+    });
+    if (this.#stopping || slot.site.removed) {
+      slot.state = "draining";
+      conn.stop("shutdown").catch(() => {});
+      return conn;
+    }
+    slot.state = "up";
+    if (!this.#isReady) {
+      this.#isReady = true;
+      this.#ready.resolve();
+    }
+    this.#serveWaiters();
+    return conn;
+  }
+
+  // Without a connection up or under way (and, later, none backing off), ready can never come.
+  #checkReady(): void {
+    if (this.#isReady) return;
+    if (this.#slots.some((s) => s.state === "connecting" || s.state === "up")) return;
+    this.#ready.reject(this.unavailable("down"));
+  }
+
+  /**
+   * Add one connection to `address` (a new address joins the pool). Resolves with it once it is
+   * up; rejects with the connect's error (recorded in {@linkcode Pool.stats}).
+   */
+  addConnection(address: PoolAddress): Promise<Connection<T>> {
+    if (this.#stopping) return Promise.reject(this.unavailable("stopped"));
+    try {
+      checkAddress("addConnection: address", address);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.#open(this.#site(address));
+  }
+
+  /**
+   * Add `n` connections: all to `address`, or spread over the pool's addresses (fewest first).
+   * Resolves with those that came up; the failures are in {@linkcode Pool.stats}.
+   */
+  async addConnections(n: number, address?: PoolAddress): Promise<Connection<T>[]> {
+    if (!Number.isInteger(n) || n < 0) {
+      throw new RangeError(`addConnections: n must be an integer >= 0, not ${n}`);
+    }
+    const adding: Promise<Connection<T>>[] = [];
+    for (let i = 0; i < n; i++) {
+      if (address) adding.push(this.addConnection(address));
+      else {
+        const sites = [...this.#sites.values()].filter((s) => !s.removed);
+        if (sites.length === 0) throw this.unavailable("down", "(no address left)");
+        const count = (s: Site) => this.#slots.filter((x) => x.site === s && x.state !== "down");
+        sites.sort((a, b) => count(a).length - count(b).length);
+        adding.push(this.addConnection(sites[0].address));
+      }
+    }
+    const results = await Promise.allSettled(adding);
+    return results.flatMap((r) => r.status === "fulfilled" ? [r.value] : []);
+  }
+
+  /**
+   * Take `address` out of the pool: its connections take no new requests, finish their calls in
+   * flight and checkouts (up to `timeout`), then stop. Resolves once they have closed.
+   */
+  async removeAddress(address: PoolAddress, options: PoolStopOptions = {}): Promise<void> {
+    const site = this.#find(address);
+    if (!site) return;
+    site.removed = true;
+    this.#sites.delete(site.key);
+    const slots = this.#slots.filter((s) => s.site === site);
+    await this.#drain(slots, "shutdown", options.timeout ?? 5000);
+    for (const s of slots) this.#slots.splice(this.#slots.indexOf(s), 1);
+    this.#checkReady();
+  }
+
+  // Stop taking requests on `slots`, give their work `timeout` ms, then stop their connections.
+  async #drain(slots: Slot<T>[], reason: unknown, timeout: number): Promise<void> {
+    const finished = slots.map((slot) => {
+      if (slot.state === "up") slot.state = "draining";
+      if (slot.state !== "draining" || (slot.inFlight === 0 && !slot.checkedOut)) {
+        return Promise.resolve();
+      }
+      const { promise, resolve } = Promise.withResolvers<void>();
+      slot.drained = () => {
+        if (slot.state === "down" || (slot.inFlight === 0 && !slot.checkedOut)) resolve();
+      };
+      return promise;
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      Promise.all(finished),
+      new Promise<void>((r) => {
+        if (Number.isFinite(timeout)) timer = setTimeout(r, timeout);
+      }),
+    ]);
+    clearTimeout(timer);
+    // Connects still under way settle (bounded by connectTimeout) and stop themselves.
+    await Promise.all([...this.#pending]);
+    await Promise.all(
+      slots.map((slot) => {
+        slot.drained = undefined;
+        return slot.conn && slot.state !== "down"
+          ? slot.conn.stop(reason, { timeout }).catch(() => {})
+          : undefined;
+      }),
+    );
+  }
+
+  /** The pool's open connections (up or draining). */
+  connections(): Connection<T>[] {
+    return this.#slots.flatMap((s) =>
+      (s.state === "up" || s.state === "draining") && s.conn ? [s.conn] : []
+    );
+  }
+
+  // ---- Routing -----------------------------------------------------------------------------------
+
+  #choose(key: string | undefined, exclusive: boolean): Slot<T> | undefined {
+    const live = this.#slots.filter((s) => s.state === "up" && !s.checkedOut);
+    if (live.length === 0) return undefined;
+    if (exclusive) return live[this.#next++ % live.length];
+    switch (this.#strategy) {
+      case "random":
+        return live[Math.floor(Math.random() * live.length)];
+      case "least-busy": {
+        const start = this.#next++ % live.length;
+        let best = live[start];
+        for (let i = 1; i < live.length; i++) {
+          const s = live[(start + i) % live.length];
+          if (s.inFlight < best.inFlight) best = s;
+        }
+        return best;
+      }
+      case "hash": {
+        if (key === undefined) return live[this.#next++ % live.length];
+        let best = live[0];
+        let bestScore = -1;
+        for (const s of live) {
+          const score = hash32(`${key}\u0000${s.id}`);
+          if (score > bestScore || (score === bestScore && s.id < best.id)) {
+            best = s;
+            bestScore = score;
+          }
+        }
+        return best;
+      }
+      default:
+        return live[this.#next++ % live.length];
+    }
+  }
+
+  #keyOf(message: unknown, key?: string): string | undefined {
+    if (this.#strategy !== "hash") return undefined;
+    return key ?? this.#options.key!(message);
+  }
+
+  /** A `PoolUnavailable` for `reason` naming every address and its last error. */
+  unavailable(reason: PoolUnavailableReason, detail?: string): PoolUnavailable {
+    const addresses = [...this.#sites.values()].map((s) => ({
+      address: s.label,
+      lastError: s.lastError,
+    }));
+    return new PoolUnavailable(reason, addresses, detail);
+  }
+
+  #unavailableNow(): PoolUnavailable {
+    if (this.#stopping) return this.unavailable("stopped");
+    return this.#slots.some((s) => s.state === "up")
+      ? this.unavailable("busy")
+      : this.unavailable("down");
+  }
+
+  // A connection for a request: at once, or after waiting in the queue if the pool allows it.
+  #acquire(key: string | undefined, exclusive: boolean, wait?: number): Promise<Slot<T>> {
+    if (this.#stopping) return Promise.reject(this.unavailable("stopped"));
+    const slot = this.#choose(key, exclusive);
+    if (slot) return Promise.resolve(this.#take(slot, exclusive));
+    const anyUp = this.#slots.some((s) => s.state === "up");
+    // A checkout waits for a busy connection by default; nothing waits for a pool that is down
+    // unless queueing was asked for.
+    const timeout = wait ?? this.#acquireTimeout;
+    if (timeout === 0 || !(anyUp && exclusive) && this.#acquireTimeout === 0) {
+      return Promise.reject(this.#unavailableNow());
+    }
+    const maxQueued = exclusive && this.#maxQueued === 0 ? Infinity : this.#maxQueued;
+    if (this.#waiters.length >= maxQueued) {
+      return Promise.reject(this.unavailable("queue-full", `(maxQueued ${this.#maxQueued})`));
+    }
+    return new Promise<Slot<T>>((resolve, reject) => {
+      const waiter: Waiter<T> = { exclusive, key, resolve, reject };
+      if (Number.isFinite(timeout)) {
+        waiter.timer = setTimeout(() => {
+          this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
+          reject(this.unavailable("timeout", `(waited ${timeout} ms)`));
+        }, timeout);
+      }
+      this.#waiters.push(waiter);
+    });
+  }
+
+  // Mark `slot` as taken by a request (in flight) or a checkout, before anyone else can choose.
+  #take(slot: Slot<T>, exclusive: boolean): Slot<T> {
+    if (exclusive) slot.checkedOut = true;
+    else slot.inFlight++;
+    return slot;
+  }
+
+  // Hand free connections to the requests waiting, oldest first.
+  #serveWaiters(): void {
+    while (this.#waiters.length > 0) {
+      const waiter = this.#waiters[0];
+      const slot = this.#choose(waiter.key, waiter.exclusive);
+      if (!slot) return;
+      this.#waiters.shift();
+      clearTimeout(waiter.timer);
+      waiter.resolve(this.#take(slot, waiter.exclusive));
+    }
+  }
+
+  #done(slot: Slot<T>): void {
+    if (slot.state === "draining") slot.drained?.();
+    else this.#serveWaiters();
+  }
+
+  /**
+   * The connection the strategy chooses now (for `"hash"`, the one `key` lands on); throws
+   * {@linkcode PoolUnavailable} if none is live.
+   */
+  pick(key?: string): Connection<T> {
+    if (this.#stopping) throw this.unavailable("stopped");
+    const slot = this.#choose(key, false);
+    if (!slot) throw this.#unavailableNow();
+    return slot.conn!;
+  }
+
+  /**
+   * `call` on a connection chosen by the strategy (see `Connection.call`); `timeout` defaults to
+   * `callTimeout`. Rejects with {@linkcode PoolUnavailable} at once if no connection is live
+   * (or after `acquireTimeout` with queueing).
+   */
+  async call<R = unknown>(message: unknown, options: PoolCallOptions = {}): Promise<R> {
+    const slot = await this.#acquire(this.#keyOf(message, options.key), false);
+    try {
+      return await slot.conn!.call<R>(message, {
+        timeout: options.timeout ?? this.#options.callTimeout,
+      });
+    } finally {
+      slot.inFlight--;
+      this.#done(slot);
+    }
+  }
+
+  /** `cast` to a connection chosen by the strategy; throws `PoolUnavailable` if none is live. */
+  cast(message: unknown): void {
+    this.pick(this.#keyOf(message)).cast(message);
+  }
+
+  /** `info` to a connection chosen by the strategy; throws `PoolUnavailable` if none is live. */
+  info(message: unknown): void {
+    this.pick(this.#keyOf(message)).info(message);
+  }
+
+  /** Write `data` on a connection chosen by the strategy; throws `PoolUnavailable` if none is live. */
+  send(data: T | Uint8Array | string): void {
+    this.pick(this.#keyOf(data)).send(data);
+  }
+
+  /** Write `data` on a chosen connection; resolves once written (see `Connection.sendSync`). */
+  async sendSync(data: T | Uint8Array | string): Promise<void> {
+    const slot = await this.#acquire(this.#keyOf(data), false);
+    try {
+      await slot.conn!.sendSync(data);
+    } finally {
+      slot.inFlight--;
+      this.#done(slot);
+    }
+  }
+
+  /**
+   * Check a connection out for `fn` alone: no other `withConnection` gets it, and the pool
+   * routes no request to it, until `fn` returns or throws. Waits up to `timeout` ms for one to
+   * come free; rejects with {@linkcode PoolUnavailable} at once if none is up (unless the pool
+   * queues).
+   */
+  async withConnection<R>(
+    fn: (conn: Connection<T>) => R | Promise<R>,
+    options: CheckoutOptions = {},
+  ): Promise<R> {
+    const timeout = options.timeout ?? (this.#acquireTimeout || 5000);
+    if (typeof timeout !== "number" || !(timeout >= 0)) {
+      throw new RangeError(`withConnection: timeout must be a number >= 0, not ${timeout}`);
+    }
+    const slot = await this.#acquire(undefined, true, timeout);
+    try {
+      return await fn(slot.conn!);
+    } finally {
+      slot.checkedOut = false;
+      this.#done(slot);
+    }
+  }
+
+  // ---- Stats and stopping ----------------------------------------------------------------------
+
+  /** Per address: connections by state, calls in flight, checkouts, failures; requests queued. */
+  stats(): PoolStats {
+    const addresses = [...this.#sites.values()].map((site) => {
+      const slots = this.#slots.filter((s) => s.site === site);
+      const count = (state: PoolConnectionState) => slots.filter((s) => s.state === state).length;
+      const stats: PoolAddressStats = {
+        address: site.label,
+        connecting: count("connecting"),
+        up: count("up"),
+        draining: count("draining"),
+        down: count("down"),
+        inFlight: slots.reduce((n, s) => n + s.inFlight, 0),
+        checkedOut: slots.filter((s) => s.checkedOut).length,
+        failures: site.failures,
+      };
+      if (site.lastError !== undefined) stats.lastError = site.lastError;
+      return stats;
+    });
+    return {
+      name: this.name,
+      addresses,
+      inFlight: addresses.reduce((n, a) => n + a.inFlight, 0),
+      queued: this.#waiters.length,
+    };
+  }
+
+  /**
+   * Stop the pool: new requests and those waiting fail with `PoolUnavailable` (`"stopped"`);
+   * calls in flight and checkouts have `timeout` ms to finish, then every connection is stopped
+   * (what is still in flight rejects with `ConnectionClosed`). Resolves once all are closed; no
+   * timer or socket is left.
+   */
+  stop(reason: unknown = "shutdown", options: PoolStopOptions = {}): Promise<void> {
+    const timeout = options.timeout ?? 5000;
+    if (typeof timeout !== "number" || !(timeout >= 0)) {
+      return Promise.reject(new RangeError(`stop: timeout must be a number >= 0, not ${timeout}`));
+    }
+    this.#stopping ??= (async () => {
+      for (const waiter of this.#waiters.splice(0)) {
+        clearTimeout(waiter.timer);
+        waiter.reject(this.unavailable("stopped"));
+      }
+      await this.#drain([...this.#slots], reason, timeout);
+      if (!this.#isReady) this.#ready.reject(this.unavailable("stopped"));
+    })();
+    return this.#stopping;
+  }
+
+  /** Stops the pool (`await using pool = await createPool(…)`). */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.stop();
+  }
+}
