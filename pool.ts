@@ -82,6 +82,34 @@ export interface PoolOptions<T = Uint8Array> {
   onBufferFull?: "stop" | "throw";
   /** Where an abnormal end is reported (default `console`). */
   logger?: Logger;
+  /**
+   * Reconnection, on by default (`false`: a slot whose connect fails or whose connection ends
+   * stays `"down"`; `true` or `{}`: the defaults). A slot whose connect fails, or whose
+   * connection ends for any reason (a dead server, a handler that throws or returns, a
+   * `conn.stop()`), goes `"backing-off"`, waits, then connects again under the same hash
+   * identity; a fresh handler runs on the new socket. Not while the pool stops or the slot's
+   * address is removed.
+   *
+   * The wait after the n-th failure in a row (n = 0, 1, 2, …) is gRPC's connection backoff with
+   * the jitter spread over its full range: let `d = min(initialDelay × multiplier^n, maxDelay)`;
+   * the wait is drawn uniformly from `[d × (1 − jitter), d × (1 + jitter)]` (so `jitter: 0.2`
+   * is d ± 20 %, mean d; `jitter: 1` is uniform over `[0, 2d]`, AWS's "full jitter" scaled to
+   * mean d; `jitter: 0` is exactly d). It is measured from the failure or the end of the
+   * connection. A failure is a connect that fails or a connection that ends less than
+   * `initialDelay` ms after it came up; one that stayed up at least that long resets n to 0
+   * (its end is still followed by a wait of about `initialDelay`). So a handler that throws on
+   * every connect backs off to `maxDelay` like a dead server, never faster.
+   */
+  reconnect?: boolean | {
+    /** Milliseconds before the first reconnect (default 1000). */
+    initialDelay?: number;
+    /** Factor by which each failure in a row multiplies the delay (default 1.6, at least 1). */
+    multiplier?: number;
+    /** Cap of the delay before jitter (default 30000). */
+    maxDelay?: number;
+    /** Fraction of the delay drawn at random, from 0 to 1 (default 0.2; see above). */
+    jitter?: number;
+  };
 }
 
 /** Why a pool could not serve a request. */
@@ -138,8 +166,11 @@ export class PoolUnavailable extends Error {
   }
 }
 
-/** The state of one pool connection slot. */
-export type PoolConnectionState = "connecting" | "up" | "draining" | "down";
+/**
+ * The state of one pool connection slot: `"backing-off"` waits to reconnect; `"down"` will not
+ * (reconnection off, or the pool stopping).
+ */
+export type PoolConnectionState = "connecting" | "up" | "draining" | "backing-off" | "down";
 
 /** {@linkcode Pool.stats} of one address. */
 export interface PoolAddressStats {
@@ -151,15 +182,23 @@ export interface PoolAddressStats {
   up: number;
   /** Connections finishing their calls before they stop (`removeAddress`). */
   draining: number;
-  /** Slots whose connect failed or whose connection ended. */
+  /** Slots waiting to reconnect. */
+  backingOff: number;
+  /** Slots whose connect failed or whose connection ended, that will not reconnect. */
   down: number;
   /** Calls through the pool awaiting their reply on this address. */
   inFlight: number;
   /** Connections held by `withConnection`. */
   checkedOut: number;
-  /** Connects that failed and connections that ended abnormally. */
+  /**
+   * Connects that failed, and connections that ended abnormally (an error, or a reason other
+   * than `"normal"`, `"shutdown"`, `"idle"`) or, with reconnection on, within `initialDelay`
+   * ms of coming up.
+   */
   failures: number;
-  /** The last such error, if any. */
+  /** Connections brought back up by a reconnect. */
+  reconnects: number;
+  /** The last error, if any. */
   lastError?: unknown;
 }
 
@@ -173,6 +212,10 @@ export interface PoolStats {
   inFlight: number;
   /** Requests waiting for a connection. */
   queued: number;
+  /** Connections brought back up by a reconnect, over every address. */
+  reconnects: number;
+  /** Failures (see {@linkcode PoolAddressStats.failures}), over every address. */
+  failures: number;
 }
 
 /** Options of {@linkcode Pool.call}. */
@@ -207,6 +250,9 @@ interface Slot<T> {
   inFlight: number;
   checkedOut: boolean;
   drained?: () => void; // called once inFlight is 0 and not checked out, while draining
+  backoffs: number; // waits since a connection last stayed up: the next delay's exponent
+  upSince: number; // performance.now() when the connection came up
+  timer?: ReturnType<typeof setTimeout>; // the backoff under way
 }
 
 // One address and what is known of it.
@@ -217,9 +263,26 @@ interface Site {
   readonly transport: Transport;
   slots: number; // slot indexes handed out
   failures: number;
+  reconnects: number;
   lastError?: unknown;
   removed: boolean;
 }
+
+/** Reconnection settings, with the defaults filled in. */
+interface Backoff {
+  initialDelay: number;
+  multiplier: number;
+  maxDelay: number;
+  jitter: number;
+}
+
+/** The wait after `n` backoffs in a row (see `PoolOptions.reconnect`). */
+function backoffDelay(b: Backoff, n: number, random = Math.random): number {
+  const d = Math.min(b.initialDelay * b.multiplier ** n, b.maxDelay);
+  return Math.min(d * (1 - b.jitter + 2 * b.jitter * random()), MAX_TIMER);
+}
+
+const MAX_TIMER = 2 ** 31 - 1;
 
 interface Waiter<T> {
   exclusive: boolean;
@@ -298,6 +361,36 @@ function checkPoolOptions(handler: unknown, options: unknown): void {
   check.number("maxQueued", 0, { integer: true, infinite: true });
   if (typeof o.waitReady !== "boolean") check.delay("waitReady");
   checkConnectionSettings(check);
+  checkReconnect(o.reconnect);
+}
+
+function checkReconnect(reconnect: unknown): void {
+  if (reconnect === undefined || typeof reconnect === "boolean") return;
+  if (reconnect === null || typeof reconnect !== "object") {
+    throw new TypeError(
+      `createPool: option reconnect must be false, true or { initialDelay, multiplier, maxDelay, jitter }, not ${
+        typeof reconnect === "string" ? JSON.stringify(reconnect) : String(reconnect)
+      }`,
+    );
+  }
+  const check = new OptionCheck("createPool: reconnect", reconnect);
+  check.number("initialDelay", 0);
+  check.number("multiplier", 1);
+  check.number("maxDelay", 0);
+  check.number("jitter", 0);
+  const r = reconnect as Record<string, number | undefined>;
+  for (const name of ["initialDelay", "maxDelay"]) {
+    if ((r[name] ?? 0) > MAX_TIMER) {
+      throw new RangeError(
+        `createPool: reconnect: option ${name} must be at most ${MAX_TIMER} ms, not ${r[name]}`,
+      );
+    }
+  }
+  if ((r.jitter ?? 0) > 1) {
+    throw new RangeError(
+      `createPool: reconnect: option jitter must be a number from 0 to 1, not ${r.jitter}`,
+    );
+  }
 }
 
 function checkAddress(where: string, address: unknown): void {
@@ -411,7 +504,11 @@ const poolToken = Symbol("pool");
 export class Pool<T = Uint8Array> {
   /** The pool's name (owner of its connections in the registry). */
   readonly name: string;
-  /** Resolves once a connection is up; rejects with `PoolUnavailable` if none can be (all failed, or stopped first). */
+  /**
+   * Resolves once a connection is up. Rejects with `PoolUnavailable` if the pool stops first,
+   * or, with reconnection off, once every connect has failed; with reconnection on it waits
+   * (bound it with `waitReady`).
+   */
   readonly ready: Promise<void>;
   // deno-lint-ignore no-explicit-any
   readonly #handler: Handler<any>;
@@ -421,6 +518,7 @@ export class Pool<T = Uint8Array> {
   readonly #strategy: PoolStrategy;
   readonly #acquireTimeout: number;
   readonly #maxQueued: number;
+  readonly #backoff: Backoff | undefined;
   readonly #sites = new Map<string, Site>();
   readonly #slots: Slot<T>[] = [];
   readonly #waiters: Waiter<T>[] = [];
@@ -429,6 +527,7 @@ export class Pool<T = Uint8Array> {
   #isReady = false;
   #next = 0;
   #stopping: Promise<void> | undefined;
+  #closing = false; // set at once by stop(), before #stopping is
 
   /** Made by {@linkcode createPool}; not constructed directly. */
   constructor(
@@ -448,6 +547,13 @@ export class Pool<T = Uint8Array> {
     this.#acquireTimeout = options.acquireTimeout ??
       (queueing ? options.connectTimeout ?? 10_000 : 0);
     this.#maxQueued = options.maxQueued ?? (this.#acquireTimeout > 0 ? Infinity : 0);
+    const r = options.reconnect ?? true;
+    this.#backoff = r === false ? undefined : {
+      initialDelay: (r === true ? undefined : r.initialDelay) ?? 1000,
+      multiplier: (r === true ? undefined : r.multiplier) ?? 1.6,
+      maxDelay: (r === true ? undefined : r.maxDelay) ?? 30_000,
+      jitter: (r === true ? undefined : r.jitter) ?? 0.2,
+    };
     this.ready = this.#ready.promise;
     this.ready.catch(() => {});
     for (const address of options.addresses) {
@@ -471,7 +577,16 @@ export class Pool<T = Uint8Array> {
           : address.hostname !== undefined
           ? `${transport.name}:${address.hostname}`
           : `${transport.name}#${this.#sites.size + 1}`);
-      site = { key, label, address, transport, slots: 0, failures: 0, removed: false };
+      site = {
+        key,
+        label,
+        address,
+        transport,
+        slots: 0,
+        failures: 0,
+        reconnects: 0,
+        removed: false,
+      };
       this.#sites.set(key, site);
     }
     return site;
@@ -486,7 +601,8 @@ export class Pool<T = Uint8Array> {
     return site && !site.removed ? site : undefined;
   }
 
-  // Make a slot and connect it. Rejects with the connect's error (recorded in the stats).
+  // Make a slot and connect it. Rejects with the connect's error (recorded in the stats); with
+  // reconnection on, the slot then keeps trying.
   #open(site: Site): Promise<Connection<T>> {
     const slot: Slot<T> = {
       id: `${site.key}#${site.slots++}`,
@@ -494,8 +610,17 @@ export class Pool<T = Uint8Array> {
       state: "connecting",
       inFlight: 0,
       checkedOut: false,
+      backoffs: 0,
+      upSince: 0,
     };
     this.#slots.push(slot);
+    return this.#connect(slot, false);
+  }
+
+  // Connect `slot` (again, if `again`).
+  #connect(slot: Slot<T>, again: boolean): Promise<Connection<T>> {
+    const { site } = slot;
+    slot.state = "connecting";
     const o = this.#options;
     const connectOptions: ConnectOptions<T> = {
       hostname: site.address.hostname,
@@ -514,12 +639,11 @@ export class Pool<T = Uint8Array> {
     };
     const connecting = connect(this.#handler, connectOptions as never) as Promise<Connection<T>>;
     const settled = connecting.then(
-      (conn) => this.#connected(slot, conn),
+      (conn) => this.#connected(slot, conn, again),
       (err) => {
-        slot.state = "down";
         site.failures++;
         site.lastError = err;
-        this.#checkReady();
+        this.#ended(slot);
         throw err;
       },
     );
@@ -528,23 +652,28 @@ export class Pool<T = Uint8Array> {
     return settled;
   }
 
-  #connected(slot: Slot<T>, conn: Connection<T>): Connection<T> {
+  #connected(slot: Slot<T>, conn: Connection<T>, again: boolean): Connection<T> {
     slot.conn = conn;
     conn.closed.then((reason) => {
-      slot.state = "down";
-      if (reason !== "normal" && reason !== "shutdown" && reason !== "idle") {
+      if (slot.conn !== conn) return;
+      const abnormal = reason !== "normal" && reason !== "shutdown" && reason !== "idle";
+      const brief = this.#backoff !== undefined && slot.state !== "draining" &&
+        performance.now() - slot.upSince < this.#backoff.initialDelay;
+      if (abnormal || brief) {
         slot.site.failures++;
-        slot.site.lastError = reason;
+        if (abnormal) slot.site.lastError = reason;
       }
-      slot.drained?.();
-      this.#checkReady();
+      if (!brief) slot.backoffs = 0;
+      this.#ended(slot);
     });
-    if (this.#stopping || slot.site.removed) {
+    if (this.#closing || slot.site.removed) {
       slot.state = "draining";
       conn.stop("shutdown").catch(() => {});
       return conn;
     }
     slot.state = "up";
+    slot.upSince = performance.now();
+    if (again) slot.site.reconnects++;
     if (!this.#isReady) {
       this.#isReady = true;
       this.#ready.resolve();
@@ -553,16 +682,44 @@ export class Pool<T = Uint8Array> {
     return conn;
   }
 
-  // Without a connection up or under way (and, later, none backing off), ready can never come.
+  // A connect failed or a connection ended: back off and reconnect, or stay down.
+  #ended(slot: Slot<T>): void {
+    const b = this.#backoff;
+    if (b && !this.#closing && !slot.site.removed && slot.state !== "draining") {
+      slot.state = "backing-off";
+      const delay = backoffDelay(b, slot.backoffs++);
+      slot.timer = setTimeout(() => {
+        slot.timer = undefined;
+        this.#connect(slot, true).catch(() => {});
+      }, delay);
+    } else slot.state = "down";
+    slot.drained?.();
+    this.#checkReady();
+  }
+
+  // Stop a slot's backoff: it stays down.
+  #cancelBackoff(slot: Slot<T>): void {
+    if (slot.state !== "backing-off") return;
+    clearTimeout(slot.timer);
+    slot.timer = undefined;
+    slot.state = "down";
+  }
+
+  // Without a connection up, under way or backing off, ready can never come.
   #checkReady(): void {
     if (this.#isReady) return;
-    if (this.#slots.some((s) => s.state === "connecting" || s.state === "up")) return;
+    if (
+      this.#slots.some((s) =>
+        s.state === "connecting" || s.state === "up" || s.state === "backing-off"
+      )
+    ) return;
     this.#ready.reject(this.unavailable("down"));
   }
 
   /**
    * Add one connection to `address` (a new address joins the pool). Resolves with it once it is
-   * up; rejects with the connect's error (recorded in {@linkcode Pool.stats}).
+   * up; rejects with the connect's error (recorded in {@linkcode Pool.stats}). With
+   * reconnection on, a slot whose first connect failed stays in the pool and keeps trying.
    */
   addConnection(address: PoolAddress): Promise<Connection<T>> {
     if (this.#stopping) return Promise.reject(this.unavailable("stopped"));
@@ -614,6 +771,7 @@ export class Pool<T = Uint8Array> {
 
   // Stop taking requests on `slots`, give their work `timeout` ms, then stop their connections.
   async #drain(slots: Slot<T>[], reason: unknown, timeout: number): Promise<void> {
+    for (const slot of slots) this.#cancelBackoff(slot);
     const finished = slots.map((slot) => {
       if (slot.state === "up") slot.state = "draining";
       if (slot.state !== "draining" || (slot.inFlight === 0 && !slot.checkedOut)) {
@@ -840,7 +998,10 @@ export class Pool<T = Uint8Array> {
 
   // ---- Stats and stopping ----------------------------------------------------------------------
 
-  /** Per address: connections by state, calls in flight, checkouts, failures; requests queued. */
+  /**
+   * Per address: connections by state, calls in flight, checkouts, failures, reconnects; requests
+   * queued; failures and reconnects in all.
+   */
   stats(): PoolStats {
     const addresses = [...this.#sites.values()].map((site) => {
       const slots = this.#slots.filter((s) => s.site === site);
@@ -850,10 +1011,12 @@ export class Pool<T = Uint8Array> {
         connecting: count("connecting"),
         up: count("up"),
         draining: count("draining"),
+        backingOff: count("backing-off"),
         down: count("down"),
         inFlight: slots.reduce((n, s) => n + s.inFlight, 0),
         checkedOut: slots.filter((s) => s.checkedOut).length,
         failures: site.failures,
+        reconnects: site.reconnects,
       };
       if (site.lastError !== undefined) stats.lastError = site.lastError;
       return stats;
@@ -863,20 +1026,23 @@ export class Pool<T = Uint8Array> {
       addresses,
       inFlight: addresses.reduce((n, a) => n + a.inFlight, 0),
       queued: this.#waiters.length,
+      reconnects: addresses.reduce((n, a) => n + a.reconnects, 0),
+      failures: addresses.reduce((n, a) => n + a.failures, 0),
     };
   }
 
   /**
    * Stop the pool: new requests and those waiting fail with `PoolUnavailable` (`"stopped"`);
    * calls in flight and checkouts have `timeout` ms to finish, then every connection is stopped
-   * (what is still in flight rejects with `ConnectionClosed`). Resolves once all are closed; no
-   * timer or socket is left.
+   * (what is still in flight rejects with `ConnectionClosed`). Slots backing off stop waiting at
+   * once. Resolves once all are closed; no timer or socket is left.
    */
   stop(reason: unknown = "shutdown", options: PoolStopOptions = {}): Promise<void> {
     const timeout = options.timeout ?? 5000;
     if (typeof timeout !== "number" || !(timeout >= 0)) {
       return Promise.reject(new RangeError(`stop: timeout must be a number >= 0, not ${timeout}`));
     }
+    this.#closing = true;
     this.#stopping ??= (async () => {
       for (const waiter of this.#waiters.splice(0)) {
         clearTimeout(waiter.timer);

@@ -1,19 +1,24 @@
 // createPool(): strategies, hash stability, dead addresses, draining, checkouts, queueing,
-// stopping, bad options. Over the memory transport (and one real TCP pool), sanitizers on.
+// stopping, reconnection with backoff (a server killed under load and restarted, a handler that
+// throws on every connect, stop during a backoff), bad options. Over the memory transport (and one real TCP pool), sanitizers on.
 
 import assert from "node:assert/strict";
 import {
   connect,
   type Connection,
   createPool,
+  type From,
   type Handler,
+  lines,
   memory,
   MemoryRegistry,
   type Pool,
   PoolUnavailable,
   reply,
+  send,
   serve,
   type Server,
+  tcp,
   type Transport,
 } from "../mod.ts";
 import { HOST, pause, portOf, tracked, within } from "./_support.ts";
@@ -40,7 +45,8 @@ async function server(): Promise<{ transport: Transport; server: Server }> {
   return { transport, server };
 }
 
-async function allUp(pool: Pool<unknown>, n: number): Promise<void> {
+// deno-lint-ignore no-explicit-any
+async function allUp(pool: Pool<any>, n: number): Promise<void> {
   await within(
     2000,
     (async () => {
@@ -146,17 +152,19 @@ Deno.test("hash: a key stays on its connection; a dead connection moves only its
     } else assert.equal(now, before.get(k), `${k} moved`);
   }
   assert.ok(moved > 0);
-  assert.equal(pool.stats().addresses[0].down, 1);
+  // It backs off (reconnection is on by default) and leaves nothing behind when stopped.
+  assert.equal(pool.stats().addresses[0].backingOff, 1);
   await pool.stop();
   await s.stop();
 });
 
-Deno.test("all addresses down from the start: the pool starts, call fails at once", async () => {
+Deno.test("reconnect off, all addresses down from the start: call fails at once, ready rejects", async () => {
   const a = memory("pool-nobody-a");
   const b = memory("pool-nobody-b");
   const pool = await createPool(handler, {
     addresses: [{ transport: a, label: "a" }, { transport: b, label: "b" }],
     size: 2,
+    reconnect: false,
   });
   await assert.rejects(pool.ready, PoolUnavailable);
   const started = performance.now();
@@ -175,7 +183,7 @@ Deno.test("all addresses down from the start: the pool starts, call fails at onc
   assert.deepEqual(stats.addresses.map((x) => [x.down, x.failures]), [[2, 2], [2, 2]]);
   // waitReady refuses such a pool, and leaves nothing behind.
   await assert.rejects(
-    createPool(handler, { addresses: [{ transport: a }], waitReady: 200 }),
+    createPool(handler, { addresses: [{ transport: a }], waitReady: 200, reconnect: false }),
     PoolUnavailable,
   );
   await pool.stop();
@@ -271,6 +279,7 @@ Deno.test("queueing: maxQueued bounds the waiters, acquireTimeout the wait", asy
     addresses: [{ transport }],
     acquireTimeout: 60,
     maxQueued: 2,
+    reconnect: false,
   });
   await assert.rejects(pool.ready);
   const started = performance.now();
@@ -360,6 +369,12 @@ Deno.test("bad options are refused at createPool, naming the option", async () =
     [{ ...ok, maxQueued: -1 }, RangeError, /option maxQueued/],
     [{ ...ok, waitReady: -1 }, RangeError, /option waitReady/],
     [{ ...ok, mode: "lazy" }, TypeError, /option mode/],
+    [{ ...ok, reconnect: "yes" }, TypeError, /option reconnect/],
+    [{ ...ok, reconnect: { initialDelay: -1 } }, RangeError, /reconnect: option initialDelay/],
+    [{ ...ok, reconnect: { multiplier: 0.5 } }, RangeError, /reconnect: option multiplier/],
+    [{ ...ok, reconnect: { maxDelay: 2 ** 40 } }, RangeError, /reconnect: option maxDelay/],
+    [{ ...ok, reconnect: { jitter: 1.5 } }, RangeError, /reconnect: option jitter/],
+    [{ ...ok, reconnect: { jitter: "0.2" } }, TypeError, /reconnect: option jitter/],
   ];
   for (const [options, type, message] of cases) {
     await assert.rejects(
@@ -380,4 +395,232 @@ Deno.test("a single connect() still registers as a client", async () => {
   assert.equal((await registry.list())[0].kind, "client");
   await c.stop();
   await s.stop();
+});
+
+// ---- Reconnection ------------------------------------------------------------------------------
+
+// Timers never fire early, but a poll or a timestamp may be a little late: lower bounds get this.
+const SLACK = 3;
+
+// tcp() that records when each connect to each port starts.
+function countingTcp(): { transport: Transport; attempts: { port: number; at: number }[] } {
+  const base = tcp();
+  const attempts: { port: number; at: number }[] = [];
+  return {
+    attempts,
+    transport: {
+      name: "tcp",
+      listen: (options) => base.listen(options),
+      connect: (options) => {
+        attempts.push({ port: options.port!, at: performance.now() });
+        return base.connect(options);
+      },
+    },
+  };
+}
+
+function echoServer(port = 0): Promise<Server> {
+  return serve(async function* () {
+    for (let ev = yield; ev.type === "packet";) ev = yield send(ev.data);
+  }, { hostname: HOST, port, framing: lines(), logger: quiet });
+}
+
+// A pool connection that forwards each call to its server and replies with the echo.
+const forwarding: Handler<string> = async function* () {
+  const waiting: From[] = [];
+  for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) {
+    if (ev.type === "call") {
+      waiting.push(ev.from);
+      ev = yield send(String(ev.message));
+    } else if (ev.type === "packet") ev = yield reply(waiting.shift()!, ev.data);
+    else ev = yield;
+  }
+};
+
+async function until(ms: number, what: string, ok: () => boolean): Promise<void> {
+  await within(
+    ms,
+    (async () => {
+      while (!ok()) await pause(1);
+    })(),
+    what,
+  );
+}
+
+Deno.test("a server killed under load: calls fail or move, the slot backs off, recovers on restart", async () => {
+  const one = await echoServer();
+  const two = await echoServer();
+  const port1 = portOf(one.addr);
+  const { transport, attempts } = countingTcp();
+  const pool = await createPool(forwarding, {
+    addresses: [{ hostname: HOST, port: port1 }, { hostname: HOST, port: portOf(two.addr) }],
+    transport,
+    framing: lines(),
+    reconnect: { initialDelay: 20, multiplier: 2, maxDelay: 160, jitter: 0.2 },
+    logger: quiet,
+    callTimeout: 2000,
+  });
+  await allUp(pool, 2);
+  // Load: 8 callers, each counting what its calls did.
+  let running = true;
+  let ok = 0;
+  const failures: unknown[] = [];
+  const callers = Array.from({ length: 8 }, async (_, i) => {
+    for (let n = 0; running; n++) {
+      try {
+        assert.equal(await pool.call(`${i}.${n}`), `${i}.${n}`);
+        ok++;
+      } catch (err) {
+        failures.push(err);
+        await pause(1);
+      }
+    }
+  });
+  await until(2000, "load", () => ok > 50);
+  const p1 = () => pool.stats().addresses[0];
+
+  // Kill the first server: its slot backs off, calls go on through the second.
+  const killed = performance.now();
+  const before = attempts.length;
+  await one.stop("shutdown", { timeout: 100 });
+  await until(1000, "backing off", () => p1().backingOff === 1);
+  const okAtKill = ok;
+  await until(2000, "calls through the other address", () => ok > okAtKill + 50);
+  for (const err of failures) {
+    assert.ok(
+      ["PoolUnavailable", "ConnectionClosed"].includes((err as Error).name),
+      String(err),
+    );
+  }
+  // Four refused reconnects: waits of 20, 40, 80, 160 ms (each ± 20 %) after the drop.
+  await until(3000, "4 reconnects", () => attempts.length - before >= 4);
+  const times = [killed, ...attempts.slice(before, before + 4).map((a) => a.at)];
+  assert.ok(attempts.slice(before).every((a) => a.port === port1));
+  const gaps = times.slice(1).map((t, i) => t - times[i]);
+  [20, 40, 80, 160].forEach((d, i) => {
+    assert.ok(gaps[i] >= d * 0.8 - SLACK, `wait ${i}: ${gaps[i]} ms < ${d * 0.8}: ${gaps}`);
+    assert.ok(gaps[i] <= d * 1.2 + 250, `wait ${i}: ${gaps[i]} ms: ${gaps}`);
+  });
+  assert.ok(p1().failures >= 4);
+  assert.equal(p1().reconnects, 0);
+  assert.equal(pool.stats().addresses[1].failures, 0);
+
+  // The server comes back on the same port: the slot reconnects (within one capped wait).
+  const again = await echoServer(port1);
+  await until(1000, "reconnected", () => p1().up === 1);
+  assert.equal(p1().reconnects, 1);
+  assert.equal(pool.stats().reconnects, 1);
+  const okAtBack = ok;
+  await until(2000, "calls through the restarted server", () => ok > okAtBack + 50);
+  assert.equal(again.connections().length, 1);
+
+  // It stayed up longer than initialDelay: the backoff starts again from 20 ms, not 160.
+  await pause(40);
+  const killedAgain = performance.now();
+  const before2 = attempts.length;
+  await again.stop("shutdown", { timeout: 100 });
+  await until(1000, "reconnect after the second kill", () => attempts.length > before2);
+  const wait = attempts[before2].at - killedAgain;
+  assert.ok(wait >= 16 - SLACK && wait < 120, `first wait after a reset: ${wait} ms`);
+
+  running = false;
+  await Promise.all(callers);
+  await pool.stop();
+  assert.equal(p1().backingOff, 0);
+  await two.stop();
+});
+
+Deno.test("all addresses down from the start with reconnect on: call fails at once, ready waits for a server", async () => {
+  const a = memory("pool-later-a");
+  const b = memory("pool-later-b");
+  const pool = await createPool(handler, {
+    addresses: [{ transport: a, label: "a" }, { transport: b, label: "b" }],
+    reconnect: { initialDelay: 20, multiplier: 1.5, maxDelay: 50 },
+  });
+  const ready = tracked(pool.ready);
+  await until(1000, "backing off", () => pool.stats().addresses.every((x) => x.backingOff === 1));
+  const started = performance.now();
+  const err = await pool.call("x").catch((e: PoolUnavailable) => e);
+  assert.ok(performance.now() - started < 50);
+  assert.ok(err instanceof PoolUnavailable);
+  assert.equal(err.reason, "down");
+  assert.deepEqual(err.addresses, ["a", "b"]);
+  assert.throws(() => pool.pick(), PoolUnavailable);
+  // Several attempts later, ready has neither resolved nor rejected.
+  await until(2000, "failures", () => pool.stats().failures >= 6);
+  assert.ok(!ready.settled());
+  // A server appears: ready resolves within one capped wait, and calls go through.
+  const s = await serve(async function* () {
+    for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) ev = yield;
+  }, { transport: b });
+  await within(1000, pool.ready, "ready");
+  assert.equal(typeof await pool.call("who"), "string");
+  const stats = pool.stats();
+  assert.deepEqual(stats.addresses.map((x) => x.up), [0, 1]);
+  assert.equal(stats.reconnects, 1);
+  await pool.stop();
+  await s.stop();
+  // waitReady still bounds the wait, and a pool it refuses leaves no backoff timer behind.
+  const refusedAt = performance.now();
+  await assert.rejects(
+    createPool(handler, { addresses: [{ transport: a }], waitReady: 100 }),
+    PoolUnavailable,
+  );
+  assert.ok(performance.now() - refusedAt < 1000);
+});
+
+Deno.test("a handler that throws on every connect backs off, never storms", async () => {
+  const { transport, server: s } = await server();
+  const starts: number[] = [];
+  const throwing: Handler = async function* () {
+    starts.push(performance.now());
+    if (starts.length > 0) throw new Error("boom"); // always: before its first yield
+    yield;
+  };
+  const created = performance.now();
+  const pool = await createPool(throwing, {
+    addresses: [{ transport }],
+    reconnect: { initialDelay: 20, multiplier: 2, maxDelay: 1000, jitter: 0.2 },
+    logger: quiet,
+  });
+  await pause(400);
+  // Waits of 20, 40, 80, 160, 320 ms at least × 0.8: starts by 16, 48, 112, 240, 496 ms at the
+  // earliest, so no more than 5 connects (the first and 4 reconnects) fit in 400 ms.
+  const seen = starts.filter((t) => t - created <= 400).length;
+  assert.ok(seen >= 3 && seen <= 5, `${seen} connects in 400 ms`);
+  const gaps = starts.slice(1).map((t, i) => t - starts[i]);
+  gaps.forEach((gap, i) => {
+    const least = 20 * 2 ** i * 0.8 - SLACK;
+    assert.ok(gap >= least, `gap ${i}: ${gap} ms < ${least}: ${gaps}`);
+  });
+  const stats = pool.stats();
+  assert.ok(stats.failures >= starts.length - 1, JSON.stringify(stats));
+  assert.ok(stats.reconnects >= starts.length - 1);
+  await pool.stop();
+  await s.stop();
+});
+
+Deno.test("stop during a backoff cancels it at once and leaves no timer", async () => {
+  const transport = memory("pool-never");
+  const pool = await createPool(handler, {
+    addresses: [{ transport }],
+    size: 3,
+    reconnect: { initialDelay: 60_000 },
+  });
+  await until(1000, "backing off", () => pool.stats().addresses[0].backingOff === 3);
+  const started = performance.now();
+  await pool.stop();
+  assert.ok(performance.now() - started < 100);
+  const stats = pool.stats().addresses[0];
+  assert.deepEqual([stats.backingOff, stats.down, stats.connecting], [0, 3, 0]);
+  await assert.rejects(pool.ready, { reason: "stopped" });
+  // removeAddress cancels its slots' backoffs too.
+  const other = await createPool(handler, {
+    addresses: [{ transport }],
+    reconnect: { initialDelay: 60_000 },
+  });
+  await until(1000, "backing off", () => other.stats().addresses[0].backingOff === 1);
+  await within(100, other.removeAddress({ transport }), "removeAddress");
+  assert.deepEqual(other.stats().addresses, []);
+  await other.stop();
 });
