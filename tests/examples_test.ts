@@ -1,6 +1,6 @@
 /**
- * The echo examples as command-line programs: `examples/echo_client.ts` and
- * `examples/echo_server.ts` run as processes, against an echo server started here (or as a
+ * The echo examples as command-line programs: `examples/echo_client.ts`,
+ * `examples/pool_client.ts` and `examples/echo_server.ts` run as processes, against an echo server started here (or as a
  * process), checking their exit status and output. Every run is bounded: a process that has not
  * exited in time is killed and the test fails.
  */
@@ -15,6 +15,7 @@ import { capturingLogger, HOST, portOf } from "./_support.ts";
 
 const CLIENT = new URL("../examples/echo_client.ts", import.meta.url).pathname;
 const SERVER = new URL("../examples/echo_server.ts", import.meta.url).pathname;
+const POOL_CLIENT = new URL("../examples/pool_client.ts", import.meta.url).pathname;
 const RUN_WAIT_MS = 10_000;
 
 interface Ran {
@@ -329,6 +330,38 @@ Deno.test("examples: echo_server --port 0 serves echo_client, exits 0 on SIGTERM
       inUse.stderr,
       new RegExp(`^echo_server: cannot listen on 127\\.0\\.0\\.1:${port}: AddrInUse: .*\n$`),
     );
+  });
+});
+
+Deno.test("examples: pool_client --duration 1 calls an echo server, prints a line a second and exits 0; --help exits 0; bad flags exit 2", async () => {
+  await withServer(echo, async (port) => {
+    const p = ["--port", String(port)];
+    const cases: [string, string[], RegExp][] = [
+      [POOL_CLIENT, ["--size", "0", ...p], /--size must be an integer from 1 to 10000, not "0"/],
+      [POOL_CLIENT, ["--concurrency", "x", ...p], /--concurrency must be/],
+      [POOL_CLIENT, ["--duration", "-1", ...p], /--duration/],
+      [POOL_CLIENT, ["--bogus"], /Unknown option '--bogus'/],
+    ];
+    const [ran, help, ...refused] = await Promise.all([
+      run(POOL_CLIENT, [...p, "--size", "2", "--concurrency", "4", "--duration", "1"]),
+      run(POOL_CLIENT, ["--help"], 5000),
+      ...cases.map(([script, args]) => run(script, args, 5000)),
+    ]);
+    assert.equal(ran.code, 0, ran.stderr);
+    assert.equal(ran.stderr, "");
+    const lines = ran.stdout.trimEnd().split("\n");
+    assert.equal(lines.length, 1, ran.stdout);
+    const match =
+      /^1s: (\d+) calls\/s, (\d+) failures\/s; up [12], connecting \d+, backing-off \d+, down \d+; reconnects \d+, failures \d+$/
+        .exec(lines[0]);
+    assert.ok(match, lines[0]);
+    assert.ok(Number(match[1]) > 0, lines[0]);
+    assert.equal(help.code, 0, help.stderr);
+    assert.equal(help.stderr, "");
+    assert.ok(help.stdout.startsWith("usage: deno run -A examples/pool_client.ts"), help.stdout);
+    assert.match(help.stdout, /--concurrency N/);
+    assert.match(help.stdout, /--duration SECS/);
+    refused.forEach((r, i) => assertRefusedFlags(r, ...cases[i]));
   });
 });
 
