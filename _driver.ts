@@ -31,10 +31,12 @@ import {
   BufferFull,
   ConnectionClosed,
   describeReason,
+  FrameTooLarge,
+  isNormalReason,
+  MalformedFrame,
   ProtocolError,
   TimeoutError,
 } from "./errors.ts";
-import { FrameTooLarge, MalformedFrame } from "./errors.ts";
 import type { Decoder, Framing } from "./framing.ts";
 import type { Registry, RegistryEntry } from "./registry.ts";
 import type { Addr, Conn } from "./transport/transport.ts";
@@ -147,11 +149,6 @@ let nextCall = 0;
 
 function isPromise<V>(value: V | Promise<V>): value is Promise<V> {
   return typeof (value as { then?: unknown })?.then === "function";
-}
-
-/** Reasons that end a connection cleanly: not logged, `done` resolves. */
-export function isNormalReason(reason: unknown): boolean {
-  return reason === "normal" || reason === "shutdown" || reason === "idle";
 }
 
 // Ends caused by the peer, not by the code: one short line at warn, no stack trace.
@@ -288,10 +285,6 @@ export class Driver<T> implements OutboxOwner {
 
   get hibernating(): boolean {
     return this.#at === HandlerAt.Hibernated;
-  }
-
-  get open(): boolean {
-    return this.#phase === Phase.Open;
   }
 
   get bytesRead(): number {
@@ -815,30 +808,24 @@ export class Driver<T> implements OutboxOwner {
     const clock = this.#endClock!;
     clock.timer = undefined;
     clock.timerAt = Infinity;
-    const closed = new ConnectionClosed(this.handle.id, this.#closeReason);
-    switch (this.#phase) {
-      case Phase.Open: {
-        // Shut down and not ended in time: forced. Pending output is dropped.
-        this.#phase = Phase.Ending;
-        this.#closeReason = this.#shutdownReason?.reason ?? "shutdown";
-        this.#outbox?.abort(new ConnectionClosed(this.handle.id, this.#closeReason));
-        if (this.#at === HandlerAt.Stepping) return this.#abandon();
-        // At a yield: its finally runs, with until the next macrotask to complete.
-        clock.by = performance.now();
-        this.#closeGenerator();
-        if (this.#phase === Phase.Ending) this.#armEndTimer();
-        return;
-      }
-      case Phase.Ending:
-        // The finally (or, after a stop, the step before it) is stuck: do not wait for it.
-        this.#outbox?.abort(closed);
-        return this.#abandon();
-      case Phase.Finishing:
-        // Lingering for a peer that does not read: give up the output.
-        this.#outbox?.abort(closed);
-        closeQuietly(this.socket);
-        return;
+    const forced = this.#phase === Phase.Open;
+    if (forced) {
+      // Shut down and not ended in time: forced.
+      this.#phase = Phase.Ending;
+      this.#closeReason = this.#shutdownReason?.reason ?? "shutdown";
     }
+    // Whatever output is still pending is dropped: the peer had until now to read it.
+    this.#outbox?.abort(new ConnectionClosed(this.handle.id, this.#closeReason));
+    if (this.#phase === Phase.Finishing) return closeQuietly(this.socket); // was lingering
+    if (forced && this.#at !== HandlerAt.Stepping) {
+      // At a yield: its finally runs, with until the next macrotask to complete.
+      clock.by = performance.now();
+      this.#closeGenerator();
+      if (this.#phase === Phase.Ending) this.#armEndTimer();
+      return;
+    }
+    // A stuck step, or (after a stop) a stuck finally or the step before it: do not wait.
+    this.#abandon();
   }
 
   // Leave a stuck handler behind: its step or finally may settle later; nothing waits for it.

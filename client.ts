@@ -109,30 +109,20 @@ export async function connect<H extends Handler<any>>(
     target,
     (late) => late.close(),
   );
-  if (proxyHeader) {
-    try {
+  const registry = options.registry ?? defaultRegistry;
+  let driver: Driver<T>;
+  try {
+    if (proxyHeader) {
       if (socket.handshake !== undefined) {
         throw new Deno.errors.NotSupported(
           "connect: proxyHeader over a transport with a handshake (TLS) is not supported",
         );
       }
       await withTimeout(writeAll(socket, proxyHeader), timeout, `${target}: PROXY header`);
-    } catch (err) {
-      closeQuietly(socket);
-      throw err;
     }
-  }
-  if (socket.handshake !== undefined) {
-    try {
+    if (socket.handshake !== undefined) {
       await withTimeout(socket.handshake(), timeout, `${target}: handshake`);
-    } catch (err) {
-      closeQuietly(socket);
-      throw err;
     }
-  }
-  const registry = options.registry ?? defaultRegistry;
-  let driver: Driver<T>;
-  try {
     driver = new Driver(
       socket,
       handler,
@@ -144,7 +134,7 @@ export async function connect<H extends Handler<any>>(
       }),
     );
   } catch (err) {
-    closeQuietly(socket);
+    closeQuietly(socket); // whatever failed before the handler could run costs this socket only
     throw err;
   }
   await driver.enroll();

@@ -7,7 +7,7 @@
  */
 
 import type { Driver } from "./_driver.ts";
-import { ConnectionClosed } from "./errors.ts";
+import { ConnectionClosed, isNormalReason } from "./errors.ts";
 import { newConnectionId } from "./registry.ts";
 import type { Addr, ProxyHeader } from "./transport/transport.ts";
 import type { TlsPeerCertificate } from "./transport/tls.ts";
@@ -123,7 +123,7 @@ export class Connection<T = unknown> {
    */
   get done(): Promise<void> {
     return this.#driver.closed.then((reason) => {
-      if (reason === "normal" || reason === "shutdown" || reason === "idle") return;
+      if (isNormalReason(reason)) return;
       throw reason instanceof Error ? reason : new ConnectionClosed(this.id, reason);
     });
   }

@@ -140,6 +140,11 @@ export class ProtocolError extends Error {
   }
 }
 
+/** Reasons that end a connection cleanly: not logged, and `conn.done` resolves. */
+export function isNormalReason(reason: unknown): boolean {
+  return reason === "normal" || reason === "shutdown" || reason === "idle";
+}
+
 /** A short text for a close reason, for messages and logs. */
 export function describeReason(reason: unknown): string {
   if (reason instanceof Error) return `${reason.name}: ${reason.message}`;

@@ -6,6 +6,7 @@
 
 import type { FrameOf, Handler } from "./actions.ts";
 import type { Connection, Logger, Mode, StopOptions } from "./connection.ts";
+import { describeReason } from "./errors.ts";
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
@@ -412,7 +413,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
         closeQuietly(socket);
         this.#openGate();
         if (this.#stopping === null) {
-          this.#logger.debug(`etcp: server ${this.name}: handshake failed: ${describe(err)}`);
+          this.#logger.debug(`etcp: server ${this.name}: handshake failed: ${describeReason(err)}`);
         }
       },
     );
@@ -434,10 +435,6 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     if (onConnection) this.#callHook("onConnection", () => onConnection(driver.handle));
     driver.start();
   }
-}
-
-function describe(err: unknown): string {
-  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
 }
 
 function isPeerGone(err: unknown): boolean {
