@@ -6,6 +6,7 @@ import type { Logger, Mode } from "./connection.ts";
 import { raw } from "./framing.ts";
 import type { Framing } from "./framing.ts";
 import type { Registry } from "./registry.ts";
+import { describeValue } from "./errors.ts";
 import { isDelay } from "./_timer.ts";
 
 /** The per-connection settings a server or client takes from its options. */
@@ -24,13 +25,6 @@ export interface ConnectionSettings<T> {
 /** Pending output a connection may hold before a send from outside ends it (8 MiB). */
 export const DEFAULT_MAX_BUFFERED = 8 * 1024 * 1024;
 
-function show(value: unknown): string {
-  if (typeof value === "string") return JSON.stringify(value);
-  if (typeof value === "function") return "a function";
-  if (value === null || typeof value !== "object") return String(value);
-  return Array.isArray(value) ? "an array" : "an object";
-}
-
 /** Throws a TypeError or RangeError naming `where`'s option `name`. */
 export class OptionCheck {
   readonly #where: string;
@@ -38,7 +32,7 @@ export class OptionCheck {
 
   constructor(where: string, options: unknown) {
     if (options === null || typeof options !== "object") {
-      throw new TypeError(`${where}: options must be an object, not ${show(options)}`);
+      throw new TypeError(`${where}: options must be an object, not ${describeValue(options)}`);
     }
     this.#where = where;
     this.#options = options as Record<string, unknown>;
@@ -46,7 +40,7 @@ export class OptionCheck {
 
   #fail(name: string, expected: string, range = false): never {
     const message = `${this.#where}: option ${name} must be ${expected}, not ${
-      show(this.#options[name])
+      describeValue(this.#options[name])
     }`;
     throw range ? new RangeError(message) : new TypeError(message);
   }
@@ -139,7 +133,9 @@ export class OptionCheck {
 export function checkHandler(where: string, handler: unknown): void {
   if (typeof handler !== "function") {
     throw new TypeError(
-      `${where}: the handler must be a generator function (async function*), not ${show(handler)}`,
+      `${where}: the handler must be a generator function (async function*), not ${
+        describeValue(handler)
+      }`,
     );
   }
 }

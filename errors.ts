@@ -145,6 +145,28 @@ export function isNormalReason(reason: unknown): boolean {
   return reason === "normal" || reason === "shutdown" || reason === "idle";
 }
 
+/** `value` for an error message: `"4" (a string)`, `1.5`, `null`, `an object`. */
+export function describeValue(value: unknown): string {
+  switch (typeof value) {
+    case "number":
+      return String(value);
+    case "string":
+      return `${JSON.stringify(value)} (a string)`;
+    case "bigint":
+      return `${value}n (a bigint)`;
+    case "boolean":
+      return `${value} (a boolean)`;
+    case "symbol":
+      return `${String(value)} (a symbol)`;
+    case "undefined":
+      return "undefined";
+    case "function":
+      return "a function";
+    default:
+      return value === null ? "null" : Array.isArray(value) ? "an array" : "an object";
+  }
+}
+
 /** A short text for a close reason, for messages and logs. */
 export function describeReason(reason: unknown): string {
   if (reason instanceof Error) return `${reason.name}: ${reason.message}`;

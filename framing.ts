@@ -5,7 +5,7 @@
  * @module
  */
 
-import { FrameTooLarge, MalformedFrame } from "./errors.ts";
+import { describeValue, FrameTooLarge, MalformedFrame } from "./errors.ts";
 import { WriteBuffer } from "./_write_buffer.ts";
 
 /** Where a framing writes an encoded frame: the connection's pending output. */
@@ -98,28 +98,6 @@ function writeBytesLike(frame: BytesLike, out: FrameWriter): void {
 const textEncoder = new TextEncoder();
 
 // ---- Argument checks: a framing is made once, at setup, so it says clearly what is wrong.
-
-/** `value` for an error message: `"4" (a string)`, `1.5`, `null`, `an object`. */
-function describeValue(value: unknown): string {
-  switch (typeof value) {
-    case "number":
-      return String(value);
-    case "string":
-      return `${JSON.stringify(value)} (a string)`;
-    case "bigint":
-      return `${value}n (a bigint)`;
-    case "boolean":
-      return `${value} (a boolean)`;
-    case "symbol":
-      return `${String(value)} (a symbol)`;
-    case "undefined":
-      return "undefined";
-    case "function":
-      return "a function";
-    default:
-      return value === null ? "null" : Array.isArray(value) ? "an array" : "an object";
-  }
-}
 
 /** The options argument of `fn`: undefined (no options) or a plain object. */
 function checkOptions<O extends object>(fn: string, options: O | undefined): Partial<O> {
