@@ -39,12 +39,13 @@ import {
 } from "./errors.ts";
 import type { Decoder, Framing } from "./framing.ts";
 import type { Registry, RegistryEntry } from "./registry.ts";
-import type { Addr, Conn } from "./transport/transport.ts";
+import type { Conn } from "./transport/transport.ts";
 import { Connection, type Logger, type Mode } from "./connection.ts";
 import { KEEP_WRITE_BUFFER, Outbox, type OutboxOwner } from "./_outbox.ts";
 import { clearTimer, isDelay, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
 import { upgradeTls } from "./transport/tls.ts";
 import { withTimeout } from "./_with_timeout.ts";
+import { closeQuietly, formatAddr } from "./_socket.ts";
 
 /** Changes a hibernated connection's state when it switches to new code. */
 export type CodeChange = (state: unknown) => unknown;
@@ -157,31 +158,6 @@ function isPeerFault(reason: unknown): boolean {
     reason instanceof BufferFull || reason instanceof Deno.errors.ConnectionReset ||
     reason instanceof Deno.errors.BrokenPipe || reason instanceof Deno.errors.ConnectionAborted ||
     reason instanceof Deno.errors.UnexpectedEof || reason instanceof Deno.errors.TimedOut;
-}
-
-/** Close a socket that may be closed already. */
-export function closeQuietly(socket: { close(): void }): void {
-  try {
-    socket.close();
-  } catch { /* already closed */ }
-}
-
-/** A short text for an address, for logs. */
-export function formatAddr(addr: Addr): string {
-  switch (addr.transport) {
-    case "tcp":
-    case "udp":
-      return addr.hostname.includes(":")
-        ? `[${addr.hostname}]:${addr.port}`
-        : `${addr.hostname}:${addr.port}`;
-    case "unix":
-    case "unixpacket":
-      return addr.path;
-    case "memory":
-      return `memory:${addr.name}`;
-    default:
-      return JSON.stringify(addr);
-  }
 }
 
 export class Driver<T> implements OutboxOwner {

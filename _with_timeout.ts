@@ -1,6 +1,7 @@
 // Bound a promise in time with the library's TimeoutError (connects, handshakes).
 
 import { TimeoutError } from "./errors.ts";
+import { clearTimer, startTimer } from "./_timer.ts";
 
 /** `promise`, or a `TimeoutError` saying "`what` timed out" after `ms`; `onLate` gets a late value. */
 export function withTimeout<V>(
@@ -12,18 +13,18 @@ export function withTimeout<V>(
   if (!Number.isFinite(ms)) return promise;
   return new Promise((resolve, reject) => {
     let late = false;
-    const timer = setTimeout(() => {
+    const timer = startTimer(() => {
       late = true;
       reject(new TimeoutError(`${what} timed out after ${ms} ms`));
     }, ms);
     promise.then(
       (value) => {
-        clearTimeout(timer);
+        clearTimer(timer);
         if (late) onLate?.(value);
         else resolve(value);
       },
       (err) => {
-        clearTimeout(timer);
+        clearTimer(timer);
         if (!late) reject(err);
       },
     );

@@ -12,7 +12,8 @@ import { defaultRegistry, isConnectionId, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
 import { encodeProxyHeader, type ProxyHeaderInit } from "./transport/proxy.ts";
-import { closeQuietly, Driver, formatAddr } from "./_driver.ts";
+import { Driver } from "./_driver.ts";
+import { closeQuietly, formatAddr, writeAll } from "./_socket.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
 
@@ -155,11 +156,6 @@ export async function connect<H extends Handler<any>>(
   }
   driver.start();
   return driver.handle;
-}
-
-// The whole of `bytes`, however many writes that takes.
-async function writeAll(socket: { write(p: Uint8Array): Promise<number> }, bytes: Uint8Array) {
-  while (bytes.length > 0) bytes = bytes.subarray(await socket.write(bytes));
 }
 
 // What a connect is to, for messages: the transport's own words, not a TCP default.

@@ -12,7 +12,8 @@ import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import { withProxyProtocol } from "./transport/proxy.ts";
 import type { Addr, Conn, Listener, Transport } from "./transport/transport.ts";
-import { closeQuietly, type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
+import { type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
+import { closeQuietly } from "./_socket.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
 

@@ -73,6 +73,8 @@ import type { Duplex } from "node:stream";
 import type { PeerCertificate, SecureContext, TLSSocket } from "node:tls";
 import { tcp } from "./tcp.ts";
 import { type DualStack, listenEveryAddress } from "./_listen_any.ts";
+import { closeQuietly, formatAddr, writeAll } from "../_socket.ts";
+import { describeReason } from "../errors.ts";
 import type {
   Addr,
   Conn,
@@ -285,7 +287,7 @@ function readPem(path: string, what: string): string {
   try {
     return Deno.readTextFileSync(path);
   } catch (err) {
-    const why = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+    const why = describeReason(err);
     throw new TlsConfigError(`tls: ${what} "${path}": cannot read it: ${why}`, { cause: err });
   }
 }
@@ -379,16 +381,6 @@ class SniTable<V> {
 
 // ---- Handshake errors ----------------------------------------------------------------------------
 
-function describeAddr(addr: Addr): string {
-  if (addr.transport === "tcp" || addr.transport === "udp") {
-    return addr.hostname.includes(":")
-      ? `[${addr.hostname}]:${addr.port}`
-      : `${addr.hostname}:${addr.port}`;
-  }
-  if (addr.transport === "memory") return addr.name;
-  return "path" in addr ? addr.path : addr.transport;
-}
-
 /**
  * `err` from a handshake as a {@linkcode TlsHandshakeError} saying what went wrong, if it was a
  * TLS refusal (Deno's `InvalidData`, or a `node:tls` error); other errors as they are.
@@ -458,7 +450,7 @@ function handshakeError(
   }
   return new TlsHandshakeError(
     failure,
-    `TLS handshake with ${describeAddr(peer)} failed: ${what} [${err.message}]`,
+    `TLS handshake with ${formatAddr(peer)} failed: ${what} [${err.message}]`,
     { cause: err },
   );
 }
@@ -537,18 +529,13 @@ function duplexOver(conn: Conn, { Duplex }: NodeModules): Duplex {
       );
     },
     write(chunk: Uint8Array, _encoding, callback) {
-      (async () => {
-        let rest = chunk;
-        while (rest.length > 0) rest = rest.subarray(await conn.write(rest));
-      })().then(() => callback(), callback);
+      writeAll(conn, chunk).then(() => callback(), callback);
     },
     final(callback) {
       conn.closeWrite().then(() => callback(), () => callback());
     },
     destroy(err, callback) {
-      try {
-        conn.close();
-      } catch { /* closed already */ }
+      closeQuietly(conn);
       callback(err);
     },
   });
@@ -782,9 +769,7 @@ class NodeTlsConn implements TlsConn {
     if (this.#closed) throw new Deno.errors.BadResource("the connection is closed");
     this.#closed = true;
     this.#socket.destroy();
-    try {
-      this.#inner.close();
-    } catch { /* closed with the socket */ }
+    closeQuietly(this.#inner); // (closed with the socket, perhaps)
     const reader = this.#reader;
     this.#reader = null;
     reader?.reject(new Deno.errors.Interrupted("the connection was closed"));
@@ -1073,9 +1058,7 @@ export function tls(options: TlsOptions = {}): Transport<Deno.NetAddr> {
         });
         return decorate(secure, "client", alpn);
       } catch (err) {
-        try {
-          conn.close();
-        } catch { /* consumed by startTls */ }
+        closeQuietly(conn); // (consumed by startTls, perhaps)
         if (err instanceof Deno.errors.InvalidData || err?.constructor === Error) {
           throw new TlsConfigError(
             `tls: cannot start TLS with ${hostname}:${port}: ${err.message}`,

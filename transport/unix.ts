@@ -8,6 +8,7 @@
  * @module
  */
 
+import { describeReason } from "../errors.ts";
 import type { Listener, Transport } from "./transport.ts";
 
 /**
@@ -227,7 +228,9 @@ async function removeIfStale(path: string, cause: Error): Promise<void> {
     if (err instanceof Deno.errors.NotFound) return;
     // Anything else (a full backlog, no answer): something may hold it; do not take it away.
     throw new Deno.errors.AddrInUse(
-      `unix: ${path} is a socket that could not be checked (${describe(err)}); not replacing it`,
+      `unix: ${path} is a socket that could not be checked (${
+        describeReason(err)
+      }); not replacing it`,
       { cause: err },
     );
   } finally {
@@ -245,8 +248,4 @@ function named(conn: Deno.UnixConn): Deno.UnixConn {
     Object.defineProperty(conn, "localAddr", { value: { transport: "unix", path: "" } });
   }
   return conn;
-}
-
-function describe(err: unknown): string {
-  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
 }
