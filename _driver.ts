@@ -20,6 +20,7 @@
 
 import type {
   Action,
+  DisconnectEvent,
   Event,
   From,
   Handler,
@@ -1037,7 +1038,7 @@ export class Driver<T> implements OutboxOwner {
   }
 
   #pushDisconnect(side: "read" | "write", error: Error | undefined): void {
-    this.#push(error ? { type: "disconnect", side, error } : { type: "disconnect", side });
+    this.#push(disconnectEvent(side, error));
   }
 
   // Called when the handler asks for its next event (so after it acted on the last one, and
@@ -1086,9 +1087,7 @@ export class Driver<T> implements OutboxOwner {
       this.#clearRecv();
       return this.#queueFrameError();
     } else {
-      ev = passive.readError
-        ? { type: "disconnect", side: "read", error: passive.readError }
-        : { type: "disconnect", side: "read" };
+      ev = disconnectEvent("read", passive.readError);
     }
     passive.recvWanted = false;
     this.#clearRecv();
@@ -1296,6 +1295,11 @@ export class Driver<T> implements OutboxOwner {
     }
     return this.closed.then(() => {});
   }
+}
+
+// A disconnect event of one side, with `error` only if there is one.
+function disconnectEvent(side: "read" | "write", error: Error | undefined): DisconnectEvent {
+  return error ? { type: "disconnect", side, error } : { type: "disconnect", side };
 }
 
 // Resolve the call `from` came with, wherever it waits.

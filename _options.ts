@@ -5,7 +5,6 @@ import type { DriverOptions } from "./_driver.ts";
 import type { Logger, Mode } from "./connection.ts";
 import { raw } from "./framing.ts";
 import type { Framing } from "./framing.ts";
-import type { Registry } from "./registry.ts";
 import { describeValue } from "./errors.ts";
 import { isDelay } from "./_timer.ts";
 
@@ -19,7 +18,6 @@ export interface ConnectionSettings<T> {
   shutdownTimeout?: number;
   idleTimeout?: number;
   logger?: Logger;
-  registry?: Registry;
 }
 
 /** Pending output a connection may hold before a send from outside ends it (8 MiB). */
