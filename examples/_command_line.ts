@@ -1,5 +1,6 @@
 // What the examples share about their command lines: parsing the flags, the parse result, and
-// turning help or a bad command line into output and an exit status, failures into one line.
+// turning help or a bad command line into output and an exit status, failures into one line;
+// also the integer flags' parser and the silent logger the clients share.
 
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 
@@ -60,3 +61,17 @@ export function oneLine(err: unknown): string {
     : String(err);
   return text.replace(/\s*\n\s*/g, " ");
 }
+
+/** `text` as a decimal integer in `[min, max]`, or undefined (no signs, exponents or blanks). */
+export function integer(
+  text: string,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number | undefined {
+  if (!/^\d{1,15}$/.test(text)) return undefined;
+  const n = Number(text);
+  return n >= min && n <= max ? n : undefined;
+}
+
+/** A logger that logs nothing (error, warn and debug all ignored). */
+export const QUIET = { error() {}, warn() {}, debug() {} };

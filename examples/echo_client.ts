@@ -27,7 +27,7 @@ import {
 } from "../mod.ts";
 import { DEFAULT_PORT } from "./echo_server.ts";
 import { DEFAULT_CA, DEFAULT_TLS_PORT } from "./tls_echo_server.ts";
-import { argsOrStatus, oneLine, type Parsed, parseFlags } from "./_command_line.ts";
+import { argsOrStatus, integer, oneLine, type Parsed, parseFlags, QUIET } from "./_command_line.ts";
 
 /** What `--help` prints. */
 export const USAGE = `usage: deno run -A examples/echo_client.ts [options]
@@ -110,13 +110,6 @@ export function parseEchoClientArgs(argv: string[]): Parsed<EchoClientArgs> {
   return { kind: "run", args };
 }
 
-/** `text` as a decimal integer in `[min, max]`, or undefined (no signs, exponents or blanks). */
-function integer(text: string, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined {
-  if (!/^\d{1,15}$/.test(text)) return undefined;
-  const n = Number(text);
-  return n >= min && n <= max ? n : undefined;
-}
-
 /** Frame `seq`: the sequence number (big-endian), then a pattern that depends on it. */
 function frame(seq: number, size: number): Uint8Array {
   const data = new Uint8Array(size);
@@ -124,9 +117,6 @@ function frame(seq: number, size: number): Uint8Array {
   for (let i = 4; i < size; i++) data[i] = (seq + i) & 0xff;
   return data;
 }
-
-/** A logger that logs nothing (error, warn and debug all ignored). */
-const QUIET = { error() {}, warn() {}, debug() {} };
 
 /**
  * Send `count` frames of `size` bytes one at a time and check each echo. Resolves with the time

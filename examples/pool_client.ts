@@ -29,7 +29,8 @@ import {
   type Yielded,
 } from "../mod.ts";
 import { DEFAULT_PORT } from "./echo_server.ts";
-import { argsOrStatus, oneLine, type Parsed, parseFlags } from "./_command_line.ts";
+import { onSignals } from "./_stop_on_signals.ts";
+import { argsOrStatus, integer, oneLine, type Parsed, parseFlags, QUIET } from "./_command_line.ts";
 
 /** What `--help` prints. */
 export const USAGE = `usage: deno run -A examples/pool_client.ts [options]
@@ -95,13 +96,6 @@ export function parsePoolClientArgs(argv: string[]): Parsed<PoolClientArgs> {
   };
 }
 
-/** `text` as a decimal integer in `[min, max]`, or undefined (no signs, exponents or blanks). */
-function integer(text: string, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined {
-  if (!/^\d{1,15}$/.test(text)) return undefined;
-  const n = Number(text);
-  return n >= min && n <= max ? n : undefined;
-}
-
 /**
  * A pool connection's handler: each call is sent as one frame; each echo answers the oldest call
  * still waiting (the server echoes in order). Calls still waiting when the connection ends fail
@@ -131,9 +125,6 @@ export function summary(stats: PoolStats): string {
   return text;
 }
 
-/** A logger that logs nothing: ends of connections show in the stats instead. */
-const QUIET = { error() {}, warn() {}, debug() {} };
-
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
@@ -146,7 +137,7 @@ export async function poolClient(args: PoolClientArgs, stopped: Promise<void>): 
     size: args.size,
     framing: lengthPrefixed(4),
     reconnect: { initialDelay: 250, maxDelay: 2000 },
-    logger: QUIET,
+    logger: QUIET, // ends of connections show in the stats instead
   });
   let running = true;
   let calls = 0;
@@ -198,10 +189,7 @@ async function main(argv: string[]): Promise<number> {
   const args = argsOrStatus("pool_client", parsePoolClientArgs(argv), USAGE);
   if (typeof args === "number") return args;
   const { promise: stopped, resolve: stop } = Promise.withResolvers<void>();
-  const onSignal = () => stop();
-  // Windows has no SIGTERM listener: adding one throws.
-  const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
-  for (const signal of signals) Deno.addSignalListener(signal, onSignal);
+  const removeListeners = onSignals(() => stop());
   try {
     await poolClient(args, stopped);
     return 0;
@@ -209,7 +197,7 @@ async function main(argv: string[]): Promise<number> {
     console.error(`pool_client: ${oneLine(err)}`);
     return 1;
   } finally {
-    for (const signal of signals) Deno.removeSignalListener(signal, onSignal);
+    removeListeners();
   }
 }
 
