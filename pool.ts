@@ -8,12 +8,14 @@
 import type { FrameOf, Handler } from "./actions.ts";
 import { connect, type ConnectOptions } from "./client.ts";
 import type { CallOptions, Connection, Logger, Mode } from "./connection.ts";
-import { describeReason } from "./errors.ts";
+import { describeReason, isNormalReason, TimeoutError } from "./errors.ts";
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
 import { checkConnectionSettings, checkHandler, OptionCheck } from "./_options.ts";
+import { clearTimer, isDelay, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
+import { withTimeout } from "./_with_timeout.ts";
 
 /** Where a pool connects: a TCP `{ hostname, port }`, or any transport's address. */
 export interface PoolAddress {
@@ -252,7 +254,7 @@ interface Slot<T> {
   drained?: () => void; // called once inFlight is 0 and not checked out, while draining
   backoffs: number; // waits since a connection last stayed up: the next delay's exponent
   upSince: number; // performance.now() when the connection came up
-  timer?: ReturnType<typeof setTimeout>; // the backoff under way
+  timer?: Timer; // the backoff under way
 }
 
 // One address and what is known of it.
@@ -279,17 +281,20 @@ interface Backoff {
 /** The wait after `n` backoffs in a row (see `PoolOptions.reconnect`). */
 function backoffDelay(b: Backoff, n: number, random = Math.random): number {
   const d = Math.min(b.initialDelay * b.multiplier ** n, b.maxDelay);
-  return Math.min(d * (1 - b.jitter + 2 * b.jitter * random()), MAX_TIMER);
+  return d * (1 - b.jitter + 2 * b.jitter * random());
 }
-
-const MAX_TIMER = 2 ** 31 - 1;
 
 interface Waiter<T> {
   exclusive: boolean;
   key?: string;
   resolve(slot: Slot<T>): void;
   reject(err: Error): void;
-  timer?: ReturnType<typeof setTimeout>;
+  timer?: Timer;
+}
+
+// Whether `slot` may take a request: up and not checked out.
+function isFree(slot: { state: PoolConnectionState; checkedOut: boolean }): boolean {
+  return slot.state === "up" && !slot.checkedOut;
 }
 
 let pools = 0;
@@ -380,9 +385,9 @@ function checkReconnect(reconnect: unknown): void {
   check.number("jitter", 0);
   const r = reconnect as Record<string, number | undefined>;
   for (const name of ["initialDelay", "maxDelay"]) {
-    if ((r[name] ?? 0) > MAX_TIMER) {
+    if ((r[name] ?? 0) > MAX_DELAY) {
       throw new RangeError(
-        `createPool: reconnect: option ${name} must be at most ${MAX_TIMER} ms, not ${r[name]}`,
+        `createPool: reconnect: option ${name} must be at most ${MAX_DELAY} ms, not ${r[name]}`,
       );
     }
   }
@@ -445,25 +450,16 @@ export async function createPool<H extends Handler<any>>(
     ? undefined
     : options.waitReady;
   if (wait !== undefined) {
-    let timer: ReturnType<typeof setTimeout> | undefined;
     try {
-      await Promise.race([
-        pool.ready,
-        new Promise<never>((_, reject) => {
-          if (Number.isFinite(wait)) {
-            timer = setTimeout(
-              () => reject(pool.unavailable("down", `within ${wait} ms (waitReady)`)),
-              wait,
-            );
-          }
-        }),
-      ]);
+      await withTimeout(pool.ready, wait, "waitReady");
     } catch (err) {
-      clearTimeout(timer);
+      // pool.ready rejects only with PoolUnavailable: a TimeoutError is the wait running out.
+      const thrown = err instanceof TimeoutError
+        ? pool.unavailable("down", `within ${wait} ms (waitReady)`)
+        : err;
       await pool.stop();
-      throw err;
+      throw thrown;
     }
-    clearTimeout(timer);
   }
   return pool;
 }
@@ -526,8 +522,7 @@ export class Pool<T = Uint8Array> {
   #ready = Promise.withResolvers<void>();
   #isReady = false;
   #next = 0;
-  #stopping: Promise<void> | undefined;
-  #closing = false; // set at once by stop(), before #stopping is
+  #stopping: Promise<void> | undefined; // set by stop(): the pool is closing
 
   /** Made by {@linkcode createPool}; not constructed directly. */
   constructor(
@@ -557,20 +552,26 @@ export class Pool<T = Uint8Array> {
     this.ready = this.#ready.promise;
     this.ready.catch(() => {});
     for (const address of options.addresses) {
-      for (let i = 0; i < this.#size; i++) this.#open(this.#site(address)).catch(() => {});
+      const site = this.#site(address);
+      for (let i = 0; i < this.#size; i++) this.#open(site).catch(() => {});
     }
   }
 
   // ---- Addresses and connections ---------------------------------------------------------------
 
-  #site(address: PoolAddress): Site {
-    const transport = address.transport ?? this.#options.transport ?? tcp();
+  // The key of `address`'s site: its transport (default TCP), hostname and port.
+  #siteKey(address: PoolAddress): string {
     const explicit = address.transport ?? this.#options.transport;
-    const key = `${explicit ? transportId(explicit) : "tcp"}|${address.hostname ?? ""}|${
+    return `${explicit ? transportId(explicit) : "tcp"}|${address.hostname ?? ""}|${
       address.port ?? ""
     }`;
+  }
+
+  #site(address: PoolAddress): Site {
+    const key = this.#siteKey(address);
     let site = this.#sites.get(key);
     if (!site || site.removed) {
+      const transport = address.transport ?? this.#options.transport ?? tcp();
       const label = address.label ??
         (address.port !== undefined || transport.name === "tcp"
           ? `${address.hostname ?? "127.0.0.1"}:${address.port ?? 0}`
@@ -593,11 +594,7 @@ export class Pool<T = Uint8Array> {
   }
 
   #find(address: PoolAddress): Site | undefined {
-    const explicit = address.transport ?? this.#options.transport;
-    const key = `${explicit ? transportId(explicit) : "tcp"}|${address.hostname ?? ""}|${
-      address.port ?? ""
-    }`;
-    const site = this.#sites.get(key);
+    const site = this.#sites.get(this.#siteKey(address));
     return site && !site.removed ? site : undefined;
   }
 
@@ -656,7 +653,7 @@ export class Pool<T = Uint8Array> {
     slot.conn = conn;
     conn.closed.then((reason) => {
       if (slot.conn !== conn) return;
-      const abnormal = reason !== "normal" && reason !== "shutdown" && reason !== "idle";
+      const abnormal = !isNormalReason(reason);
       const brief = this.#backoff !== undefined && slot.state !== "draining" &&
         performance.now() - slot.upSince < this.#backoff.initialDelay;
       if (abnormal || brief) {
@@ -666,7 +663,7 @@ export class Pool<T = Uint8Array> {
       if (!brief) slot.backoffs = 0;
       this.#ended(slot);
     });
-    if (this.#closing || slot.site.removed) {
+    if (this.#stopping !== undefined || slot.site.removed) {
       slot.state = "draining";
       conn.stop("shutdown").catch(() => {});
       return conn;
@@ -685,10 +682,10 @@ export class Pool<T = Uint8Array> {
   // A connect failed or a connection ended: back off and reconnect, or stay down.
   #ended(slot: Slot<T>): void {
     const b = this.#backoff;
-    if (b && !this.#closing && !slot.site.removed && slot.state !== "draining") {
+    if (b && this.#stopping === undefined && !slot.site.removed && slot.state !== "draining") {
       slot.state = "backing-off";
       const delay = backoffDelay(b, slot.backoffs++);
-      slot.timer = setTimeout(() => {
+      slot.timer = startTimer(() => {
         slot.timer = undefined;
         this.#connect(slot, true).catch(() => {});
       }, delay);
@@ -700,7 +697,7 @@ export class Pool<T = Uint8Array> {
   // Stop a slot's backoff: it stays down.
   #cancelBackoff(slot: Slot<T>): void {
     if (slot.state !== "backing-off") return;
-    clearTimeout(slot.timer);
+    clearTimer(slot.timer);
     slot.timer = undefined;
     slot.state = "down";
   }
@@ -783,14 +780,8 @@ export class Pool<T = Uint8Array> {
       };
       return promise;
     });
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([
-      Promise.all(finished),
-      new Promise<void>((r) => {
-        if (Number.isFinite(timeout)) timer = setTimeout(r, timeout);
-      }),
-    ]);
-    clearTimeout(timer);
+    // Past `timeout` the work still under way is cut short below: its TimeoutError is not an error.
+    await withTimeout(Promise.all(finished), timeout, "drain").catch(() => {});
     // Connects still under way settle (bounded by connectTimeout) and stop themselves.
     await Promise.all([...this.#pending]);
     await Promise.all(
@@ -812,29 +803,43 @@ export class Pool<T = Uint8Array> {
 
   // ---- Routing -----------------------------------------------------------------------------------
 
+  // The slot a request gets: one up and not checked out, chosen without building a list of them
+  // (count them, then index into them in a second pass).
   #choose(key: string | undefined, exclusive: boolean): Slot<T> | undefined {
-    const live = this.#slots.filter((s) => s.state === "up" && !s.checkedOut);
-    if (live.length === 0) return undefined;
-    if (exclusive) return live[this.#next++ % live.length];
+    let n = 0;
+    for (const s of this.#slots) if (isFree(s)) n++;
+    if (n === 0) return undefined;
+    if (exclusive) return this.#nthFree(this.#next++ % n);
     switch (this.#strategy) {
       case "random":
-        return live[Math.floor(Math.random() * live.length)];
+        return this.#nthFree(Math.floor(Math.random() * n));
       case "least-busy": {
-        const start = this.#next++ % live.length;
-        let best = live[start];
-        for (let i = 1; i < live.length; i++) {
-          const s = live[(start + i) % live.length];
-          if (s.inFlight < best.inFlight) best = s;
+        // The fewest in flight; of equals, the first counting from a round-robin start.
+        const start = this.#next++ % n;
+        let best: Slot<T> | undefined;
+        let bestOrder = 0;
+        let i = 0;
+        for (const s of this.#slots) {
+          if (!isFree(s)) continue;
+          const order = (i++ - start + n) % n;
+          if (
+            best === undefined || s.inFlight < best.inFlight ||
+            (s.inFlight === best.inFlight && order < bestOrder)
+          ) {
+            best = s;
+            bestOrder = order;
+          }
         }
         return best;
       }
       case "hash": {
-        if (key === undefined) return live[this.#next++ % live.length];
-        let best = live[0];
+        if (key === undefined) return this.#nthFree(this.#next++ % n);
+        let best: Slot<T> | undefined;
         let bestScore = -1;
-        for (const s of live) {
+        for (const s of this.#slots) {
+          if (!isFree(s)) continue;
           const score = hash32(`${key}\u0000${s.id}`);
-          if (score > bestScore || (score === bestScore && s.id < best.id)) {
+          if (score > bestScore || (score === bestScore && s.id < best!.id)) {
             best = s;
             bestScore = score;
           }
@@ -842,8 +847,14 @@ export class Pool<T = Uint8Array> {
         return best;
       }
       default:
-        return live[this.#next++ % live.length];
+        return this.#nthFree(this.#next++ % n);
     }
+  }
+
+  // The `i`-th slot (from 0) that is up and not checked out.
+  #nthFree(i: number): Slot<T> | undefined {
+    for (const s of this.#slots) if (isFree(s) && i-- === 0) return s;
+    return undefined;
   }
 
   #keyOf(message: unknown, key?: string): string | undefined {
@@ -885,12 +896,10 @@ export class Pool<T = Uint8Array> {
     }
     return new Promise<Slot<T>>((resolve, reject) => {
       const waiter: Waiter<T> = { exclusive, key, resolve, reject };
-      if (Number.isFinite(timeout)) {
-        waiter.timer = setTimeout(() => {
-          this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
-          reject(this.unavailable("timeout", `(waited ${timeout} ms)`));
-        }, timeout);
-      }
+      waiter.timer = startTimer(() => {
+        this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
+        reject(this.unavailable("timeout", `(waited ${timeout} ms)`));
+      }, timeout);
       this.#waiters.push(waiter);
     });
   }
@@ -909,7 +918,7 @@ export class Pool<T = Uint8Array> {
       const slot = this.#choose(waiter.key, waiter.exclusive);
       if (!slot) return;
       this.#waiters.shift();
-      clearTimeout(waiter.timer);
+      clearTimer(waiter.timer);
       waiter.resolve(this.#take(slot, waiter.exclusive));
     }
   }
@@ -984,7 +993,7 @@ export class Pool<T = Uint8Array> {
     options: CheckoutOptions = {},
   ): Promise<R> {
     const timeout = options.timeout ?? (this.#acquireTimeout || 5000);
-    if (typeof timeout !== "number" || !(timeout >= 0)) {
+    if (!isDelay(timeout)) {
       throw new RangeError(`withConnection: timeout must be a number >= 0, not ${timeout}`);
     }
     const slot = await this.#acquire(undefined, true, timeout);
@@ -1039,13 +1048,12 @@ export class Pool<T = Uint8Array> {
    */
   stop(reason: unknown = "shutdown", options: PoolStopOptions = {}): Promise<void> {
     const timeout = options.timeout ?? 5000;
-    if (typeof timeout !== "number" || !(timeout >= 0)) {
+    if (!isDelay(timeout)) {
       return Promise.reject(new RangeError(`stop: timeout must be a number >= 0, not ${timeout}`));
     }
-    this.#closing = true;
     this.#stopping ??= (async () => {
       for (const waiter of this.#waiters.splice(0)) {
-        clearTimeout(waiter.timer);
+        clearTimer(waiter.timer);
         waiter.reject(this.unavailable("stopped"));
       }
       await this.#drain([...this.#slots], reason, timeout);
