@@ -41,3 +41,23 @@ export function listenEveryAddress<L extends { readonly addr: Deno.NetAddr; clos
   v6.close();
   return listen("0.0.0.0", bound);
 }
+
+/**
+ * Throw `Deno.errors.NotSupported` for `reusePort` without `--unstable-net`: without it,
+ * `Deno.listen({ reusePort: true })` exits the whole process (code 70) instead of throwing;
+ * `Deno.listenDatagram` is gated by the same flag, so it tells.
+ */
+export function checkReusePort(reusePort: boolean | undefined): void {
+  if (reusePort && !("listenDatagram" in Deno)) {
+    throw new Deno.errors.NotSupported(
+      'reusePort (and acceptors > 1) needs --unstable-net, or "unstable": ["net"] in deno.json',
+    );
+  }
+}
+
+/** Throw a `RangeError` unless `backlog` is undefined or an integer > 0; `where` names the transport. */
+export function checkBacklog(where: string, backlog: number | undefined): void {
+  if (backlog !== undefined && !(Number.isInteger(backlog) && backlog > 0)) {
+    throw new RangeError(`${where}: backlog must be an integer > 0, not ${backlog}`);
+  }
+}

@@ -204,6 +204,13 @@ function notAHeader(bytes: Uint8Array): ProxyHeaderError {
   );
 }
 
+/** Throw "missing" unless the bytes so far agree with `prefix` (as far as they go). */
+function checkPrefix(bytes: Uint8Array, prefix: Uint8Array): void {
+  for (let i = 0; i < Math.min(bytes.length, prefix.length); i++) {
+    if (bytes[i] !== prefix[i]) throw notAHeader(bytes);
+  }
+}
+
 function malformed(version: 1 | 2, what: string): ProxyHeaderError {
   return new ProxyHeaderError("malformed", `malformed PROXY v${version} header: ${what}`);
 }
@@ -211,10 +218,8 @@ function malformed(version: 1 | 2, what: string): ProxyHeaderError {
 // ---- Version 2 -----------------------------------------------------------------------------------
 
 function parseV2(bytes: Uint8Array): ParsedProxyHeader | null {
+  checkPrefix(bytes, V2_SIGNATURE);
   const n = bytes.length;
-  for (let i = 0; i < Math.min(n, V2_SIGNATURE.length); i++) {
-    if (bytes[i] !== V2_SIGNATURE[i]) throw notAHeader(bytes);
-  }
   if (n < 13) return null;
   const verCmd = bytes[12];
   if (verCmd >> 4 !== 2) {
@@ -331,10 +336,8 @@ function parseTlvs(
 // ---- Version 1 -----------------------------------------------------------------------------------
 
 function parseV1(bytes: Uint8Array): ParsedProxyHeader | null {
+  checkPrefix(bytes, V1_PREFIX);
   const n = bytes.length;
-  for (let i = 0; i < Math.min(n, V1_PREFIX.length); i++) {
-    if (bytes[i] !== V1_PREFIX[i]) throw notAHeader(bytes);
-  }
   if (n > V1_PREFIX.length && bytes[V1_PREFIX.length] !== 0x20) {
     throw malformed(1, `"PROXY" must be followed by one space`);
   }
@@ -535,9 +538,8 @@ export function withProxyProtocol(socket: Conn): Conn {
 
 class ProxyProtocolConn implements Conn {
   readonly #socket: Conn;
-  #header: ProxyHeader | undefined;
+  #header: ProxyHeader | undefined; // set once the handshake has read it
   #rest: Uint8Array | null = null; // read past the header, not yet returned
-  #ready = false;
   #handshake: Promise<ProxyHeader> | null = null;
   // Present only if the socket has them, so that their presence still tells what it is.
   readonly setNoDelay?: (on: boolean) => void;
@@ -590,7 +592,6 @@ class ProxyProtocolConn implements Conn {
       this.#header = header;
       if (rest.length > 0) this.#rest = rest;
     }
-    this.#ready = true;
     return this.#header;
   }
 
@@ -602,7 +603,7 @@ class ProxyProtocolConn implements Conn {
       this.#rest = n === rest.length ? null : rest.subarray(n);
       return Promise.resolve(n);
     }
-    if (!this.#ready) return this.handshake().then(() => this.read(p));
+    if (this.#header === undefined) return this.handshake().then(() => this.read(p));
     return this.#socket.read(p);
   }
 
@@ -686,11 +687,7 @@ function encodeV1(
   if (source === undefined || destination === undefined) {
     return new TextEncoder().encode("PROXY UNKNOWN\r\n");
   }
-  const src = ipOf(source, "source", 1);
-  const dst = ipOf(destination, "destination", 1);
-  if (src.bytes.length !== dst.bytes.length) {
-    throw new RangeError("proxy header: source and destination are of two address families");
-  }
+  const [src, dst] = ipPair(source, destination, 1);
   const four = src.bytes.length === 4;
   const text = (b: Uint8Array) => four ? formatIpv4(b) : formatIpv6(b, false);
   return new TextEncoder().encode(
@@ -721,12 +718,8 @@ function encodeV2(
       block.set(unixField(source as Deno.UnixAddr, "source"), 0);
       block.set(unixField(destination as Deno.UnixAddr, "destination"), UNIX_ADDR_LEN);
     } else {
-      const src = ipOf(source, "source", 2);
-      const dst = ipOf(destination, "destination", 2);
+      const [src, dst] = ipPair(source, destination, 2);
       const size = src.bytes.length;
-      if (size !== dst.bytes.length) {
-        throw new RangeError("proxy header: source and destination are of two address families");
-      }
       fam = (size === 4 ? 0x10 : 0x20) | (source.transport === "udp" ? 0x02 : 0x01);
       block = new Uint8Array(2 * size + 4);
       block.set(src.bytes, 0);
@@ -785,7 +778,19 @@ function encodeV2(
   return out;
 }
 
-function ipOf(addr: AnyAddr, which: string, version: 1 | 2): { bytes: Uint8Array; port: number } {
+type IpAndPort = { bytes: Uint8Array; port: number };
+
+/** `ipOf` of both addresses, which must be of one family (both IPv4 or both IPv6). */
+function ipPair(source: AnyAddr, destination: AnyAddr, version: 1 | 2): [IpAndPort, IpAndPort] {
+  const src = ipOf(source, "source", version);
+  const dst = ipOf(destination, "destination", version);
+  if (src.bytes.length !== dst.bytes.length) {
+    throw new RangeError("proxy header: source and destination are of two address families");
+  }
+  return [src, dst];
+}
+
+function ipOf(addr: AnyAddr, which: string, version: 1 | 2): IpAndPort {
   if (addr === null || typeof addr !== "object") {
     throw new TypeError(`proxy header: ${which} must be an address object`);
   }

@@ -5,7 +5,7 @@
  */
 
 import type { ConnectOptions, Listener, ListenOptions, Transport } from "./transport.ts";
-import { type DualStack, listenEveryAddress } from "./_listen_any.ts";
+import { checkBacklog, checkReusePort, type DualStack, listenEveryAddress } from "./_listen_any.ts";
 
 /** Options of {@linkcode tcp}. */
 export interface TcpOptions {
@@ -50,9 +50,7 @@ export function tcp(options: TcpOptions = {}): Transport<Deno.NetAddr> {
   const noDelay = options.noDelay ?? true;
   const keepAlive = options.keepAlive ?? false;
   const tcpBacklog = options.backlog;
-  if (tcpBacklog !== undefined && !(Number.isInteger(tcpBacklog) && tcpBacklog > 0)) {
-    throw new RangeError(`tcp: backlog must be an integer > 0, not ${tcpBacklog}`);
-  }
+  checkBacklog("tcp", tcpBacklog);
   const dualStack: DualStack = {};
 
   const setUp = (conn: Deno.TcpConn): Deno.TcpConn => {
@@ -69,13 +67,7 @@ export function tcp(options: TcpOptions = {}): Transport<Deno.NetAddr> {
   return {
     name: "tcp",
     listen({ hostname, port = 0, reusePort }: ListenOptions): Listener<Deno.NetAddr> {
-      // Without --unstable-net, Deno.listen({ reusePort: true }) exits the whole process (code
-      // 70) instead of throwing; Deno.listenDatagram is gated by the same flag, so check it.
-      if (reusePort && !("listenDatagram" in Deno)) {
-        throw new Deno.errors.NotSupported(
-          'reusePort (and acceptors > 1) needs --unstable-net, or "unstable": ["net"] in deno.json',
-        );
-      }
+      checkReusePort(reusePort);
       const bind = (host: string, at: number) =>
         Deno.listen({ transport: "tcp", hostname: host, port: at, reusePort, tcpBacklog });
       const listener = hostname === undefined

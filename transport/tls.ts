@@ -72,7 +72,7 @@
 import type { Duplex } from "node:stream";
 import type { PeerCertificate, SecureContext, TLSSocket } from "node:tls";
 import { tcp } from "./tcp.ts";
-import { type DualStack, listenEveryAddress } from "./_listen_any.ts";
+import { checkBacklog, checkReusePort, type DualStack, listenEveryAddress } from "./_listen_any.ts";
 import { closeQuietly, formatAddr, writeAll } from "../_socket.ts";
 import { describeReason } from "../errors.ts";
 import type {
@@ -360,15 +360,45 @@ function checkAlpn(protocols: unknown): string[] | undefined {
   return protocols.length === 0 ? undefined : protocols;
 }
 
+/**
+ * `err`, from Deno setting up TLS, as a {@linkcode TlsConfigError} (`what`, then its message) if
+ * it is about the configuration (Deno's `InvalidData`, or a plain `Error`); others as they are.
+ */
+function configError(err: unknown, what: string): unknown {
+  const e = err as Error | null | undefined;
+  if (err instanceof Deno.errors.InvalidData || e?.constructor === Error) {
+    return new TlsConfigError(`${what}: ${e!.message}`, { cause: err });
+  }
+  return err;
+}
+
+/** `name` as an SNI key: lower case, without a trailing dot; throws if it is not a host name. */
+function sniKey(name: string): string {
+  const n = name.toLowerCase().replace(/\.$/, "");
+  if (!/^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$/.test(n)) {
+    throw new TlsConfigError(`tls: sni: ${JSON.stringify(name)} is not a host name`);
+  }
+  return n;
+}
+
+/**
+ * The certificates of `sni` (the option), each loaded and checked, and its name checked, in
+ * order: `[name, pem]` as given.
+ */
+function loadSni(sni: Record<string, TlsKeyPair>): [string, Pem][] {
+  return Object.entries(sni).map(([name, pair]) => {
+    const loaded = loadPair(pair, `sni["${name}"]`);
+    if (loaded === null) throw new TlsConfigError(`tls: sni["${name}"]: no certificate`);
+    sniKey(name);
+    return [name, loaded];
+  });
+}
+
 /** Server names to certificates: exact names, then `*.` wildcards for one label. */
 class SniTable<V> {
   readonly #names = new Map<string, V>();
-  set(name: string, value: V): void {
-    const n = name.toLowerCase().replace(/\.$/, "");
-    if (!/^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$/.test(n)) {
-      throw new TlsConfigError(`tls: sni: ${JSON.stringify(name)} is not a host name`);
-    }
-    this.#names.set(n, value);
+  constructor(entries: Iterable<readonly [string, V]> = []) {
+    for (const [name, value] of entries) this.#names.set(sniKey(name), value);
   }
   get(name: string): V | undefined {
     const n = name.toLowerCase().replace(/\.$/, "");
@@ -511,16 +541,21 @@ const PUMP_SIZE = 16 * 1024;
 /** A `node:stream` Duplex that reads and writes `conn`: the wire under a `node:tls` socket. */
 function duplexOver(conn: Conn, { Duplex }: NodeModules): Duplex {
   let reading = false;
+  let spare: Uint8Array | null = null; // the read buffer, until one is handed over whole
   const stream: Duplex = new Duplex({
     read() {
       if (reading) return;
       reading = true;
-      const buf = new Uint8Array(PUMP_SIZE);
+      const buf = spare ??= new Uint8Array(PUMP_SIZE);
       conn.read(buf).then(
         (n) => {
           reading = false;
           if (n === null) stream.push(null);
-          else stream.push(n < 1024 ? buf.slice(0, n) : buf.subarray(0, n));
+          else if (n < 1024) stream.push(buf.slice(0, n)); // copied out: keep the buffer
+          else {
+            spare = null; // handed over: the next read gets a fresh one
+            stream.push(buf.subarray(0, n));
+          }
         },
         (err) => {
           reading = false;
@@ -801,10 +836,10 @@ interface ServerSetup {
   alpn: string[] | undefined;
 }
 
+/** What {@linkcode serverOver} needs; `sni` (from {@linkcode loadSni}) `null` for no `SNICallback`. */
 async function serverSetup(
   pem: Pem,
-  sni: SniTable<Pem> | null,
-  sniNames: [string, Pem][],
+  sni: [string, Pem][] | null,
   clientCaCerts: string[] | undefined,
   requireClientCert: boolean,
   alpn: string[] | undefined,
@@ -812,13 +847,9 @@ async function serverSetup(
   const node = await loadNode();
   const ca = clientCaCerts;
   const context = node.tls.createSecureContext({ ...pem, ca });
-  let contexts: SniTable<SecureContext> | null = null;
-  if (sni !== null) {
-    contexts = new SniTable();
-    for (const [name, pair] of sniNames) {
-      contexts.set(name, node.tls.createSecureContext({ ...pair, ca }));
-    }
-  }
+  const contexts = sni && new SniTable(
+    sni.map(([name, pair]) => [name, node.tls.createSecureContext({ ...pair, ca })] as const),
+  );
   return { node, context, sni: contexts, clientCa: ca !== undefined, requireClientCert, alpn };
 }
 
@@ -932,9 +963,7 @@ export function tls(options: TlsOptions = {}): Transport<Deno.NetAddr> {
   const noDelay = options.noDelay ?? true;
   const keepAlive = options.keepAlive ?? false;
   const backlog = options.backlog;
-  if (backlog !== undefined && !(Number.isInteger(backlog) && backlog > 0)) {
-    throw new RangeError(`tls: backlog must be an integer > 0, not ${backlog}`);
-  }
+  checkBacklog("tls", backlog);
   const serverName = options.serverName;
   if (serverName !== undefined && (typeof serverName !== "string" || serverName === "")) {
     throw new TlsConfigError("tls: serverName must be a non-empty string");
@@ -948,24 +977,20 @@ export function tls(options: TlsOptions = {}): Transport<Deno.NetAddr> {
         "which this Deno does not have",
     );
   }
-  let sni: SniTable<Pem> | null = null;
-  const sniNames: [string, Pem][] = [];
-  if (options.sni !== undefined) {
-    if (engine === "deno" && !hasHook("resolverSymbol", SNI_RESOLVER)) {
-      throw new Deno.errors.NotSupported(
-        "tls: sni needs Deno.listenTls's certificate resolver, which this Deno does not have",
-      );
-    }
-    sni = new SniTable();
-    for (const [name, pair] of Object.entries(options.sni)) {
-      const loaded = loadPair(pair, `sni["${name}"]`);
-      if (loaded === null) throw new TlsConfigError(`tls: sni["${name}"]: no certificate`);
-      sni.set(name, loaded);
-      sniNames.push([name, loaded]);
-    }
+  if (
+    options.sni !== undefined && engine === "deno" && !hasHook("resolverSymbol", SNI_RESOLVER)
+  ) {
+    throw new Deno.errors.NotSupported(
+      "tls: sni needs Deno.listenTls's certificate resolver, which this Deno does not have",
+    );
   }
+  const sniPems = options.sni === undefined ? null : loadSni(options.sni);
+  // Deno.listenTls's resolver looks names up here; engine "node" makes its own, of contexts.
+  const sni = engine === "deno" && sniPems !== null ? new SniTable(sniPems) : null;
   const plain = tcp({ noDelay, keepAlive, backlog });
   const dualStack: DualStack = {};
+  // engine "node": the secure contexts, made on the first listen and shared by all.
+  let setup: Promise<ServerSetup> | undefined;
 
   const listenTls = (hostname: string, port: number, reusePort?: boolean): Deno.TlsListener => {
     const listenOptions: Deno.ListenTlsOptions & Deno.TlsCertifiedKeyPem & {
@@ -980,17 +1005,12 @@ export function tls(options: TlsOptions = {}): Transport<Deno.NetAddr> {
       cert: pem!.cert,
       key: pem!.key,
     };
-    if (sni !== null) listenOptions[SNI_RESOLVER] = (name) => sni!.get(name) ?? pem!;
+    if (sni !== null) listenOptions[SNI_RESOLVER] = (name) => sni.get(name) ?? pem!;
     try {
       return Deno.listenTls(listenOptions);
     } catch (err) {
       // Only the certificate can be wrong here (checked by tls() already): say so.
-      if (err instanceof Deno.errors.InvalidData || err?.constructor === Error) {
-        throw new TlsConfigError(`tls: Deno.listenTls refused the certificate: ${err.message}`, {
-          cause: err,
-        });
-      }
-      throw err;
+      throw configError(err, "tls: Deno.listenTls refused the certificate");
     }
   };
 
@@ -1004,21 +1024,23 @@ export function tls(options: TlsOptions = {}): Transport<Deno.NetAddr> {
           "tls: a server needs a certificate and its key (cert and key, or certFile and keyFile)",
         );
       }
-      if (reusePort && !("listenDatagram" in Deno)) {
-        throw new Deno.errors.NotSupported(
-          'reusePort (and acceptors > 1) needs --unstable-net, or "unstable": ["net"] in deno.json',
-        );
-      }
+      checkReusePort(reusePort);
       if (engine === "node") {
         // TLS through node:tls over plain TCP connections.
-        const setup = await serverSetup(pem, sni, sniNames, clientCaCerts, requireClientCert, alpn);
+        const s = await (setup ??= serverSetup(
+          pem,
+          sniPems,
+          clientCaCerts,
+          requireClientCert,
+          alpn,
+        ));
         const listener = await plain.listen({ hostname, port, reusePort });
         return {
           addr: listener.addr,
           close: () => listener.close(),
           ref: () => listener.ref?.(),
           unref: () => listener.unref?.(),
-          accept: async () => serverOver(await listener.accept(), setup),
+          accept: async () => serverOver(await listener.accept(), s),
         };
       }
       const bind = (host: string, at: number) => listenTls(host, at, reusePort);
@@ -1059,15 +1081,7 @@ export function tls(options: TlsOptions = {}): Transport<Deno.NetAddr> {
         return decorate(secure, "client", alpn);
       } catch (err) {
         closeQuietly(conn); // (consumed by startTls, perhaps)
-        if (err instanceof Deno.errors.InvalidData || err?.constructor === Error) {
-          throw new TlsConfigError(
-            `tls: cannot start TLS with ${hostname}:${port}: ${err.message}`,
-            {
-              cause: err,
-            },
-          );
-        }
-        throw err;
+        throw configError(err, `tls: cannot start TLS with ${hostname}:${port}`);
       }
     },
   };
@@ -1127,18 +1141,10 @@ export async function upgradeTls(conn: Conn, options: TlsUpgradeOptions): Promis
       );
     }
     const clientCaCerts = checkCas(options.clientCaCerts, "clientCaCerts");
-    let sni: SniTable<Pem> | null = null;
-    const sniNames: [string, Pem][] = [];
-    for (const [name, pair] of Object.entries(options.sni ?? {})) {
-      const loaded = loadPair(pair, `sni["${name}"]`);
-      if (loaded === null) throw new TlsConfigError(`tls: sni["${name}"]: no certificate`);
-      (sni ??= new SniTable()).set(name, loaded);
-      sniNames.push([name, loaded]);
-    }
+    const sni = loadSni(options.sni ?? {});
     const setup = await serverSetup(
       pem,
-      sni,
-      sniNames,
+      sni.length > 0 ? sni : null,
       clientCaCerts,
       options.requireClientCert ?? true,
       alpn,

@@ -9,6 +9,7 @@
  */
 
 import { describeReason } from "../errors.ts";
+import { withTimeout } from "../_with_timeout.ts";
 import type { Listener, Transport } from "./transport.ts";
 
 /**
@@ -200,22 +201,15 @@ async function removeIfStale(path: string, cause: Error): Promise<void> {
       cause,
     });
   }
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  let timedOut = false;
-  const attempt = Deno.connect({ transport: "unix", path });
   try {
-    const probe = await Promise.race([
-      attempt,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => {
-          timedOut = true;
-          reject(new Deno.errors.TimedOut(`no answer within ${PROBE_MS} ms`));
-        }, PROBE_MS);
-      }),
-    ]);
+    const probe = await withTimeout(
+      Deno.connect({ transport: "unix", path }),
+      PROBE_MS,
+      `unix: probe of ${path}`,
+      (late) => late.close(),
+    );
     probe.close();
   } catch (err) {
-    if (timedOut) attempt.then((late) => late.close(), () => {});
     if (err instanceof Deno.errors.ConnectionRefused) {
       // Stale: left by a process that ended without closing its listener (killed).
       try {
@@ -233,8 +227,6 @@ async function removeIfStale(path: string, cause: Error): Promise<void> {
       }); not replacing it`,
       { cause: err },
     );
-  } finally {
-    clearTimeout(timer);
   }
   throw new Deno.errors.AddrInUse(`unix: ${path} is in use by a live server`, { cause });
 }
