@@ -41,12 +41,23 @@ import {
 import type { Decoder, Framing } from "./framing.ts";
 import type { Registry, RegistryEntry } from "./registry.ts";
 import type { Conn } from "./transport/transport.ts";
-import { Connection, type Logger, type Mode } from "./connection.ts";
+import { Connection, type ConnectionStats, type Logger, type Mode } from "./connection.ts";
 import { KEEP_WRITE_BUFFER, Outbox, type OutboxOwner } from "./_outbox.ts";
 import { clearTimer, isDelay, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
 import { upgradeTls } from "./transport/tls.ts";
 import { withTimeout } from "./_with_timeout.ts";
 import { closeQuietly, formatAddr } from "./_socket.ts";
+import { socketOptionsProblem } from "./_socket_options.ts";
+import { type TraceEntry, type TraceOption, Tracer } from "./_trace.ts";
+import { stamp, stampToEpoch } from "./_stats.ts";
+import type { CallMetrics } from "./_metrics.ts";
+import {
+  clientEnded,
+  clientStarted,
+  type FairShareMember,
+  mustWait,
+  serverHeard,
+} from "./_fair_share.ts";
 
 /** Changes a hibernated connection's state when it switches to new code. */
 export type CodeChange = (state: unknown) => unknown;
@@ -66,14 +77,21 @@ export interface DriverOptions<T> {
   handshakeTimeout: number; // bounds a STARTTLS switch
   idleTimeout?: number;
   onClose?: (conn: Connection<T>) => void;
+  trace?: TraceOption; // every connection is traced from its start (_trace.ts)
+  metrics?: CallMetrics; // times calls to the connection (_metrics.ts)
 }
 
 // Reads start small (idle connections cost little) and grow while reads fill them.
 const MIN_READ = 1024;
-const MAX_READ = 64 * 1024;
+const MAX_READ = 256 * 1024; // reached from 64 KiB: a 64 KiB frame and its header fit in one read
 const SHRINK_AFTER = 16;
 // Pending output past which the handler is not resumed until the peer has read some.
 const WRITE_HIGH_WATER = 1024 * 1024;
+// A lent frame at least this large, sent back as it came, is written without a copy (#sendLent);
+// smaller ones are copied, so that the sends of a step go out in one write.
+const SEND_LENT = 16 * 1024;
+// What a lending decoder of framing.ts offers for that: a frame's encoding as it lies in memory.
+type LentView = (frame: Uint8Array, encode: unknown) => Uint8Array | undefined;
 // A finally that yields more often than this is cut off (a loop waiting for events that
 // never come, in a sync generator, would otherwise hold the thread).
 const MAX_CLOSING_STEPS = 1000;
@@ -81,6 +99,7 @@ const MAX_CLOSING_STEPS = 1000;
 // Shared by every connection until it needs an array of its own, so that idle connections
 // stay small. Frozen: a push onto it would be a bug, and throws.
 const NONE: never[] = Object.freeze([]) as unknown as never[];
+const EMPTY = new Uint8Array(0);
 
 const enum Phase {
   Open,
@@ -161,16 +180,19 @@ function isPeerFault(reason: unknown): boolean {
     reason instanceof Deno.errors.UnexpectedEof || reason instanceof Deno.errors.TimedOut;
 }
 
-export class Driver<T> implements OutboxOwner {
+export class Driver<T> implements OutboxOwner, FairShareMember {
   // ---- Identity and settings -------------------------------------------------------------------
   socket: Conn; // replaced once if the connection switches to TLS
   readonly handle: Connection<T>;
   readonly #opts: DriverOptions<T>;
   name: string | undefined;
+  #tracer: Tracer | null = null; // only while traced: the hooks check this one field
 
   // ---- Lifecycle ---------------------------------------------------------------------------------
   #phase = Phase.Open;
   #closeReason: unknown = undefined; // fixed when the phase leaves Open
+  readonly #startedAt = stamp(); // (stamps are small integers: no heap number per connection)
+  #lastEventAt = -1; // the stamp of the last event taken
   #endClock: EndClock | null = null; // made when an end or a shutdown is first asked for
   #shutdownReason: { reason: unknown } | null = null; // a shutdown event was sent
   #closed: Promise<unknown> | null = null; // made when first asked for
@@ -182,11 +204,13 @@ export class Driver<T> implements OutboxOwner {
   #gen: AsyncGenerator<Yielded, void, Event<T>> | Generator<Yielded, void, Event<T>> | null = null;
   #async = false; // the handler is an async generator
   #state: unknown = undefined; // given to hibernate, passed to the next generator
+  #wakeEvent: Event<T> | null = null; // the event that woke it from hibernation, until it hibernates
   #upgrades: Array<{ handler: Handler<T>; codeChange?: CodeChange }> = NONE; // in order
   #stopReason: unknown = "normal";
   #tlsSwitch: { options: StartTlsOptions; plain: Outbox | null } | null = null; // startTls, until it runs
   #onStep: ((step: IteratorResult<Yielded, void>) => void) | null = null;
   #onStepError: ((err: unknown) => void) | null = null;
+  #starting: { resolve(): void; reject(err: Error): void } | null = null; // started() waits
 
   // ---- Mailbox -----------------------------------------------------------------------------------
   #queue: Array<Event<T> | undefined> = NONE;
@@ -197,24 +221,34 @@ export class Driver<T> implements OutboxOwner {
 
   // ---- Reading -----------------------------------------------------------------------------------
   #input = Input.Idle;
-  readonly #decoder: Decoder<T>;
+  #framing: Framing<T>; // both ways; setFraming replaces it (and the decoder)
+  #decoder: Decoder<T>;
   #emit: ((frame: T) => void) | null = null; // made on first use, dropped when hibernating
   #readBuf: Uint8Array | null = null;
   #parkBuf: Uint8Array | null = null;
   #readingInto: Uint8Array | null = null; // the buffer of the read under way
   #onRead: ((result: number | null | Error) => void) | null = null; // one callback, both outcomes
+  #readAfterLent = false; // the next read waits for a lent frame's write (#sendLent)
+  fairWindow = -1; // the fair-share gate's mark: -1 outside it (_fair_share.ts)
   #smallReads = 0; // consecutive reads that used little of a grown buffer
   #framesDecoded = 0;
   #bytesRead = 0;
   #inputError: Error | null = null; // the framing failed: delivered as frameError, then the end
   #frameError = FrameErrorAt.None;
   readonly #passive: Passive<T> | null; // passive mode only
+  #readEndTaken = false; // the handler has had its read-side disconnect
+  // The chunk last decoded, for setFraming to cut again what was decoded past its switch point:
+  // the bytes, what the decoder held before them, and the frame count before them.
+  #chunk: Uint8Array | null = null;
+  #chunkHeld = 0;
+  #chunkFramesAt = 0;
 
   // ---- Writing -----------------------------------------------------------------------------------
   #outbox: Outbox | null = null; // made on first send, dropped when hibernating with none pending
   #bytesWrittenBefore = 0; // by outboxes dropped since
   #framesDroppedBefore = 0;
   #writeEndReported = false;
+  #framesSent = 0; // send actions and sends from outside encoded
 
   // ---- Timers ------------------------------------------------------------------------------------
   #eventDeadline = Infinity; // of the event timeout
@@ -226,11 +260,13 @@ export class Driver<T> implements OutboxOwner {
   #named: Map<string, { timer: Timer; fired: TimeoutEvent | null }> | null = null;
   #callRefs: Set<number> | null = null; // calls to this connection awaiting a reply
 
-  constructor(socket: Conn, handler: Handler<T>, opts: DriverOptions<T>) {
+  // `handle`: a reconnecting client's, which outlives its drivers (client.ts); else a new one.
+  constructor(socket: Conn, handler: Handler<T>, opts: DriverOptions<T>, handle?: Connection<T>) {
     this.socket = socket;
     this.#handler = handler;
     this.#opts = opts;
-    this.handle = new Connection<T>(this);
+    this.handle = handle ?? new Connection<T>(this);
+    this.#framing = opts.framing;
     this.#decoder = opts.framing.decoder();
     this.#passive = opts.mode === "passive"
       ? {
@@ -241,6 +277,7 @@ export class Driver<T> implements OutboxOwner {
         readError: undefined,
       }
       : null;
+    if (opts.trace) this.trace(opts.trace);
   }
 
   // ---- What the handle reads ---------------------------------------------------------------------
@@ -264,6 +301,11 @@ export class Driver<T> implements OutboxOwner {
     return this.#at === HandlerAt.Hibernated;
   }
 
+  /** `"up"` while open, `"closing"` once its end is decided, `"closed"` once it has closed. */
+  get state(): "up" | "closing" | "closed" {
+    return this.#phase === Phase.Open ? "up" : this.#phase === Phase.Closed ? "closed" : "closing";
+  }
+
   get bytesRead(): number {
     return this.#bytesRead;
   }
@@ -278,6 +320,58 @@ export class Driver<T> implements OutboxOwner {
 
   get framesDropped(): number {
     return this.#framesDroppedBefore + (this.#outbox?.framesDropped ?? 0);
+  }
+
+  // ---- What the observer reads (conn.stats, conn.handlerState, conn.trace) -----------------------
+
+  stats(): ConnectionStats {
+    const at = this.#at;
+    const dropped = this.framesDropped;
+    return {
+      state: this.#phase === Phase.Closed
+        ? "closed"
+        : this.#phase !== Phase.Open
+        ? "stopping"
+        : at === HandlerAt.Hibernated
+        ? "hibernated"
+        : at === HandlerAt.Running || at === HandlerAt.Stepping
+        ? "running"
+        : "waiting",
+      bytesIn: this.#bytesRead,
+      bytesOut: this.bytesWritten,
+      framesIn: this.#framesDecoded,
+      framesOut: this.#framesSent - dropped,
+      framesDropped: dropped,
+      bufferedAmount: this.bufferedAmount,
+      mailbox: this.#queue.length - this.#head + (this.#passive?.framesHeld.length ?? 0),
+      callsPending: this.#callRefs?.size ?? 0,
+      startedAt: stampToEpoch(this.#startedAt),
+      lastEventAt: this.#lastEventAt < 0 ? undefined : stampToEpoch(this.#lastEventAt),
+      traced: this.#tracer !== null,
+    };
+  }
+
+  // The state given to the last hibernate (or to the handler when it was called), for debugging.
+  get handlerState(): unknown {
+    return this.#state;
+  }
+
+  get metrics(): CallMetrics | undefined {
+    return this.#opts.metrics;
+  }
+
+  trace(option: TraceOption): void {
+    if (option === false) this.#tracer = null;
+    else if (this.#tracer !== null) this.#tracer.redirect(option);
+    else {
+      this.#tracer = new Tracer(this.handle.id, option, this.#opts.logger, () => {
+        this.#tracer = null;
+      });
+    }
+  }
+
+  recentTrace(): TraceEntry[] {
+    return this.#tracer?.recent() ?? [];
   }
 
   // ---- Start ---------------------------------------------------------------------------------------
@@ -307,8 +401,33 @@ export class Driver<T> implements OutboxOwner {
   /** Run the handler (after {@linkcode Driver.enroll}). */
   start(): void {
     if (this.#at !== HandlerAt.NotStarted || this.#phase !== Phase.Open) return;
+    if (this.#opts.kind !== "server") clientStarted(this, this.socket);
+    if (this.#tracer !== null) this.#tracer.note("start", "start", formatAddr(this.socket.remoteAddr));
     if (this.#opts.mode === "active") this.#read();
     this.#loop(undefined);
+  }
+
+  /**
+   * For `connect()`, asked for before {@linkcode Driver.start}: resolves once the handler's first
+   * step (its code up to its first yield, and that yield's actions: etcp's `connection_init`)
+   * has run and the connection is still open; rejects if the connection ended first, with the
+   * reason if it is an `Error` (the handler's throw), else a `ConnectionClosed` carrying it (a
+   * `return` or a `stop()` before the first wait).
+   */
+  started(): Promise<void> {
+    const { promise, resolve, reject } = Promise.withResolvers<void>();
+    this.#starting = { resolve, reject };
+    return promise;
+  }
+
+  // Settle what started() returned: the first step is done, or (`ended`) the connection ended.
+  #settleStart(ended: boolean, reason?: unknown): void {
+    const starting = this.#starting!;
+    this.#starting = null;
+    if (!ended) return starting.resolve();
+    starting.reject(
+      reason instanceof Error ? reason : new ConnectionClosed(this.handle.id, reason),
+    );
   }
 
   /** Give up a connection that never started (its name was taken): close, forget, no log. */
@@ -330,6 +449,7 @@ export class Driver<T> implements OutboxOwner {
         input = undefined;
       }
       this.#at = HandlerAt.Running;
+      if (this.#tracer !== null && input !== undefined) this.#tracer.event(input);
       let step: IteratorResult<Yielded, void> | Promise<IteratorResult<Yielded, void>>;
       try {
         step = this.#gen!.next(input!);
@@ -358,6 +478,8 @@ export class Driver<T> implements OutboxOwner {
   #startGenerator(input: Event<T> | undefined): boolean {
     if (this.#at === HandlerAt.Hibernated) {
       this.#unshift(input!);
+      if (this.#tracer !== null) this.#tracer.note("wake", "wake", input!.type);
+      this.#wakeEvent = input!;
       const upgrades = this.#upgrades;
       if (upgrades.length > 0) {
         this.#upgrades = NONE;
@@ -365,6 +487,7 @@ export class Driver<T> implements OutboxOwner {
           for (const { handler, codeChange } of upgrades) {
             this.#handler = handler;
             if (codeChange) this.#state = codeChange(this.#state);
+            this.#tracer?.note("upgrade", "upgrade", handler.name || "(anonymous handler)");
           }
         } catch (err) {
           this.#handlerThrew(err);
@@ -422,6 +545,7 @@ export class Driver<T> implements OutboxOwner {
       else this.#closeGenerator(); // ended meanwhile: nothing left to close but the rest
       return undefined;
     }
+    if (this.#tracer !== null) this.#tracer.actions(step.value);
     if (this.#phase !== Phase.Open) {
       // Ending since the step began (its peer overran the send buffer, say): its actions are
       // performed as a finally's are, then the finally runs.
@@ -447,12 +571,14 @@ export class Driver<T> implements OutboxOwner {
       this.#end(this.#stopReason);
       return undefined;
     }
+    if (this.#starting !== null) this.#settleStart(false); // its first step is done
     if (outcome === Run.StartTls) {
       this.#switchToTls();
       return undefined;
     }
     const outbox = this.#outbox;
     if (outcome === Run.Hibernate) {
+      if (this.#tracer !== null) this.#tracer.noteValue("hibernate", this.#state);
       this.#gen = null; // dropped: its finally does not run
       this.#at = HandlerAt.Hibernated;
       this.#releaseBuffers();
@@ -477,12 +603,20 @@ export class Driver<T> implements OutboxOwner {
 
   // The next event, or undefined after arranging to be woken when one comes.
   #nextOrWait(): Event<T> | undefined {
+    // Waiting: write first, then read. A read issued before the write finds nothing yet, and
+    // waits for the socket (over TLS, one more wake-up per frame: half the ping-pong rate).
+    if (this.#head === this.#queue.length) this.#outbox?.flush();
     this.#resumeReader();
     const ev = this.#take();
     if (ev !== undefined) return ev;
     if (this.#frameError === FrameErrorAt.Taken) {
       // The handler has seen the frameError event and asks for more: there is no more.
       this.#end(this.#inputError);
+      return undefined;
+    }
+    if (this.#readEndTaken && this.#outbox?.writeClosed) {
+      // Half-closed both ways (closeWrite, and the peer's end of stream): a normal end.
+      this.#end("normal");
       return undefined;
     }
     this.#outbox?.flush();
@@ -504,6 +638,8 @@ export class Driver<T> implements OutboxOwner {
   // again on the next use).
   #releaseBuffers(): void {
     this.#readBuf = null;
+    // (The last chunk is kept while frames cut from it wait: setFraming may cut them again.)
+    if (this.#packetsQueued === 0 && !(this.#passive?.framesHeld.length)) this.#chunk = null;
     const outbox = this.#outbox;
     if (outbox !== null) {
       outbox.flush();
@@ -538,12 +674,12 @@ export class Driver<T> implements OutboxOwner {
 
   #act(action: Action): Run {
     switch (action?.type) {
-      case "send":
-        (this.#outbox ??= new Outbox(this.socket, this)).encode(
-          this.#opts.framing,
-          action.data as T,
-        );
+      case "send": {
+        const outbox = this.#outbox ??= new Outbox(this.socket, this);
+        if (!this.#sendLent(outbox, action.data)) outbox.encode(this.#framing, action.data as T);
+        this.#framesSent++;
         return Run.Continue;
+      }
       case "reply":
         replyTo(action.from, action.value);
         return Run.Continue;
@@ -564,6 +700,15 @@ export class Driver<T> implements OutboxOwner {
         } else this.#armNamed(action.name, action.ms);
         return Run.Continue;
       case "hibernate":
+        if (this.#wakeEvent !== null && this.#queue[this.#head] === this.#wakeEvent) {
+          // Woken, and hibernating again before taking the event that woke it: that event would
+          // wake it again at once, for ever.
+          throw new ProtocolError(
+            "hibernate at the first yield after a wake: the waking event is not taken yet, and " +
+              "would wake the handler again at once (its first yield gets the waking event)",
+          );
+        }
+        this.#wakeEvent = null;
         this.#state = action.state;
         return Run.Hibernate;
       case "stop":
@@ -585,11 +730,138 @@ export class Driver<T> implements OutboxOwner {
         }
         this.#requestFrame(action.timeoutMs);
         return Run.Continue;
+      case "setFraming":
+        this.#switchFraming(action.framing);
+        return Run.Continue;
+      case "closeWrite":
+        (this.#outbox ??= new Outbox(this.socket, this)).closeWrite();
+        return Run.Continue;
+      case "setOptions": {
+        const problem = socketOptionsProblem(action.options);
+        if (problem !== undefined) throw new ProtocolError(`bad setOptions: ${problem}`);
+        // Where the socket has no such setter (Deno.TlsConn, Unix, memory) it is ignored.
+        const { noDelay, keepAlive } = action.options;
+        if (noDelay !== undefined) this.socket.setNoDelay?.(noDelay);
+        if (keepAlive !== undefined) this.socket.setKeepAlive?.(keepAlive);
+        return Run.Continue;
+      }
       default:
         throw new ProtocolError(
           `handler yielded something that is not an action: ${describeReason(action)}`,
         );
     }
+  }
+
+  // ---- Switching framing (setFraming) ----------------------------------------------------------------
+  //
+  // The switch point is right after the last frame the handler received. The bytes past it are
+  // decoded with the new framing: what the old decoder holds of a frame not yet complete (its
+  // take()), or, when frames were already cut past it (queued, held for recv, or a framing error
+  // not yet delivered), the bytes of the chunk they came from, from where the handler's last
+  // frame of it ended (found by decoding that chunk again one byte at a time). While the
+  // handler acts on a frame no read is under way (active mode with highWaterMark 1, passive
+  // mode), so that chunk is still at hand.
+
+  #switchFraming(framing: Framing<T>): void {
+    if (typeof framing?.decoder !== "function" || typeof framing?.encode !== "function") {
+      throw new ProtocolError(`bad setFraming: ${describeReason(framing)} is not a Framing`);
+    }
+    const passive = this.#passive;
+    const undelivered = passive === null ? this.#packetsQueued : passive.framesHeld.length;
+    // After a frameError the handler has had, the input is over: only the output switches.
+    const inputOver = this.#frameError === FrameErrorAt.Taken;
+    const rest = inputOver ? EMPTY : this.#bytesPastSwitch(undelivered);
+    const decoder = framing.decoder();
+    this.#framing = framing;
+    if (inputOver) return;
+    this.#decoder = decoder;
+    // What was cut past the switch point is cut again, from `rest`, before the end of input.
+    if (passive !== null) passive.framesHeld = NONE;
+    const readEnd = undelivered > 0 || rest.length > 0 || this.#inputError !== null
+      ? this.#dropQueued()
+      : undefined;
+    if (this.#inputError !== null) {
+      this.#inputError = null;
+      this.#frameError = FrameErrorAt.None;
+      this.#input = passive === null ? Input.Held : Input.Idle; // reading goes on
+    }
+    this.#chunk = rest;
+    this.#chunkHeld = 0;
+    this.#chunkFramesAt = this.#framesDecoded;
+    if (rest.length > 0) {
+      try {
+        decoder.decode(rest, this.#emit ??= (frame: T) => this.#frameDecoded(frame));
+      } catch (err) {
+        this.#badInput(err);
+      }
+    }
+    if (readEnd !== undefined) this.#push(readEnd); // the end of input stays last
+    if (passive !== null) this.#deliverFrame(); // to a recv already waiting
+  }
+
+  // The bytes past the switch point, or a ProtocolError saying why they cannot be had.
+  #bytesPastSwitch(undelivered: number): Uint8Array {
+    const old = this.#decoder;
+    const name = this.#framing.name;
+    if (undelivered === 0 && this.#inputError === null) {
+      if (old.buffered === 0) return EMPTY;
+      if (old.take === undefined) {
+        throw new ProtocolError(
+          `setFraming: the ${name} decoder holds ${old.buffered} bytes and cannot hand them ` +
+            "over (its decoder has no take())",
+        );
+      }
+      return old.take();
+    }
+    const chunk = this.#chunk;
+    const cut = this.#framesDecoded - this.#chunkFramesAt; // frames cut from that chunk
+    const delivered = cut - undelivered; // of which the handler had these
+    if (chunk === null || this.#input === Input.Reading || delivered < 0) {
+      throw new ProtocolError(
+        "setFraming: frames past the switch point were decoded from a read whose bytes are " +
+          "gone (with highWaterMark above 1, reading runs ahead of the handler)",
+      );
+    }
+    if (this.#chunkHeld === 0) return chunk.subarray(frameEnd(this.#framing, chunk, 0, delivered));
+    // The chunk began inside a frame: its first frame ends where the decoder says.
+    const first = delivered > 0 ? old.heldFrameEnd : undefined;
+    if (first === undefined || first < 0) {
+      throw new ProtocolError(
+        delivered === 0
+          ? "setFraming: the frame past the switch point began in an earlier read (yield " +
+            "setFraming in answer to the packet after which the framing changes)"
+          : `setFraming: the ${name} decoder cannot tell where a frame begun in an earlier ` +
+            "read ended (its decoder has no heldFrameEnd)",
+      );
+    }
+    return chunk.subarray(frameEnd(this.#framing, chunk, first, delivered - 1));
+  }
+
+  // Take every packet (and a frameError) out of the mailbox: they are cut again. Returns the
+  // read side's disconnect if it was queued, taken out too, to be queued again after them.
+  #dropQueued(): Event<T> | undefined {
+    const queue = this.#queue;
+    let readEnd: Event<T> | undefined;
+    let kept = this.#head;
+    for (let i = this.#head; i < queue.length; i++) {
+      const ev = queue[i]!;
+      if (ev.type === "packet" || ev.type === "frameError") continue;
+      if (ev.type === "disconnect" && ev.side === "read") readEnd = ev;
+      else queue[kept++] = ev;
+    }
+    if (kept < queue.length) queue.length = kept;
+    this.#packetsQueued = 0;
+    return readEnd;
+  }
+
+  // A large frame the decoder lent, sent back as it came: written from the read memory, with no
+  // copy, when nothing else is queued (the next read waits until it is out). False: encode it.
+  #sendLent(outbox: Outbox, data: unknown): boolean {
+    if (this.#decoder.lends !== true || !(data instanceof Uint8Array) || data.length < SEND_LENT) {
+      return false;
+    }
+    const view = (this.#decoder as { lentView?: LentView }).lentView?.(data, this.#framing.encode);
+    return view !== undefined && outbox.writeLent(view);
   }
 
   // ---- Switching to TLS (STARTTLS) -----------------------------------------------------------------
@@ -721,9 +993,12 @@ export class Driver<T> implements OutboxOwner {
       }
       // A finally that yields: its sends and replies are performed, and the yield resumes at
       // once with a shutdown event carrying the close reason.
+      this.#tracer?.actions(step.value);
       this.#performClosing(step.value);
+      const shutdown: Event<T> = { type: "shutdown", reason: this.#closeReason };
+      this.#tracer?.event(shutdown);
       try {
-        step = gen.next({ type: "shutdown", reason: this.#closeReason });
+        step = gen.next(shutdown);
       } catch (err) {
         return this.#finallyThrew(err);
       }
@@ -745,9 +1020,10 @@ export class Driver<T> implements OutboxOwner {
       try {
         if (action?.type === "send") {
           (this.#outbox ??= new Outbox(this.socket, this)).encode(
-            this.#opts.framing,
+            this.#framing,
             action.data as T,
           );
+          this.#framesSent++;
         } else if (action?.type === "reply") replyTo(action.from, action.value);
       } catch (err) {
         this.#opts.logger.warn(
@@ -823,7 +1099,9 @@ export class Driver<T> implements OutboxOwner {
     if (this.#phase >= Phase.Finishing) return;
     this.#phase = Phase.Finishing;
     this.#clearTimers();
+    if (this.#opts.kind !== "server") clientEnded(this, this.socket);
     const reason = this.#closeReason;
+    if (this.#starting !== null) this.#settleStart(true, reason); // ended before its first step
     const outbox = this.#outbox;
     if (!forced && outbox !== null && outbox.broken === null && outbox.bytesPending > 0) {
       // Bounded: the end timer closes the socket at the end deadline, which ends the write.
@@ -854,6 +1132,7 @@ export class Driver<T> implements OutboxOwner {
       if (isPromise(removed)) await removed.catch(() => {});
     } catch { /* the registry logs its own trouble */ }
     if (log) this.#report(reason);
+    this.#tracer?.noteValue("close", reason);
     this.#opts.onClose?.(this.handle);
     this.#phase = Phase.Closed;
     this.#resolveClosed?.(reason);
@@ -914,9 +1193,11 @@ export class Driver<T> implements OutboxOwner {
       this.#queue.length = 0;
       this.#head = 0;
     }
+    this.#lastEventAt = stamp();
     if (ev.type === "packet") this.#packetsQueued--;
     else if (ev.type === "timeout") this.#timeoutTaken(ev);
     else if (ev.type === "frameError") this.#frameError = FrameErrorAt.Taken;
+    else if (ev.type === "disconnect" && ev.side === "read") this.#readEndTaken = true;
     else if (this.#passive !== null && ev === this.#passive.timeoutQueued) {
       this.#passive.timeoutQueued = null;
     }
@@ -943,7 +1224,23 @@ export class Driver<T> implements OutboxOwner {
 
   #read(): void {
     if (this.#input !== Input.Idle || this.#phase !== Phase.Open) return;
+    if (this.#outbox?.writingLent) {
+      // A lent frame is being written from the read memory: read into it once it is out.
+      this.#readAfterLent = true;
+      return;
+    }
     this.#input = Input.Reading;
+    // Past 120 busy connections with both ends here, reads take turns (_fair_share.ts): then
+    // takeTurn reads.
+    if (this.fairWindow < 0 || !mustWait(this)) this.#issueRead();
+  }
+
+  /** The read held back by the fair-share gate: its turn came (see _fair_share.ts). */
+  takeTurn(): void {
+    if (this.#phase === Phase.Open) this.#issueRead();
+  }
+
+  #issueRead(): void {
     const buf = this.#decoder.readInto?.() ?? // the rest of a large frame, read in place
       (this.#at === HandlerAt.Hibernated && this.#decoder.buffered === 0
         ? this.#parkBuf ??= new Uint8Array(1) // parked on the smallest read
@@ -962,15 +1259,17 @@ export class Driver<T> implements OutboxOwner {
     if (this.#phase !== Phase.Open) return;
     if (n === null) return this.#readEnded(undefined);
     this.#input = Input.Idle;
+    if (this.#bytesRead === 0 && this.#opts.kind === "server") serverHeard(this, this.socket);
     this.#bytesRead += n;
     const buf = this.#readingInto!;
     this.#readingInto = null;
     const before = this.#framesDecoded;
+    const chunk = n === buf.length ? buf : buf.subarray(0, n);
+    this.#chunk = chunk; // (kept for setFraming; read into again only after the handler acts)
+    this.#chunkHeld = this.#decoder.buffered;
+    this.#chunkFramesAt = before;
     try {
-      this.#decoder.decode(
-        n === buf.length ? buf : buf.subarray(0, n),
-        this.#emit ??= (frame: T) => this.#frameDecoded(frame),
-      );
+      this.#decoder.decode(chunk, this.#emit ??= (frame: T) => this.#frameDecoded(frame));
     } catch (err) {
       return this.#badInput(err);
     }
@@ -1044,7 +1343,19 @@ export class Driver<T> implements OutboxOwner {
   // Called when the handler asks for its next event (so after it acted on the last one, and
   // knows whether it hibernates): the reader goes on unless the mailbox is full.
   #resumeReader(): void {
-    if (this.#input === Input.Held && this.#packetsQueued < this.#opts.highWaterMark) {
+    if (this.#readAfterLent) {
+      // A read put off for a lent frame's write (#read): issued once that is out.
+      if (this.#outbox?.writingLent !== true) {
+        this.#readAfterLent = false;
+        this.#read();
+      }
+      return;
+    }
+    if (
+      this.#input === Input.Held &&
+      // Lent frames are valid until the next read: it waits until the handler has them all.
+      this.#packetsQueued < (this.#decoder.lends === true ? 1 : this.#opts.highWaterMark)
+    ) {
       this.#input = Input.Idle;
       this.#read();
     }
@@ -1112,10 +1423,13 @@ export class Driver<T> implements OutboxOwner {
       return Promise.reject(new ConnectionClosed(this.handle.id, this.#closeReason));
     }
     const outbox = this.#outbox ??= new Outbox(this.socket, this);
-    if (outbox.broken !== null) {
-      outbox.encode(this.#opts.framing, data as T); // dropped and counted
+    if (outbox.broken !== null || outbox.writeClosed) {
+      outbox.encode(this.#framing, data as T); // dropped and counted
+      this.#framesSent++;
       if (!sync) return undefined;
-      return Promise.reject(new ConnectionClosed(this.handle.id, outbox.broken));
+      const why = outbox.broken ??
+        new Deno.errors.BrokenPipe("its writing side was closed (closeWrite)");
+      return Promise.reject(new ConnectionClosed(this.handle.id, why));
     }
     const limit = this.#opts.maxBuffered;
     if (outbox.bytesPending > limit) {
@@ -1131,11 +1445,12 @@ export class Driver<T> implements OutboxOwner {
       return undefined;
     }
     try {
-      outbox.encode(this.#opts.framing, data as T);
+      outbox.encode(this.#framing, data as T);
     } catch (err) {
       if (sync) return Promise.reject(err);
       throw err;
     }
+    this.#framesSent++;
     // Coalesce sends made in the same tick into one write.
     outbox.flushSoon();
     return sync ? outbox.written() : undefined;
@@ -1148,6 +1463,11 @@ export class Driver<T> implements OutboxOwner {
 
   // From the outbox: nothing is being written any more.
   outboxDrained(): void {
+    // (Not while switching to TLS: the plain socket must not be read; the switch reads after.)
+    if (this.#readAfterLent && this.#at !== HandlerAt.SwitchingTls) {
+      this.#readAfterLent = false;
+      this.#read();
+    }
     if (this.#at === HandlerAt.AwaitingDrain && this.#phase === Phase.Open) this.#continue();
   }
 
@@ -1295,6 +1615,20 @@ export class Driver<T> implements OutboxOwner {
     }
     return this.closed.then(() => {});
   }
+}
+
+// Where the `count`-th frame from `from` ends in `bytes`, decoding them again one byte at a time
+// with a fresh decoder of `framing` (setFraming's switch point: rare, so simple over fast).
+function frameEnd<T>(framing: Framing<T>, bytes: Uint8Array, from: number, count: number): number {
+  if (count === 0) return from;
+  const decoder = framing.decoder();
+  let frames = 0;
+  const emit = () => frames++;
+  for (let i = from; i < bytes.length; i++) {
+    decoder.decode(bytes.subarray(i, i + 1), emit);
+    if (frames >= count) return i + 1;
+  }
+  return bytes.length;
 }
 
 // A disconnect event of one side, with `error` only if there is one.

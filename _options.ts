@@ -7,6 +7,7 @@ import { raw } from "./framing.ts";
 import type { Framing } from "./framing.ts";
 import { describeValue } from "./errors.ts";
 import { isDelay } from "./_timer.ts";
+import type { TraceOption } from "./_trace.ts";
 
 /** The per-connection settings a server or client takes from its options. */
 export interface ConnectionSettings<T> {
@@ -18,6 +19,7 @@ export interface ConnectionSettings<T> {
   shutdownTimeout?: number;
   idleTimeout?: number;
   logger?: Logger;
+  trace?: TraceOption;
 }
 
 /** Pending output a connection may hold before a send from outside ends it (8 MiB). */
@@ -121,6 +123,14 @@ export class OptionCheck {
     }
   }
 
+  /** A trace option: true, false or a function (see `TraceOption`). */
+  trace(name: string): void {
+    const value = this.#options[name];
+    if (value !== undefined && typeof value !== "boolean" && typeof value !== "function") {
+      this.#fail(name, "true, false or a function (entry) => void");
+    }
+  }
+
   signal(name: string): void {
     const value = this.#options[name];
     if (value !== undefined && !(value instanceof AbortSignal)) this.#fail(name, "an AbortSignal");
@@ -150,12 +160,16 @@ export function checkConnectionSettings(check: OptionCheck): void {
   check.methods("logger", ["error", "warn", "debug"], " (console fits)");
   check.methods("registry", ["add", "remove", "claim", "list", "lookup"]);
   check.string("name");
+  check.trace("trace");
 }
 
 /** Driver options from a server's or client's settings, with the defaults both share. */
 export function driverOptions<T>(
   settings: ConnectionSettings<T>,
-  owned: Pick<DriverOptions<T>, "registry" | "owner" | "kind" | "onClose" | "handshakeTimeout">,
+  owned: Pick<
+    DriverOptions<T>,
+    "registry" | "owner" | "kind" | "onClose" | "handshakeTimeout" | "metrics"
+  >,
 ): DriverOptions<T> {
   return {
     framing: settings.framing ?? (raw() as unknown as Framing<T>),
@@ -166,6 +180,7 @@ export function driverOptions<T>(
     logger: settings.logger ?? console,
     shutdownTimeout: settings.shutdownTimeout ?? 5000,
     idleTimeout: settings.idleTimeout === Infinity ? undefined : settings.idleTimeout,
+    trace: settings.trace || undefined,
     ...owned,
   };
 }

@@ -22,6 +22,13 @@ export interface OutboxOwner {
   outboxFailed(error: Error): void;
 }
 
+// The writing side: open, closing once what is queued is written (closeWrite), or closed.
+const enum WriteEnd {
+  Open,
+  Closing,
+  Closed,
+}
+
 interface SyncWaiter {
   at: number; // resolve once this many bytes have been written
   resolve(): void;
@@ -40,6 +47,8 @@ export class Outbox {
   #bytesWritten = 0; // ever written
   #framesDropped = 0; // sent after the write side broke
   #broken: Error | null = null; // set once: writes failed or were aborted
+  #writeEnd = WriteEnd.Open;
+  #lentInFlight = false; // the write under way is of the caller's memory (writeLent)
 
   // Waiters.
   #syncWaiters: SyncWaiter[] = NO_WAITERS;
@@ -61,6 +70,7 @@ export class Outbox {
   attach(socket: Conn): void {
     this.#socket = socket;
     this.flush();
+    if (this.#writeEnd === WriteEnd.Closing && this.#inFlight === null) this.#closeSocketWrite();
   }
 
   /** Bytes encoded and not yet handed to a write. */
@@ -86,14 +96,51 @@ export class Outbox {
     return this.#inFlight !== null;
   }
 
+  /** The write under way is of memory lent by the caller ({@linkcode Outbox.writeLent}). */
+  get writingLent(): boolean {
+    return this.#lentInFlight;
+  }
+
+  /**
+   * Write `bytes`, an encoded frame, from the caller's memory, without a copy: only when nothing
+   * else is queued or being written (else false, and the caller encodes it as usual). The
+   * memory must stay as it is until the write is done (`writingLent` turns false).
+   */
+  writeLent(bytes: Uint8Array): boolean {
+    if (
+      this.#inFlight !== null || this.#out.length > 0 || this.#broken !== null ||
+      this.#writeEnd !== WriteEnd.Open || this.#socket === null
+    ) return false;
+    this.#bytesQueued += bytes.length;
+    this.#lentInFlight = true;
+    this.#write(bytes);
+    return true;
+  }
+
   /** Why writing stopped for good, if it did. */
   get broken(): Error | null {
     return this.#broken;
   }
 
-  /** Encode `frame` (throws what the framing throws); dropped and counted once broken. */
+  /** The writing side is closed, or will be once what is queued is written (closeWrite). */
+  get writeClosed(): boolean {
+    return this.#writeEnd !== WriteEnd.Open;
+  }
+
+  /**
+   * Half-close: frames from now on are dropped and counted; once what is queued has been
+   * written, the socket's writing side is closed (a failure is reported as a failed write).
+   */
+  closeWrite(): void {
+    if (this.#writeEnd !== WriteEnd.Open) return;
+    this.#writeEnd = WriteEnd.Closing;
+    this.flush();
+    if (this.#inFlight === null) this.#closeSocketWrite();
+  }
+
+  /** Encode `frame` (throws what the framing throws); dropped and counted once broken or closed. */
   encode<T>(framing: Framing<T>, frame: T): void {
-    if (this.#broken !== null) {
+    if (this.#broken !== null || this.#writeEnd !== WriteEnd.Open) {
       this.#framesDropped++;
       return;
     }
@@ -176,10 +223,13 @@ export class Outbox {
     if (this.#inFlight === null) this.#drainedNow();
   }
 
-  /** Whether there is nothing to keep: no bytes pending, no write under way, no waiter. */
+  /**
+   * Whether there is nothing to keep: no bytes pending, no write under way, no waiter, and the
+   * writing side open (a closed one is remembered here: a new outbox would write again).
+   */
   get idle(): boolean {
     return this.#inFlight === null && this.#out.length === 0 && this.#syncWaiters.length === 0 &&
-      this.#flushTimer === undefined && !this.#flushQueued;
+      this.#flushTimer === undefined && !this.#flushQueued && this.#writeEnd === WriteEnd.Open;
   }
 
   #cancelFlushes(): void {
@@ -201,14 +251,33 @@ export class Outbox {
     const rest = this.#inFlight!;
     if (n < rest.length) return this.#write(rest.subarray(n)); // a partial write
     this.#inFlight = null;
+    this.#lentInFlight = false;
     this.#spare.reset(KEEP_WRITE_BUFFER);
     this.#settleSyncWaiters();
     if (this.#out.length > 0 && this.#broken === null) return this.flush(); // queued meanwhile
+    if (this.#writeEnd === WriteEnd.Closing) this.#closeSocketWrite();
     this.#drainedNow();
+  }
+
+  // Everything queued is written: end the writing side (the peer reads the end of the stream).
+  #closeSocketWrite(): void {
+    const socket = this.#socket;
+    if (socket === null || this.#broken !== null || this.#out.length > 0) return;
+    this.#writeEnd = WriteEnd.Closed;
+    this.#out.reset(0); // nothing more will be written: give the buffers back
+    this.#spare.reset(0);
+    let closing: Promise<void>;
+    try {
+      closing = socket.closeWrite();
+    } catch (err) {
+      return this.#writeFailed(err);
+    }
+    closing.catch((err) => this.#writeFailed(err));
   }
 
   #writeFailed(err: unknown): void {
     this.#inFlight = null;
+    this.#lentInFlight = false;
     const aborted = this.#broken !== null;
     const error = this.#broken ?? (err instanceof Error ? err : new Error(String(err)));
     this.#broken = error;

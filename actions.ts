@@ -7,7 +7,9 @@
  */
 
 import type { Connection } from "./connection.ts";
+import type { Framing } from "./framing.ts";
 import type { TlsOptions } from "./transport/tls.ts";
+import { socketOptionsProblem } from "./_socket_options.ts";
 
 /**
  * Where a `call` came from; pass it to {@linkcode reply} to answer, now or from a later event,
@@ -87,6 +89,37 @@ export interface StartTlsAction {
   readonly options: StartTlsOptions;
 }
 
+/** Change the connection's framing at the current frame boundary, both ways. */
+export interface SetFramingAction {
+  /** Discriminant. */
+  readonly type: "setFraming";
+  /** The framing from now on. */
+  // deno-lint-ignore no-explicit-any
+  readonly framing: Framing<any>;
+}
+
+/** Half-close: end the writing side (FIN) once pending output is written; reading goes on. */
+export interface CloseWriteAction {
+  /** Discriminant. */
+  readonly type: "closeWrite";
+}
+
+/** Socket options a handler may change while its connection runs ({@linkcode setOptions}). */
+export interface SocketOptions {
+  /** `true` disables Nagle's algorithm (`TCP_NODELAY`): small writes go out at once. */
+  readonly noDelay?: boolean;
+  /** `true` turns TCP keep-alive probes on (`SO_KEEPALIVE`); their timing is the system's. */
+  readonly keepAlive?: boolean;
+}
+
+/** Change socket options of this connection now, where its socket allows them. */
+export interface SetOptionsAction {
+  /** Discriminant. */
+  readonly type: "setOptions";
+  /** The options to set; those left out stay as they are. */
+  readonly options: SocketOptions;
+}
+
 /** Any action a handler can yield. */
 export type Action =
   | SendAction
@@ -95,7 +128,10 @@ export type Action =
   | HibernateAction
   | StopAction
   | RecvAction
-  | StartTlsAction;
+  | StartTlsAction
+  | SetFramingAction
+  | CloseWriteAction
+  | SetOptionsAction;
 
 /** What a handler may yield: one action, several in order, or nothing (just wait). */
 export type Yielded = Action | readonly Action[] | undefined | void;
@@ -397,4 +433,90 @@ export function recv(timeoutMs?: number): RecvAction {
  */
 export function startTls(options: StartTlsOptions = {}): StartTlsAction {
   return { type: "startTls", options };
+}
+
+/**
+ * Change the connection's framing at the current frame boundary, in both directions, as
+ * Erlang's `inet:setopts(Socket, [{packet, …}])`: for a protocol that starts with lines and
+ * goes on in length-prefixed frames after a handshake, or in raw bytes for a file transfer.
+ *
+ * - **Output:** what the step sent before it is encoded with the old framing, what is sent
+ *   after it (later in the same yield, in later yields, `conn.send` from outside) with the new
+ *   one.
+ * - **Input:** the switch point is right after the last frame the handler has received. Every
+ *   byte after it is decoded with the new framing: bytes already read, and frames already cut
+ *   from them but not yet delivered (queued, or held for `recv`), are cut again; nothing is lost
+ *   or reordered, however the peer's bytes were split into reads. A `frameError` not yet
+ *   delivered for bytes past the switch point is taken back too.
+ * - Yield it in answer to the packet after which the peer changes framing. The connection ends
+ *   with a `ProtocolError` when the bytes past the switch point can no longer be had: frames
+ *   were decoded from a read whose buffer is reused (`highWaterMark` above 1 lets reading run
+ *   ahead of the handler), or the frame after the switch point began in an earlier read that
+ *   the handler has not answered yet, or a custom decoder lacks `take()` / `heldFrameEnd`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { lengthPrefixed, setFraming } from "./mod.ts";
+ * const action = setFraming(lengthPrefixed(2));
+ * assert.equal(action.type, "setFraming");
+ * assert.equal(action.framing.name, "lengthPrefixed(2)");
+ * assert.throws(() => setFraming("lines" as never), TypeError);
+ * ```
+ */
+export function setFraming<T>(framing: Framing<T>): SetFramingAction {
+  if (
+    typeof framing !== "object" || framing === null || typeof framing.decoder !== "function" ||
+    typeof framing.encode !== "function"
+  ) {
+    throw new TypeError(
+      "setFraming: framing must be a Framing (such as lines() or lengthPrefixed(4)), with " +
+        "decoder() and encode()",
+    );
+  }
+  return { type: "setFraming", framing };
+}
+
+/**
+ * Half-close (TCP's `shutdown(SHUT_WR)`, `Deno.Conn.closeWrite()`): once everything sent before
+ * it has been written, end the writing side, so that the peer reads the end of the stream.
+ * Reading goes on. Frames sent after it (by the handler or from outside) are dropped and counted
+ * in `conn.framesDropped`; `conn.sendSync` rejects. The connection then ends, normally, once
+ * the peer has closed its side too (the handler gets `disconnect` with `side: "read"`, and the
+ * connection ends when it next waits), or when the handler returns or stops. A socket that
+ * cannot half-close (its `closeWrite()` fails) reports it as `disconnect` with
+ * `side: "write"` and the error.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { closeWrite } from "./mod.ts";
+ * assert.deepEqual(closeWrite(), { type: "closeWrite" });
+ * ```
+ */
+export function closeWrite(): CloseWriteAction {
+  return { type: "closeWrite" };
+}
+
+/**
+ * Change socket options of this connection now (Erlang's `inet:setopts`): `noDelay`
+ * (`TCP_NODELAY`) and `keepAlive` (`SO_KEEPALIVE`), the ones Deno can change on a live socket.
+ * Applied where the socket has them: TCP (`tcp()`, and `tls()` on `engine: "node"` or a client
+ * switched with `startTls`); ignored where it has not (`Deno.TlsConn`, Unix sockets, `memory()`).
+ * A value that is not a boolean, or an unknown option, is a `TypeError`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { setOptions } from "./mod.ts";
+ * const action = setOptions({ noDelay: false, keepAlive: true });
+ * assert.deepEqual(action.options, { noDelay: false, keepAlive: true });
+ * assert.throws(() => setOptions({ noDelay: "yes" as never }), TypeError);
+ * assert.throws(() => setOptions({ linger: 0 } as never), TypeError);
+ * ```
+ */
+export function setOptions(options: SocketOptions): SetOptionsAction {
+  const problem = socketOptionsProblem(options);
+  if (problem !== undefined) throw new TypeError(`setOptions: ${problem}`);
+  return { type: "setOptions", options };
 }

@@ -1,21 +1,46 @@
 /**
- * `connect()`: open a connection and drive it with a handler generator, as a server does.
+ * `connect()`: open a connection and drive it with a handler generator, as a server does; with
+ * `reconnect`, one handle that outlives its sockets.
  *
  * @module
  */
 
-import type { FrameOf, Handler } from "./actions.ts";
-import type { Connection, Logger, Mode } from "./connection.ts";
-import { NameTaken } from "./errors.ts";
+import type { Event, FrameOf, Handler } from "./actions.ts";
+import {
+  type CodeChange,
+  Connection,
+  type ConnectionState,
+  type Logger,
+  type Mode,
+} from "./connection.ts";
+import {
+  ConnectionClosed,
+  ConnectionDown,
+  describeReason,
+  NameTaken,
+  TimeoutError,
+} from "./errors.ts";
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, isConnectionId, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
-import type { Transport } from "./transport/transport.ts";
+import type { Conn, Transport } from "./transport/transport.ts";
 import { encodeProxyHeader, type ProxyHeaderInit } from "./transport/proxy.ts";
 import { Driver } from "./_driver.ts";
+import type { ConnectionStats } from "./connection.ts";
+import type { TraceEntry, TraceOption } from "./_trace.ts";
 import { closeQuietly, formatAddr, writeAll } from "./_socket.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
+import { clearTimer, startTimer, type Timer } from "./_timer.ts";
+import {
+  Backoff,
+  type BackoffSettings,
+  backoffSettings,
+  checkReconnect,
+  type ReconnectOptions,
+} from "./_backoff.ts";
+
+export type { ReconnectOptions } from "./_backoff.ts";
 
 /** Options of {@linkcode connect}. */
 export interface ConnectOptions<T = Uint8Array> {
@@ -62,14 +87,44 @@ export interface ConnectOptions<T = Uint8Array> {
    * text before it), which rejects with `Deno.errors.NotSupported`.
    */
   proxyHeader?: ProxyHeaderInit;
+  /**
+   * Reconnect when the connection ends (off by default; `true` or `{}`: the defaults, the
+   * pool's: 1 s initial, ×1.6, 30 s cap, jitter 0.2; see {@linkcode ReconnectOptions}). The
+   * handle `connect` returns then outlives its sockets: when one closes, for whatever reason (the
+   * server went away and the handler returned on `disconnect`, a crash, a `stop` the handler
+   * yielded), the client waits the backoff and connects again, and a fresh handler runs on the
+   * new socket, given the same handle. Its `state` says where it is (`"up"`, `"closing"`,
+   * `"backing-off"`, `"connecting"`), `whenUp()` waits for the next socket; `call`, `send`,
+   * `sendSync`, `cast` and `info` while it has none fail at once with `ConnectionDown` (nothing
+   * is queued). `closed` and `done` settle only once the client stops for good: `conn.stop()`, or
+   * reconnecting gives up after `maxAttempts` (then the reason is a `ConnectionDown` with
+   * `gaveUpAfter`). The first connect is not retried: `connect` rejects as it would without
+   * `reconnect`. The handle keeps one id: the registry holds one entry under it while a socket is
+   * open, and the name (this option's, or the last one registered) is claimed again on each new
+   * socket (if another holds it then, that reconnect fails and backs off). Byte counters,
+   * addresses and `closeReason` are the current socket's.
+   */
+  reconnect?: boolean | ReconnectOptions;
+  /**
+   * Trace the connection (every socket of a reconnecting one): `true` writes each event in and
+   * action out as a line to the logger's `debug`, a function gets each `TraceEntry` (see
+   * `Connection.trace`). Off by default.
+   */
+  trace?: TraceOption;
 }
 
 /**
  * Connect to a server and run `handler` for the connection; resolves with the connection's
- * handle once connected. Fails with `TimeoutError` after `connectTimeout`, `NameTaken` if
- * `name` is held. The handle's `closed` resolves with the close reason; its `done` rejects if
- * the connection ends abnormally (a frame too large, a crash of the handler). Frame types are
- * checked as with {@linkcode serve}.
+ * handle once connected and the handler has run up to its first `yield` (that yield's actions
+ * performed: etcp's `connection_init`). Rejects with the handler's error if it throws before
+ * then, or a `ConnectionClosed` carrying the reason if it returns or yields `stop()` first
+ * (nothing is left open either way); with `TimeoutError` after `connectTimeout` (the connect,
+ * and the handler's start, get as much each), `NameTaken` if `name` is held. The handle's
+ * `closed` resolves with the close reason; its `done` rejects if the connection ends abnormally
+ * (a frame too large, a crash of the handler). Frame types are checked as with
+ * {@linkcode serve}.
+ *
+ * With `reconnect`, the handle outlives its sockets: see {@linkcode ConnectOptions.reconnect}.
  *
  * @example
  * ```ts
@@ -89,6 +144,24 @@ export interface ConnectOptions<T = Uint8Array> {
  * await client.closed;
  * await server.stop();
  * ```
+ *
+ * @example A handler that fails to start fails the connect
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { connect, memory, serve } from "./mod.ts";
+ * const transport = memory("client-start-doc");
+ * const server = await serve(async function* () {
+ *   yield;
+ * }, { transport });
+ * const quiet = { error() {}, warn() {}, debug() {} };
+ * await assert.rejects(
+ *   connect(async function* () {
+ *     throw new Error("no credentials");
+ *   }, { transport, logger: quiet }),
+ *   { message: "no credentials" },
+ * );
+ * await server.stop();
+ * ```
  */
 // deno-lint-ignore no-explicit-any
 export async function connect<H extends Handler<any>>(
@@ -98,6 +171,22 @@ export async function connect<H extends Handler<any>>(
   type T = FrameOf<H>;
   options ??= {} as ConnectOptions<T> & FramingFor<T>;
   checkConnectOptions(handler, options);
+  const backoff = backoffSettings(options.reconnect, false);
+  if (backoff === undefined) return (await dial<T>(handler, options)).handle;
+  return ReconnectingClient.start<T>(handler, options, backoff);
+}
+
+// Open one connection and start its handler: resolves with its driver once the handler has run
+// up to its first yield; whatever fails before then closes what was opened and rejects.
+// `handle` and `made` are a reconnecting client's: the handle its drivers share, and a hook that
+// learns each driver as soon as it exists.
+async function dial<T>(
+  handler: Handler<T>,
+  options: ConnectOptions<T>,
+  handle?: Connection<T>,
+  made?: (driver: Driver<T>) => void,
+  name = options.name,
+): Promise<Driver<T>> {
   const transport = options.transport ?? tcp();
   const timeout = options.connectTimeout ?? 10_000;
   const target = `connect to ${describeTarget(transport, options)}`;
@@ -133,29 +222,311 @@ export async function connect<H extends Handler<any>>(
         kind: "client",
         handshakeTimeout: timeout,
       }),
+      handle,
     );
   } catch (err) {
     closeQuietly(socket); // whatever failed before the handler could run costs this socket only
     throw err;
   }
+  made?.(driver);
   await driver.enroll();
   // The name is claimed before the handler runs: a connect that fails sends nothing.
-  if (options.name !== undefined) {
+  if (name !== undefined) {
     let claimed: boolean;
     try {
-      claimed = await driver.register(options.name);
+      claimed = await driver.register(name);
     } catch (err) {
       await driver.discard(err);
       throw err;
     }
     if (!claimed) {
-      const err = new NameTaken(options.name);
+      const err = new NameTaken(name);
       await driver.discard(err);
       throw err;
     }
   }
+  const started = driver.started();
   driver.start();
-  return driver.handle;
+  try {
+    await withTimeout(started, timeout, `${target}: handler start`);
+  } catch (err) {
+    // Ended before its first wait, or stuck on the way there (then it is stopped at once): the
+    // connect rejects once nothing of it is left.
+    if (driver.state === "up") driver.shutdown("shutdown", 0);
+    await driver.closed;
+    throw err;
+  }
+  return driver;
+}
+
+const enum Phase {
+  Live, // a driver runs (it may be ending: see state)
+  BackingOff,
+  Connecting,
+  Closed,
+}
+
+// A reconnecting client: the target of one `Connection` handle for its whole life, forwarding to
+// the driver of its current socket, and replacing that driver, with backoff, when it closes.
+// One registry entry under the handle's id while a socket is open (each driver enrolls it and
+// removes it), and the name (the option's, or the last one registered) claimed again each time.
+class ReconnectingClient<T> {
+  readonly handle: Connection<T>;
+  #handler: Handler<T>;
+  readonly #options: ConnectOptions<T>;
+  readonly #backoff: Backoff;
+  #driver!: Driver<T>; // the current socket's (the last one's while none is open)
+  #phase = Phase.Connecting;
+  #timer: Timer; // the backoff under way
+  #stop: { reason: unknown; timeout?: number } | null = null; // stop() was called
+  #lastReason: unknown = undefined; // why the last socket closed, or the last connect failed
+  #name: string | undefined; // claimed on each new socket: the option's, or the last registered
+  #finalReason: unknown = undefined;
+  readonly #closed = Promise.withResolvers<unknown>();
+  #upWaiters: Set<{ resolve(): void; reject(err: Error): void; timer: Timer }> | null = null;
+
+  private constructor(handler: Handler<T>, options: ConnectOptions<T>, settings: BackoffSettings) {
+    this.#handler = handler;
+    this.#options = options;
+    this.#name = options.name;
+    this.#backoff = new Backoff(settings);
+    this.handle = new Connection<T>(this);
+  }
+
+  // The first connect is not retried: it resolves or rejects as a plain connect() does.
+  static async start<T>(
+    handler: Handler<T>,
+    options: ConnectOptions<T>,
+    settings: BackoffSettings,
+  ): Promise<Connection<T>> {
+    const client = new ReconnectingClient<T>(handler, options, settings);
+    client.#live(await client.#dial());
+    return client.handle;
+  }
+
+  #dial(): Promise<Driver<T>> {
+    return dial(
+      this.#handler,
+      this.#options,
+      this.handle,
+      (driver) => this.#driver = driver,
+      this.#name,
+    );
+  }
+
+  #live(driver: Driver<T>): void {
+    this.#phase = Phase.Live;
+    this.#backoff.up();
+    driver.closed.then((reason) => this.#dropped(reason));
+    for (const waiter of this.#upWaiters ?? []) {
+      clearTimer(waiter.timer);
+      waiter.resolve();
+    }
+    this.#upWaiters = null;
+    if (this.#stop !== null) driver.shutdown(this.#stop.reason, this.#stop.timeout);
+  }
+
+  // The current socket closed: reconnect after the backoff, unless stopped (or out of attempts).
+  #dropped(reason: unknown): void {
+    this.#lastReason = reason;
+    this.#name = this.#driver.name ?? this.#name;
+    if (this.#stop !== null) return this.#finish(reason);
+    this.#backoff.ended();
+    this.#retry();
+  }
+
+  #retry(): void {
+    const delay = this.#backoff.next();
+    if (delay === undefined) {
+      const err = new ConnectionDown(this.handle.id, this.#lastReason, this.#backoff.failures);
+      this.#logger.warn(`etcp: ${err.message}`);
+      return this.#finish(err);
+    }
+    this.#phase = Phase.BackingOff;
+    this.#timer = startTimer(() => {
+      this.#timer = undefined;
+      this.#phase = Phase.Connecting;
+      this.#dial().then(
+        (driver) => this.#live(driver),
+        (err) => {
+          this.#lastReason = err;
+          if (this.#stop !== null) return this.#finish(this.#stop.reason);
+          this.#logger.debug(
+            `etcp: connection ${this.handle.id}: reconnect failed: ${describeReason(err)}`,
+          );
+          this.#retry();
+        },
+      );
+    }, delay);
+  }
+
+  #finish(reason: unknown): void {
+    if (this.#phase === Phase.Closed) return;
+    this.#phase = Phase.Closed;
+    this.#finalReason = reason;
+    clearTimer(this.#timer);
+    this.#timer = undefined;
+    for (const waiter of this.#upWaiters ?? []) {
+      clearTimer(waiter.timer);
+      waiter.reject(new ConnectionClosed(this.handle.id, reason));
+    }
+    this.#upWaiters = null;
+    this.#closed.resolve(reason);
+  }
+
+  get #logger(): Logger {
+    return this.#options.logger ?? console;
+  }
+
+  // Whether there is an open socket to forward to.
+  get #open(): boolean {
+    return this.#driver.state === "up";
+  }
+
+  // Why there is none: down between sockets, or closed (or stopping) for good.
+  #notOpen(): ConnectionClosed {
+    if (this.#phase === Phase.Closed) {
+      return new ConnectionClosed(this.handle.id, this.#finalReason);
+    }
+    if (this.#stop !== null) return new ConnectionClosed(this.handle.id, this.#stop.reason);
+    return new ConnectionDown(this.handle.id, this.#lastReason);
+  }
+
+  // ---- What the handle reads (see Connection) -------------------------------------------------
+
+  get state(): ConnectionState {
+    switch (this.#phase) {
+      case Phase.Live:
+        return this.#driver.state === "up" ? "up" : "closing";
+      case Phase.BackingOff:
+        return "backing-off";
+      case Phase.Connecting:
+        return "connecting";
+      default:
+        return "closed";
+    }
+  }
+
+  get closed(): Promise<unknown> {
+    return this.#closed.promise;
+  }
+
+  get closeReason(): unknown {
+    return this.#phase === Phase.Closed ? this.#finalReason : this.#driver.closeReason;
+  }
+
+  get name(): string | undefined {
+    return this.#driver.name;
+  }
+
+  get socket(): Conn {
+    return this.#driver.socket;
+  }
+
+  get hibernating(): boolean {
+    return this.#driver.hibernating;
+  }
+
+  get bufferedAmount(): number {
+    return this.#driver.bufferedAmount;
+  }
+
+  get bytesRead(): number {
+    return this.#driver.bytesRead;
+  }
+
+  get bytesWritten(): number {
+    return this.#driver.bytesWritten;
+  }
+
+  get framesDropped(): number {
+    return this.#driver.framesDropped;
+  }
+
+  // The current socket's (observability: conn.stats, handlerState, trace).
+  stats(): ConnectionStats {
+    return this.#driver.stats();
+  }
+
+  get handlerState(): unknown {
+    return this.#driver.handlerState;
+  }
+
+  get metrics(): undefined {
+    return undefined;
+  }
+
+  trace(option: TraceOption): void {
+    this.#driver.trace(option);
+  }
+
+  recentTrace(): TraceEntry[] {
+    return this.#driver.recentTrace();
+  }
+
+  sendFromOutside(data: unknown, sync: boolean): Promise<void> | undefined {
+    if (this.#open) return this.#driver.sendFromOutside(data, sync);
+    const err = this.#notOpen();
+    if (sync) return Promise.reject(err);
+    if (err instanceof ConnectionDown) throw err;
+    return undefined; // dropped, as by any closed connection
+  }
+
+  drain(): Promise<void> {
+    return this.#driver.drain();
+  }
+
+  call(message: unknown, timeout: number): Promise<unknown> {
+    return this.#open ? this.#driver.call(message, timeout) : Promise.reject(this.#notOpen());
+  }
+
+  deliver(ev: Event<T>): void {
+    if (this.#open) return this.#driver.deliver(ev);
+    const err = this.#notOpen();
+    if (err instanceof ConnectionDown) throw err;
+  }
+
+  register(name: string): Promise<boolean> {
+    return this.#driver.register(name);
+  }
+
+  // New code for this socket's handler, and the handler of every socket after it.
+  upgrade(handler: Handler<T>, codeChange?: CodeChange): void {
+    if (this.#phase === Phase.Closed) return;
+    this.#handler = handler;
+    this.#driver.upgrade(handler, codeChange);
+  }
+
+  whenUp(timeout: number): Promise<void> {
+    if (this.state === "up") return Promise.resolve();
+    if (this.#phase === Phase.Closed || this.#stop !== null) return Promise.reject(this.#notOpen());
+    return new Promise((resolve, reject) => {
+      const waiter = { resolve, reject, timer: undefined as Timer };
+      waiter.timer = startTimer(() => {
+        this.#upWaiters?.delete(waiter);
+        reject(
+          new TimeoutError(`whenUp: connection ${this.handle.id} not up within ${timeout} ms`),
+        );
+      }, timeout);
+      (this.#upWaiters ??= new Set()).add(waiter);
+    });
+  }
+
+  // Stop for good: the current socket's handler gets shutdown; a backoff under way stops at
+  // once; a reconnect under way is stopped once it is up (or has failed).
+  shutdown(reason: unknown, timeout?: number): Promise<void> {
+    if (this.#phase !== Phase.Closed) {
+      this.#stop ??= { reason, timeout };
+      if (this.#phase === Phase.BackingOff) this.#finish(reason);
+      else if (this.#phase === Phase.Live) this.#driver.shutdown(reason, timeout);
+      for (const waiter of this.#upWaiters ?? []) {
+        clearTimer(waiter.timer);
+        waiter.reject(this.#notOpen());
+      }
+      this.#upWaiters = null;
+    }
+    return this.#closed.promise.then(() => {});
+  }
 }
 
 // What a connect is to, for messages: the transport's own words, not a TCP default.
@@ -189,4 +560,5 @@ function checkConnectOptions(handler: unknown, options: unknown): void {
     );
   }
   checkConnectionSettings(check);
+  checkReconnect("connect", (options as ConnectOptions).reconnect);
 }

@@ -120,6 +120,43 @@ export class ConnectionClosed extends Error {
 }
 
 /**
+ * A reconnecting client (`connect(…, { reconnect })`) has no socket: its connection dropped and it
+ * has not reconnected yet. `call` and `sendSync` reject with it, `send`, `cast` and `info` throw
+ * it; `conn.whenUp()` waits for the next socket. It is also the close reason of a client whose
+ * reconnecting gave up (`maxAttempts`), with `gaveUpAfter` set. `reason` (and `cause`, if an
+ * `Error`) is why the last connection ended or the last connect failed. A `ConnectionClosed`, so
+ * code that handles that handles this too.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { ConnectionClosed, ConnectionDown } from "./mod.ts";
+ * const err = new ConnectionDown("c4", "normal");
+ * assert.ok(err instanceof ConnectionClosed);
+ * assert.equal(err.name, "ConnectionDown");
+ * assert.equal(err.message, "connection c4 is down, reconnecting (last: normal)");
+ * const gaveUp = new ConnectionDown("c4", new Error("refused"), 5);
+ * assert.equal(gaveUp.gaveUpAfter, 5);
+ * assert.equal(gaveUp.message, "connection c4 gave up reconnecting after 5 attempts (last: Error: refused)");
+ * ```
+ */
+export class ConnectionDown extends ConnectionClosed {
+  /** Attempts made in a row before reconnecting gave up; undefined while it goes on. */
+  readonly gaveUpAfter: number | undefined;
+  /** Make one for client `id`; `reason` is the last end or connect error. */
+  constructor(id: string, reason: unknown, gaveUpAfter?: number) {
+    super(id, reason);
+    this.name = "ConnectionDown";
+    this.gaveUpAfter = gaveUpAfter;
+    this.message = gaveUpAfter === undefined
+      ? `connection ${id} is down, reconnecting (last: ${describeReason(reason)})`
+      : `connection ${id} gave up reconnecting after ${gaveUpAfter} attempts (last: ${
+        describeReason(reason)
+      })`;
+  }
+}
+
+/**
  * A handler broke the protocol: yielded something that is not an action, or an action its
  * connection cannot perform (such as `recv` in active mode).
  *
@@ -228,5 +265,53 @@ export class NameTaken extends Error {
     super(`name "${name}" is already registered`);
     this.name = "NameTaken";
     this.takenName = name;
+  }
+}
+
+/**
+ * A connection lives on another node (process) of a shared registry (`KvRegistry`), and that
+ * node cannot be reached: it stopped or died (its heartbeat is stale), its link refused this
+ * node (a wrong cluster secret), or the link broke while a request was under way. A call to it
+ * fails with this at once rather than waiting for its timeout.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { NodeDown } from "./mod.ts";
+ * const err = new NodeDown("web-2", "its heartbeat stopped");
+ * assert.equal(err.name, "NodeDown");
+ * assert.equal(err.node, "web-2");
+ * assert.equal(err.message, "node web-2 is down: its heartbeat stopped");
+ * ```
+ */
+export class NodeDown extends Error {
+  /** The node that cannot be reached. */
+  readonly node: string;
+  /** Make one for `node`, saying `why`; `options.cause` may hold the error underneath. */
+  constructor(node: string, why: string, options?: ErrorOptions) {
+    super(`node ${node} is down: ${why}`, options);
+    this.name = "NodeDown";
+    this.node = node;
+  }
+}
+
+/**
+ * The Deno KV store behind a `KvRegistry` cannot be opened or used: a path that is not a
+ * database, a missing `--unstable-kv` flag, a node name that a live node already holds.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { RegistryUnavailable } from "./mod.ts";
+ * const err = new RegistryUnavailable("cannot open /nope/kv.db");
+ * assert.equal(err.name, "RegistryUnavailable");
+ * assert.equal(err.message, "cannot open /nope/kv.db");
+ * ```
+ */
+export class RegistryUnavailable extends Error {
+  /** Make one saying what failed; `options.cause` may hold the error underneath. */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "RegistryUnavailable";
   }
 }

@@ -27,13 +27,34 @@ export interface FrameWriter {
 export interface Decoder<T> {
   /** Decode one chunk, emitting every complete frame it finishes. */
   decode(chunk: Uint8Array, emit: (frame: T) => void): void;
-  /** Bytes held for a frame not yet complete. */
+  /** Bytes held for a frame not yet complete: the last `buffered` bytes decoded. */
   readonly buffered: number;
   /**
    * Optional: the rest of a large frame in progress, for the next read to fill in place (saving
    * a copy). The caller then passes the filled part of that same view to `decode`.
    */
   readInto?(): Uint8Array | undefined;
+  /**
+   * Optional, for a connection that switches framing (`setFraming`): hand over the bytes held
+   * for a frame not yet complete, and forget them. Without it, a switch while bytes are held
+   * is a `ProtocolError`.
+   */
+  take?(): Uint8Array;
+  /**
+   * Optional, for `setFraming` when frames past the switch point were already decoded: where
+   * the frame held before the last `decode` call (begun in an earlier chunk) ended in that
+   * call's chunk, the offset just past its last byte; -1 if that call finished none. Without
+   * it, such a switch after a read that finished a frame begun in an earlier read is a
+   * `ProtocolError`.
+   */
+  readonly heldFrameEnd?: number;
+  /**
+   * Optional: `true` if the frames this decoder emits are lent, views of memory it (or the
+   * caller's chunk) reuses at the next `decode`. A connection then reads again only once every
+   * frame of the last read has been handed to the handler and the handler has asked for its next
+   * event (whatever `highWaterMark` says), so a frame stays valid for the handler's step.
+   */
+  readonly lends?: boolean;
 }
 
 /**
@@ -124,19 +145,73 @@ function checkMaxLength(fn: string, maxLength: unknown, fallback: number): numbe
 
 class RawDecoder implements Decoder<Uint8Array> {
   readonly buffered = 0;
+  readonly lends: boolean;
+  #lastChunk: ArrayBufferLike | null = null; // lending: the memory of the frames lent last
+  constructor(lends: boolean) {
+    this.lends = lends;
+  }
   decode(chunk: Uint8Array, emit: (frame: Uint8Array) => void): void {
-    if (chunk.length > 0) emit(chunk.slice());
+    if (chunk.length === 0) return;
+    if (this.lends) this.#lastChunk = chunk.buffer;
+    emit(this.lends ? chunk : chunk.slice());
+  }
+  // As LengthPrefixedDecoder.lentView: a raw frame is its own encoding.
+  lentView(frame: Uint8Array, encode: unknown): Uint8Array | undefined {
+    return encode === writeBytesLike && frame.buffer === this.#lastChunk ? frame : undefined;
   }
 }
 
 const RAW: Framing<Uint8Array> = {
   name: "raw",
-  decoder: () => new RawDecoder(),
+  decoder: () => new RawDecoder(false),
   encode: writeBytesLike as (frame: Uint8Array, out: FrameWriter) => void,
 };
 
+const RAW_LENT: Framing<Uint8Array> = {
+  ...RAW,
+  decoder: () => new RawDecoder(true),
+};
+
+/** Whether received frames are lent (the option of {@linkcode raw} and {@linkcode lengthPrefixed}). */
+export interface LendOptions {
+  /**
+   * Lend each received frame to the handler for one step instead of giving it (default
+   * `false`). A lent frame is a view of the connection's read memory, valid until the handler's
+   * next `yield`: the library then reads into that memory again. Whatever the step does with it
+   * is fine (`send(ev.data)` copies it into the output); what must outlive the step, kept in a
+   * variable or passed to another connection's `call`, `cast` or `info`, must be a
+   * `ev.data.slice()`. A frame kept without `slice()` is overwritten by later input. Reading
+   * waits for the handler as if `highWaterMark` were 1 (passive mode is unaffected). This saves
+   * an allocation and a copy per read, and for frames of 16 KiB and more an allocation per frame
+   * (the frame's memory is reused for the next). Anything but a boolean throws a `TypeError`.
+   *
+   * @example Frames lent are views of the bytes read
+   * ```ts
+   * import assert from "node:assert/strict";
+   * import { decodeFrames, lengthPrefixed } from "./mod.ts";
+   * const bytes = new Uint8Array([0, 2, 7, 8, 0, 1, 9]);
+   * const [a, b] = decodeFrames(lengthPrefixed(2, { lend: true }), bytes);
+   * assert.deepEqual(a, new Uint8Array([7, 8]));
+   * assert.equal(a.buffer, bytes.buffer); // not a copy
+   * assert.deepEqual(b, new Uint8Array([9]));
+   * assert.throws(() => lengthPrefixed(2, { lend: "yes" as unknown as boolean }), TypeError);
+   * ```
+   */
+  lend?: boolean;
+}
+
+/** `lend` of `fn`: a boolean, false when undefined. */
+function checkLend(fn: string, lend: unknown): boolean {
+  if (lend === undefined) return false;
+  if (typeof lend !== "boolean") {
+    throw new TypeError(`${fn}: lend must be a boolean, not ${describeValue(lend)}`);
+  }
+  return lend;
+}
+
 /**
- * No framing: each chunk is delivered as it was read, and sent data is written as is.
+ * No framing: each chunk is delivered as it was read, and sent data is written as is. With
+ * `{ lend: true }` each chunk is lent for one step (see {@linkcode LendOptions}).
  *
  * @example
  * ```ts
@@ -147,12 +222,14 @@ const RAW: Framing<Uint8Array> = {
  * assert.deepEqual(decodeFrames(framing, new Uint8Array([1, 2, 3])), [new Uint8Array([1, 2, 3])]);
  * ```
  */
-export function raw(): Framing<Uint8Array> {
-  return RAW;
+export function raw(options?: LendOptions): Framing<Uint8Array> {
+  return checkLend("raw", checkOptions("raw", options).lend) ? RAW_LENT : RAW;
 }
 
 // A frame with at least this much still to come is read straight into its own buffer.
 const DIRECT_READ = 16 * 1024;
+// Lending: the memory of a frame that spans reads is kept for the next such frame up to this size.
+const KEEP_SPARE = 256 * 1024;
 
 class LengthPrefixedDecoder implements Decoder<Uint8Array> {
   readonly #size: 1 | 2 | 4;
@@ -161,10 +238,62 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
   #headerBytes = 0;
   #frame: Uint8Array | null = null; // a frame being filled across reads
   #filled = 0;
+  #heldFrameEnd = -1;
+  readonly lends: boolean;
+  readonly #encode: unknown; // the encode of the framing this decoder belongs to
+  // Lending: the memory of the last large frame, reused for the next one once that is no
+  // longer lent (at the next decode call), so that large frames cost no allocation each. A frame
+  // in it is preceded by its header, as in a chunk (see lentView).
+  #spare: Uint8Array | null = null;
+  #spareLent = false; // a frame in #spare was emitted in this decode call
+  #lastChunk: ArrayBufferLike | null = null; // lending: the memory of the last chunk decoded
 
-  constructor(size: 1 | 2 | 4, max: number) {
+  constructor(size: 1 | 2 | 4, max: number, lends: boolean, encode: unknown) {
     this.#size = size;
     this.#max = max;
+    this.lends = lends;
+    this.#encode = encode;
+  }
+
+  // Memory for a frame of `length` bytes that spans reads. Lending, it is preceded by its header.
+  #newFrame(length: number): Uint8Array {
+    if (!this.lends) return new Uint8Array(length);
+    const n = this.#size;
+    let memory = this.#spare;
+    if (memory === null || this.#spareLent || memory.length < n + length) {
+      memory = new Uint8Array(n + length);
+      if (n + length <= KEEP_SPARE) this.#spare = memory;
+    }
+    for (let k = n - 1, v = length; k >= 0; k--, v = Math.floor(v / 256)) memory[k] = v;
+    return memory.subarray(n, n + length);
+  }
+
+  /**
+   * A frame this decoder lent in its last `decode`, encoded by the framing whose `encode` is
+   * `encode`: its header and bytes as they lie in memory, one view, if that is exactly its
+   * encoding (the header just before it, intact); else undefined. Lets a connection send a lent
+   * frame back without copying it.
+   */
+  lentView(frame: Uint8Array, encode: unknown): Uint8Array | undefined {
+    const buffer = frame.buffer;
+    if (
+      encode !== this.#encode || frame.length > this.#max ||
+      (buffer !== this.#lastChunk && buffer !== this.#spare?.buffer)
+    ) return undefined;
+    const n = this.#size;
+    const at = frame.byteOffset - n;
+    if (at < 0) return undefined;
+    const view = new Uint8Array(buffer, at, n + frame.length);
+    for (let k = n - 1, v = frame.length; k >= 0; k--, v = Math.floor(v / 256)) {
+      if (view[k] !== (v & 0xff)) return undefined;
+    }
+    return view;
+  }
+
+  // Hand over a finished frame; a lent one in #spare keeps #spare busy for this call.
+  #emitFrame(frame: Uint8Array, emit: (frame: Uint8Array) => void): void {
+    if (frame.buffer === this.#spare?.buffer) this.#spareLent = true;
+    emit(frame);
   }
 
   get buffered(): number {
@@ -178,8 +307,34 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
     return frame.subarray(this.#filled);
   }
 
+  get heldFrameEnd(): number {
+    return this.#heldFrameEnd;
+  }
+
+  take(): Uint8Array {
+    const n = this.#size;
+    const frame = this.#frame;
+    let held: Uint8Array;
+    if (frame !== null) {
+      held = new Uint8Array(n + this.#filled);
+      for (let k = n - 1, v = frame.length; k >= 0; k--, v = Math.floor(v / 256)) held[k] = v;
+      held.set(frame.subarray(0, this.#filled), n);
+    } else {
+      held = new Uint8Array(this.#headerBytes);
+      for (let k = held.length - 1, v = this.#header; k >= 0; k--, v = Math.floor(v / 256)) {
+        held[k] = v;
+      }
+    }
+    this.#frame = null;
+    this.#filled = this.#header = this.#headerBytes = 0;
+    return held;
+  }
+
   decode(chunk: Uint8Array, emit: (frame: Uint8Array) => void): void {
     const frame = this.#frame;
+    this.#heldFrameEnd = -1;
+    this.#spareLent = false; // what was lent before this call is no longer
+    if (this.lends) this.#lastChunk = chunk.buffer;
     if (
       frame !== null && chunk.buffer === frame.buffer &&
       chunk.byteOffset === frame.byteOffset + this.#filled
@@ -189,13 +344,15 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
       if (this.#filled === frame.length) {
         this.#frame = null;
         this.#filled = 0;
-        emit(frame);
+        this.#heldFrameEnd = chunk.length;
+        this.#emitFrame(frame, emit);
       }
       return;
     }
     const n = this.#size;
     const end = chunk.length;
     let i = 0;
+    let held = frame !== null || this.#headerBytes > 0; // a frame begun in an earlier chunk
     // Whole frames of this chunk are views of one copy of it, made at the first: a buffer
     // allocation per read rather than per frame.
     let copy: Uint8Array | null = null;
@@ -210,7 +367,11 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
         if (this.#filled === frame.length) {
           this.#frame = null;
           this.#filled = 0;
-          emit(frame);
+          if (held) {
+            held = false;
+            this.#heldFrameEnd = i;
+          }
+          this.#emitFrame(frame, emit);
         }
         continue;
       }
@@ -231,15 +392,27 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
         this.#headerBytes = 0;
       }
       if (length > this.#max) throw new FrameTooLarge(length, this.#max);
-      if (end - i >= length) {
+      if (end - i >= length && this.lends) {
+        // Lent: a view of the chunk itself, no copy.
+        if (held) {
+          held = false;
+          this.#heldFrameEnd = i + length;
+        }
+        emit(chunk.subarray(i, i + length));
+        i += length;
+      } else if (end - i >= length) {
         if (copy === null) {
           copy = chunk.slice(i);
           copyAt = i;
         }
+        if (held) {
+          held = false;
+          this.#heldFrameEnd = i + length;
+        }
         emit(copy.subarray(i - copyAt, i - copyAt + length));
         i += length;
       } else {
-        const partial = new Uint8Array(length);
+        const partial = this.#newFrame(length);
         partial.set(chunk.subarray(i), 0);
         this.#frame = partial;
         this.#filled = end - i;
@@ -250,7 +423,7 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
 }
 
 /** Options of {@linkcode lengthPrefixed}. */
-export interface LengthPrefixedOptions {
+export interface LengthPrefixedOptions extends LendOptions {
   /**
    * The largest frame accepted or sent, in bytes: a non-negative integer, or `Infinity`. It is
    * capped at what the prefix can express (255 for 1 byte, 65535 for 2, 2³² − 1 for 4), so
@@ -295,18 +468,21 @@ export function lengthPrefixed(
     checkMaxLength("lengthPrefixed", opts.maxLength, 8 * 1024 * 1024),
     limit,
   );
+  const lend = checkLend("lengthPrefixed", opts.lend);
+  const encode = (frame: BytesLike, out: FrameWriter) => {
+    const data = typeof frame === "string" ? textEncoder.encode(frame) : frame;
+    if (!(data instanceof Uint8Array)) {
+      throw new TypeError(`cannot send ${typeof frame}: expected Uint8Array or string`);
+    }
+    if (data.length > maxLength) throw new FrameTooLarge(data.length, maxLength);
+    out.writeUint(data.length, bytes);
+    out.write(data);
+  };
   return {
     name: `lengthPrefixed(${bytes})`,
-    decoder: () => new LengthPrefixedDecoder(bytes, maxLength),
-    encode(frame: BytesLike, out: FrameWriter) {
-      const data = typeof frame === "string" ? textEncoder.encode(frame) : frame;
-      if (!(data instanceof Uint8Array)) {
-        throw new TypeError(`cannot send ${typeof frame}: expected Uint8Array or string`);
-      }
-      if (data.length > maxLength) throw new FrameTooLarge(data.length, maxLength);
-      out.writeUint(data.length, bytes);
-      out.write(data);
-    },
+    // (The decoder knows its framing's encode: a lent frame sent back with it needs no copy.)
+    decoder: () => new LengthPrefixedDecoder(bytes, maxLength, lend, encode),
+    encode,
   };
 }
 
@@ -363,6 +539,7 @@ class LinesDecoder implements Decoder<string> {
   readonly #fatal: boolean; // invalidUtf8: "error"
   #held = new WriteBuffer(); // the start of a line not yet ended
   #lines = 0; // lines decoded so far, to say which one is bad
+  #heldFrameEnd = -1;
 
   constructor(max: number, fatal: boolean) {
     this.#max = max;
@@ -373,9 +550,20 @@ class LinesDecoder implements Decoder<string> {
     return this.#held.length;
   }
 
+  get heldFrameEnd(): number {
+    return this.#heldFrameEnd;
+  }
+
+  take(): Uint8Array {
+    const held = this.#held.bytes();
+    this.#held = new WriteBuffer();
+    return held;
+  }
+
   decode(chunk: Uint8Array, emit: (frame: string) => void): void {
     let start = 0;
     let blockTried = false;
+    this.#heldFrameEnd = -1;
     for (;;) {
       if (!blockTried && this.#held.length === 0) {
         blockTried = true;
@@ -398,6 +586,7 @@ class LinesDecoder implements Decoder<string> {
         this.#held.write(line);
         line = this.#held.bytes();
         this.#held = new WriteBuffer();
+        this.#heldFrameEnd = nl + 1;
       }
       if (line.length > 0 && line[line.length - 1] === CR) line = line.subarray(0, line.length - 1);
       if (line.length > this.#max) throw new FrameTooLarge(line.length, this.#max);

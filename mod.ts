@@ -1,8 +1,9 @@
 /**
  * etcp for Deno: TCP servers and clients in which every connection is its own logical
  * process, an async generator that yields actions (`send`, `reply`, `setTimeout`,
- * `hibernate`, `stop`, `recv`) and receives events (`packet`, `call`, `cast`, `info`,
- * `timeout`, `disconnect`, `shutdown`, `upgrade`).
+ * `hibernate`, `stop`, `recv`, `startTls`, `setFraming`, `closeWrite`, `setOptions`) and
+ * receives events (`packet`, `call`, `cast`, `info`, `timeout`, `disconnect`, `shutdown`,
+ * `upgrade`).
  *
  * @example An echo server
  * ```ts
@@ -30,11 +31,23 @@
  * @module
  */
 
-export { hibernate, recv, reply, send, setTimeout, startTls, stop } from "./actions.ts";
+export {
+  closeWrite,
+  hibernate,
+  recv,
+  reply,
+  send,
+  setFraming,
+  setOptions,
+  setTimeout,
+  startTls,
+  stop,
+} from "./actions.ts";
 export type {
   Action,
   CallEvent,
   CastEvent,
+  CloseWriteAction,
   DisconnectEvent,
   Event,
   FrameErrorEvent,
@@ -49,8 +62,11 @@ export type {
   RecvTimeoutEvent,
   ReplyAction,
   SendAction,
+  SetFramingAction,
+  SetOptionsAction,
   SetTimeoutAction,
   ShutdownEvent,
+  SocketOptions,
   StartTlsAction,
   StartTlsOptions,
   StopAction,
@@ -59,32 +75,76 @@ export type {
   Yielded,
 } from "./actions.ts";
 export { Connection } from "./connection.ts";
-export type { CallOptions, CodeChange, Logger, Mode, StopOptions } from "./connection.ts";
+export type {
+  CallOptions,
+  CodeChange,
+  ConnectionState,
+  ConnectionStats,
+  HandlerStatus,
+  Logger,
+  Mode,
+  SendSyncOptions,
+  StopOptions,
+  TraceEntry,
+  TraceKind,
+  TraceOption,
+  WhenUpOptions,
+} from "./connection.ts";
 export {
   BufferFull,
   ConnectionClosed,
+  ConnectionDown,
   FrameTooLarge,
   MalformedFrame,
   NameTaken,
+  NodeDown,
   ProtocolError,
+  RegistryUnavailable,
   TimeoutError,
 } from "./errors.ts";
 export { decodeFrames, encodeFrames, lengthPrefixed, lines, raw } from "./framing.ts";
+export { batch } from "./batch.ts";
 export type {
   BytesLike,
   Decoder,
   FrameWriter,
   Framing,
   FramingFor,
+  LendOptions,
   LengthPrefixedOptions,
   LinesOptions,
 } from "./framing.ts";
+export { resp, RespError, RespPush, RespSimpleString } from "./resp.ts";
+export type { RespOptions, RespValue } from "./resp.ts";
 export { defaultRegistry, MemoryRegistry } from "./registry.ts";
 export type { ConnectionRef, ListFilter, Registry, RegistryEntry } from "./registry.ts";
+export { KvRegistry } from "./kv_registry.ts";
+export type { KvRegistryLinkOptions, KvRegistryOptions } from "./kv_registry.ts";
+export { serveWorkers, workerContext } from "./workers.ts";
+export type {
+  ServeWorkersOptions,
+  WorkerContext,
+  WorkerGroup,
+  WorkerInfo,
+  WorkerRegistryOptions,
+  WorkerServeOptions,
+  WorkerState,
+} from "./workers.ts";
 export { serve, Server } from "./server.ts";
-export type { AcceptorInfo, ServeOptions, ServerStatus, UpgradeOptions } from "./server.ts";
+export type {
+  AcceptorInfo,
+  ConnectionAlarm,
+  CountComparison,
+  ServeOptions,
+  ServerSettings,
+  ServerStats,
+  ServerStatus,
+  SuspendOptions,
+  UpgradeOptions,
+  WaitForConnectionsOptions,
+} from "./server.ts";
 export { connect } from "./client.ts";
-export type { ConnectOptions } from "./client.ts";
+export type { ConnectOptions, ReconnectOptions } from "./client.ts";
 export { createPool, Pool, PoolUnavailable } from "./pool.ts";
 export type {
   CheckoutOptions,
@@ -92,12 +152,22 @@ export type {
   PoolAddressStats,
   PoolCallOptions,
   PoolConnectionState,
+  PoolExit,
+  PoolExitDecision,
   PoolOptions,
   PoolStats,
   PoolStopOptions,
   PoolStrategy,
   PoolUnavailableReason,
 } from "./pool.ts";
+export { Observer, serveObserver } from "./observer.ts";
+export type {
+  ObservedConnection,
+  ObservedConnectionDetail,
+  ObserverOptions,
+  ObserverOverview,
+  ObserverTarget,
+} from "./observer.ts";
 export { tcp } from "./transport/tcp.ts";
 export type { TcpOptions } from "./transport/tcp.ts";
 export { memory } from "./transport/memory.ts";

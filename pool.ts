@@ -7,15 +7,31 @@
 
 import type { FrameOf, Handler } from "./actions.ts";
 import { connect, type ConnectOptions } from "./client.ts";
-import type { CallOptions, Connection, Logger, Mode } from "./connection.ts";
-import { describeReason, isNormalReason, TimeoutError } from "./errors.ts";
+import type { CallOptions, Connection, Logger, Mode, SendSyncOptions } from "./connection.ts";
+import type { UpgradeOptions } from "./server.ts";
+import { describeReason, describeValue, isNormalReason, TimeoutError } from "./errors.ts";
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
 import { checkConnectionSettings, checkHandler, OptionCheck } from "./_options.ts";
-import { clearTimer, isDelay, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
+import { clearTimer, isDelay, startTimer, type Timer } from "./_timer.ts";
 import { withTimeout } from "./_with_timeout.ts";
+import type { TraceOption } from "./_trace.ts";
+import { ClosedTotals } from "./_stats.ts";
+import {
+  type MetricsSample,
+  metricsOn,
+  observeMetrics,
+  type OwnerMetrics,
+} from "./_metrics.ts";
+import {
+  Backoff,
+  type BackoffSettings,
+  backoffSettings,
+  checkReconnect,
+  type ReconnectOptions,
+} from "./_backoff.ts";
 
 /** Where a pool connects: a TCP `{ hostname, port }`, or any transport's address. */
 export interface PoolAddress {
@@ -86,33 +102,54 @@ export interface PoolOptions<T = Uint8Array> {
   logger?: Logger;
   /**
    * Reconnection, on by default (`false`: a slot whose connect fails or whose connection ends
-   * stays `"down"`; `true` or `{}`: the defaults). A slot whose connect fails, or whose
-   * connection ends for any reason (a dead server, a handler that throws or returns, a
-   * `conn.stop()`), goes `"backing-off"`, waits, then connects again under the same hash
-   * identity; a fresh handler runs on the new socket. Not while the pool stops or the slot's
-   * address is removed.
-   *
-   * The wait after the n-th failure in a row (n = 0, 1, 2, …) is gRPC's connection backoff with
-   * the jitter spread over its full range: let `d = min(initialDelay × multiplier^n, maxDelay)`;
-   * the wait is drawn uniformly from `[d × (1 − jitter), d × (1 + jitter)]` (so `jitter: 0.2`
-   * is d ± 20 %, mean d; `jitter: 1` is uniform over `[0, 2d]`, AWS's "full jitter" scaled to
-   * mean d; `jitter: 0` is exactly d). It is measured from the failure or the end of the
-   * connection. A failure is a connect that fails or a connection that ends less than
-   * `initialDelay` ms after it came up; one that stayed up at least that long resets n to 0
-   * (its end is still followed by a wait of about `initialDelay`). So a handler that throws on
-   * every connect backs off to `maxDelay` like a dead server, never faster.
+   * stays `"down"`; `true` or `{}`: the defaults, 1 s initial, ×1.6, 30 s cap, jitter 0.2). A
+   * slot whose connect fails (its handler's start included), or whose connection ends for any
+   * reason (a dead server, a handler that throws or returns, a `conn.stop()`), goes
+   * `"backing-off"`, waits (see {@linkcode ReconnectOptions} for the wait), then connects again
+   * under the same hash identity; a fresh handler runs on the new socket. Not while the pool
+   * stops or the slot's address is removed. With `maxAttempts`, a slot that fails that many
+   * times in a row stays `"down"`. `onExit` may decide otherwise, connection by connection.
    */
-  reconnect?: boolean | {
-    /** Milliseconds before the first reconnect (default 1000). */
-    initialDelay?: number;
-    /** Factor by which each failure in a row multiplies the delay (default 1.6, at least 1). */
-    multiplier?: number;
-    /** Cap of the delay before jitter (default 30000). */
-    maxDelay?: number;
-    /** Fraction of the delay drawn at random, from 0 to 1 (default 0.2; see above). */
-    jitter?: number;
-  };
+  reconnect?: boolean | ReconnectOptions;
+  /**
+   * What to do when a connection ends or a connect fails (etcp's pool `handle_exit`): return
+   * `"restart"` (connect again now), `{ restart: ms }` (after `ms`), `"delete"` (take the slot
+   * out of the pool), `"stop"` (stop the pool), or nothing for the default: reconnect after
+   * `exit.delay` (the backoff), or stay `"down"` if reconnection is off or has given up. Not
+   * called for the connections the pool ends itself (`stop`, `removeAddress`). If it throws or
+   * returns something else, that is logged and the default applies.
+   */
+  onExit?: (exit: PoolExit<T>) => PoolExitDecision | void;
+  /** Trace every connection of the pool (see `ConnectOptions.trace`). Off by default. */
+  trace?: TraceOption;
+  /**
+   * Report OpenTelemetry metrics, as `ServeOptions.metrics` says (the same names, with
+   * `etcp.kind` `"pool"`, and `etcp.pool.reconnects`). Default: on if `OTEL_DENO=true`.
+   */
+  metrics?: boolean;
 }
+
+/** What {@linkcode PoolOptions.onExit} is told of a connection that ended or a connect that failed. */
+export interface PoolExit<T = Uint8Array> {
+  /** The label of the slot's address. */
+  address: string;
+  /** The connection that ended; undefined if the connect failed. */
+  connection?: Connection<T>;
+  /** The connection's close reason, or the connect's error. */
+  reason: unknown;
+  /**
+   * Milliseconds the default would wait before reconnecting (the backoff); undefined if
+   * reconnection is off, or has given up (`maxAttempts`).
+   */
+  delay?: number;
+}
+
+/**
+ * What {@linkcode PoolOptions.onExit} decides: connect again now (`"restart"`) or after `ms`
+ * (`{ restart: ms }`), take the slot out of the pool (`"delete"`), stop the pool (`"stop"`), or
+ * the default (`undefined`).
+ */
+export type PoolExitDecision = "restart" | { restart: number } | "delete" | "stop" | undefined;
 
 /** Why a pool could not serve a request. */
 export type PoolUnavailableReason = "down" | "busy" | "queue-full" | "timeout" | "stopped";
@@ -169,8 +206,8 @@ export class PoolUnavailable extends Error {
 }
 
 /**
- * The state of one pool connection slot: `"backing-off"` waits to reconnect; `"down"` will not
- * (reconnection off, or the pool stopping).
+ * The state of one pool connection slot: `"backing-off"` waits to reconnect (after the backoff,
+ * or as `onExit` said); `"down"` will not (reconnection off or given up, or the pool stopping).
  */
 export type PoolConnectionState = "connecting" | "up" | "draining" | "backing-off" | "down";
 
@@ -218,6 +255,18 @@ export interface PoolStats {
   reconnects: number;
   /** Failures (see {@linkcode PoolAddressStats.failures}), over every address. */
   failures: number;
+  /** Open connections whose handler is hibernating. */
+  hibernated: number;
+  /** Connections that have closed, by reason (as `ServerStats.closedByReason` counts them). */
+  closedByReason: Record<string, number>;
+  /** Bytes read, over every connection the pool has had. */
+  bytesIn: number;
+  /** Bytes written, over every connection the pool has had. */
+  bytesOut: number;
+  /** Frames received, over every connection the pool has had. */
+  framesIn: number;
+  /** Frames sent, over every connection the pool has had. */
+  framesOut: number;
 }
 
 /** Options of {@linkcode Pool.call}. */
@@ -252,9 +301,8 @@ interface Slot<T> {
   inFlight: number;
   checkedOut: boolean;
   drained?: () => void; // called once inFlight is 0 and not checked out, while draining
-  backoffs: number; // waits since a connection last stayed up: the next delay's exponent
-  upSince: number; // performance.now() when the connection came up
-  timer?: Timer; // the backoff under way
+  readonly backoff?: Backoff; // with reconnection on
+  timer?: Timer; // the wait before a reconnect
 }
 
 // One address and what is known of it.
@@ -270,26 +318,16 @@ interface Site {
   removed: boolean;
 }
 
-/** Reconnection settings, with the defaults filled in. */
-interface Backoff {
-  initialDelay: number;
-  multiplier: number;
-  maxDelay: number;
-  jitter: number;
-}
-
-/** The wait after `n` backoffs in a row (see `PoolOptions.reconnect`). */
-function backoffDelay(b: Backoff, n: number, random = Math.random): number {
-  const d = Math.min(b.initialDelay * b.multiplier ** n, b.maxDelay);
-  return d * (1 - b.jitter + 2 * b.jitter * random());
-}
-
 interface Waiter<T> {
   exclusive: boolean;
   key?: string;
   resolve(slot: Slot<T>): void;
   reject(err: Error): void;
   timer?: Timer;
+}
+
+function isFiniteDelay(value: unknown): boolean {
+  return isDelay(value) && value !== Infinity;
 }
 
 // Whether `slot` may take a request: up and not checked out.
@@ -365,37 +403,10 @@ function checkPoolOptions(handler: unknown, options: unknown): void {
   check.delay("acquireTimeout");
   check.number("maxQueued", 0, { integer: true, infinite: true });
   if (typeof o.waitReady !== "boolean") check.delay("waitReady");
+  check.function("onExit");
+  check.boolean("metrics");
   checkConnectionSettings(check);
-  checkReconnect(o.reconnect);
-}
-
-function checkReconnect(reconnect: unknown): void {
-  if (reconnect === undefined || typeof reconnect === "boolean") return;
-  if (reconnect === null || typeof reconnect !== "object") {
-    throw new TypeError(
-      `createPool: option reconnect must be false, true or { initialDelay, multiplier, maxDelay, jitter }, not ${
-        typeof reconnect === "string" ? JSON.stringify(reconnect) : String(reconnect)
-      }`,
-    );
-  }
-  const check = new OptionCheck("createPool: reconnect", reconnect);
-  check.number("initialDelay", 0);
-  check.number("multiplier", 1);
-  check.number("maxDelay", 0);
-  check.number("jitter", 0);
-  const r = reconnect as Record<string, number | undefined>;
-  for (const name of ["initialDelay", "maxDelay"]) {
-    if ((r[name] ?? 0) > MAX_DELAY) {
-      throw new RangeError(
-        `createPool: reconnect: option ${name} must be at most ${MAX_DELAY} ms, not ${r[name]}`,
-      );
-    }
-  }
-  if ((r.jitter ?? 0) > 1) {
-    throw new RangeError(
-      `createPool: reconnect: option jitter must be a number from 0 to 1, not ${r.jitter}`,
-    );
-  }
+  checkReconnect("createPool", o.reconnect);
 }
 
 function checkAddress(where: string, address: unknown): void {
@@ -443,7 +454,12 @@ export async function createPool<H extends Handler<any>>(
   options: PoolOptions<FrameOf<H>> & FramingFor<FrameOf<H>>,
 ): Promise<Pool<FrameOf<H>>> {
   checkPoolOptions(handler, options);
-  const pool = new Pool<FrameOf<H>>(handler, options as PoolOptions<FrameOf<H>>, poolToken);
+  const metrics = await metricsOn(options.metrics, options.logger);
+  const pool = new Pool<FrameOf<H>>(
+    handler,
+    { ...options, metrics } as PoolOptions<FrameOf<H>>,
+    poolToken,
+  );
   const wait = options.waitReady === true
     ? options.connectTimeout ?? 10_000
     : options.waitReady === false
@@ -502,19 +518,19 @@ export class Pool<T = Uint8Array> {
   readonly name: string;
   /**
    * Resolves once a connection is up. Rejects with `PoolUnavailable` if the pool stops first,
-   * or, with reconnection off, once every connect has failed; with reconnection on it waits
-   * (bound it with `waitReady`).
+   * or once no slot can come up any more (every connect failed with reconnection off, or after
+   * `maxAttempts`); with reconnection on it waits (bound it with `waitReady`).
    */
   readonly ready: Promise<void>;
   // deno-lint-ignore no-explicit-any
-  readonly #handler: Handler<any>;
+  #handler: Handler<any>; // replaced by upgrade()
   readonly #options: PoolOptions<T>;
   readonly #registry: Registry;
   readonly #size: number;
   readonly #strategy: PoolStrategy;
   readonly #acquireTimeout: number;
   readonly #maxQueued: number;
-  readonly #backoff: Backoff | undefined;
+  readonly #backoff: BackoffSettings | undefined;
   readonly #sites = new Map<string, Site>();
   readonly #slots: Slot<T>[] = [];
   readonly #waiters: Waiter<T>[] = [];
@@ -523,6 +539,8 @@ export class Pool<T = Uint8Array> {
   #isReady = false;
   #next = 0;
   #stopping: Promise<void> | undefined; // set by stop(): the pool is closing
+  readonly #closedTotals = new ClosedTotals(); // of the connections that have closed
+  readonly #metrics: OwnerMetrics | undefined; // with metrics on (loaded by createPool)
 
   /** Made by {@linkcode createPool}; not constructed directly. */
   constructor(
@@ -542,19 +560,27 @@ export class Pool<T = Uint8Array> {
     this.#acquireTimeout = options.acquireTimeout ??
       (queueing ? options.connectTimeout ?? 10_000 : 0);
     this.#maxQueued = options.maxQueued ?? (this.#acquireTimeout > 0 ? Infinity : 0);
-    const r = options.reconnect ?? true;
-    this.#backoff = r === false ? undefined : {
-      initialDelay: (r === true ? undefined : r.initialDelay) ?? 1000,
-      multiplier: (r === true ? undefined : r.multiplier) ?? 1.6,
-      maxDelay: (r === true ? undefined : r.maxDelay) ?? 30_000,
-      jitter: (r === true ? undefined : r.jitter) ?? 0.2,
-    };
+    this.#backoff = backoffSettings(options.reconnect, true);
+    this.#metrics = options.metrics
+      ? observeMetrics({ name: this.name, kind: "pool", sample: () => this.#sample() })
+      : undefined;
     this.ready = this.#ready.promise;
     this.ready.catch(() => {});
     for (const address of options.addresses) {
       const site = this.#site(address);
       for (let i = 0; i < this.#size; i++) this.#open(site).catch(() => {});
     }
+  }
+
+  /**
+   * Switch to new code, as `Server.upgrade` does: connections made from now on (reconnects,
+   * added ones) run `handler`, and each live one is upgraded as by `Connection.upgrade` (a
+   * hibernated one at its next wake, after `codeChange(state)`; a running one gets an `upgrade`
+   * event and switches when it hibernates).
+   */
+  upgrade(handler: Handler<T>, options: UpgradeOptions = {}): void {
+    this.#handler = handler;
+    for (const slot of this.#slots) slot.conn?.upgrade(handler, options);
   }
 
   // ---- Addresses and connections ---------------------------------------------------------------
@@ -607,8 +633,7 @@ export class Pool<T = Uint8Array> {
       state: "connecting",
       inFlight: 0,
       checkedOut: false,
-      backoffs: 0,
-      upSince: 0,
+      backoff: this.#backoff && new Backoff(this.#backoff),
     };
     this.#slots.push(slot);
     return this.#connect(slot, false);
@@ -633,6 +658,7 @@ export class Pool<T = Uint8Array> {
       maxBuffered: o.maxBuffered,
       onBufferFull: o.onBufferFull,
       logger: o.logger,
+      trace: o.trace,
     };
     const connecting = connect(this.#handler, connectOptions as never) as Promise<Connection<T>>;
     const settled = connecting.then(
@@ -640,7 +666,7 @@ export class Pool<T = Uint8Array> {
       (err) => {
         site.failures++;
         site.lastError = err;
-        this.#ended(slot);
+        this.#ended(slot, err);
         throw err;
       },
     );
@@ -652,16 +678,17 @@ export class Pool<T = Uint8Array> {
   #connected(slot: Slot<T>, conn: Connection<T>, again: boolean): Connection<T> {
     slot.conn = conn;
     conn.closed.then((reason) => {
+      this.#closedTotals.add(conn.stats(), reason);
+      this.#metrics?.closed(reason);
       if (slot.conn !== conn) return;
       const abnormal = !isNormalReason(reason);
-      const brief = this.#backoff !== undefined && slot.state !== "draining" &&
-        performance.now() - slot.upSince < this.#backoff.initialDelay;
+      const brief = slot.backoff !== undefined && slot.state !== "draining" &&
+        slot.backoff.ended();
       if (abnormal || brief) {
         slot.site.failures++;
         if (abnormal) slot.site.lastError = reason;
       }
-      if (!brief) slot.backoffs = 0;
-      this.#ended(slot);
+      this.#ended(slot, reason, conn);
     });
     if (this.#stopping !== undefined || slot.site.removed) {
       slot.state = "draining";
@@ -669,7 +696,7 @@ export class Pool<T = Uint8Array> {
       return conn;
     }
     slot.state = "up";
-    slot.upSince = performance.now();
+    slot.backoff?.up();
     if (again) slot.site.reconnects++;
     if (!this.#isReady) {
       this.#isReady = true;
@@ -679,19 +706,67 @@ export class Pool<T = Uint8Array> {
     return conn;
   }
 
-  // A connect failed or a connection ended: back off and reconnect, or stay down.
-  #ended(slot: Slot<T>): void {
-    const b = this.#backoff;
-    if (b && this.#stopping === undefined && !slot.site.removed && slot.state !== "draining") {
-      slot.state = "backing-off";
-      const delay = backoffDelay(b, slot.backoffs++);
-      slot.timer = startTimer(() => {
-        slot.timer = undefined;
-        this.#connect(slot, true).catch(() => {});
-      }, delay);
-    } else slot.state = "down";
+  // A connect failed or a connection ended: reconnect (after the backoff, or as onExit decides),
+  // stay down, leave the pool, or stop it.
+  #ended(slot: Slot<T>, reason: unknown, conn?: Connection<T>): void {
+    const draining = slot.state === "draining";
+    slot.state = "down";
+    if (this.#stopping === undefined && !slot.site.removed && !draining) {
+      const delay = slot.backoff?.next();
+      const decision = this.#onExit(slot, reason, conn, delay);
+      if (decision === "restart") this.#restart(slot, 0);
+      else if (typeof decision === "object") this.#restart(slot, decision.restart);
+      else if (decision === "delete") this.#forget(slot);
+      else if (decision === "stop") this.stop().catch(() => {});
+      else if (delay !== undefined) this.#restart(slot, delay);
+    }
     slot.drained?.();
     this.#checkReady();
+  }
+
+  // What onExit decides, if there is one and it answers sensibly (else the default: undefined).
+  #onExit(
+    slot: Slot<T>,
+    reason: unknown,
+    connection: Connection<T> | undefined,
+    delay: number | undefined,
+  ): PoolExitDecision {
+    const onExit = this.#options.onExit;
+    if (onExit === undefined) return undefined;
+    const logger = this.#options.logger ?? console;
+    let decision: unknown;
+    try {
+      decision = onExit({ address: slot.site.label, connection, reason, delay });
+    } catch (err) {
+      logger.error(`etcp: pool ${this.name}: onExit threw:`, err);
+      return undefined;
+    }
+    if (
+      decision === undefined || decision === "restart" || decision === "delete" ||
+      decision === "stop" ||
+      (typeof decision === "object" && decision !== null &&
+        isFiniteDelay((decision as { restart?: unknown }).restart))
+    ) return decision as PoolExitDecision;
+    logger.error(
+      `etcp: pool ${this.name}: onExit returned ${describeValue(decision)}, not "restart", ` +
+        '{ restart: ms }, "delete", "stop" or undefined; reconnecting as by default',
+    );
+    return undefined;
+  }
+
+  // Take `slot` out of the pool.
+  #forget(slot: Slot<T>): void {
+    const at = this.#slots.indexOf(slot);
+    if (at >= 0) this.#slots.splice(at, 1);
+  }
+
+  // Connect `slot` again after `ms`.
+  #restart(slot: Slot<T>, ms: number): void {
+    slot.state = "backing-off";
+    slot.timer = startTimer(() => {
+      slot.timer = undefined;
+      this.#connect(slot, true).catch(() => {});
+    }, ms);
   }
 
   // Stop a slot's backoff: it stays down.
@@ -762,7 +837,7 @@ export class Pool<T = Uint8Array> {
     this.#sites.delete(site.key);
     const slots = this.#slots.filter((s) => s.site === site);
     await this.#drain(slots, "shutdown", options.timeout ?? 5000);
-    for (const s of slots) this.#slots.splice(this.#slots.indexOf(s), 1);
+    for (const s of slots) this.#forget(s);
     this.#checkReady();
   }
 
@@ -947,9 +1022,10 @@ export class Pool<T = Uint8Array> {
   async call<R = unknown>(message: unknown, options: PoolCallOptions = {}): Promise<R> {
     const slot = await this.#acquire(this.#keyOf(message, options.key), false);
     try {
-      return await slot.conn!.call<R>(message, {
+      const calling = slot.conn!.call<R>(message, {
         timeout: options.timeout ?? this.#options.callTimeout,
       });
+      return await (this.#metrics?.timeCall(calling) ?? calling);
     } finally {
       slot.inFlight--;
       this.#done(slot);
@@ -971,11 +1047,14 @@ export class Pool<T = Uint8Array> {
     this.pick(this.#keyOf(data)).send(data);
   }
 
-  /** Write `data` on a chosen connection; resolves once written (see `Connection.sendSync`). */
-  async sendSync(data: T | Uint8Array | string): Promise<void> {
+  /**
+   * Write `data` on a chosen connection; resolves once written (see `Connection.sendSync`,
+   * whose `timeout` it takes).
+   */
+  async sendSync(data: T | Uint8Array | string, options?: SendSyncOptions): Promise<void> {
     const slot = await this.#acquire(this.#keyOf(data), false);
     try {
-      await slot.conn!.sendSync(data);
+      await slot.conn!.sendSync(data, options);
     } finally {
       slot.inFlight--;
       this.#done(slot);
@@ -1012,6 +1091,7 @@ export class Pool<T = Uint8Array> {
    * queued; failures and reconnects in all.
    */
   stats(): PoolStats {
+    const sample = this.#sample();
     const addresses = [...this.#sites.values()].map((site) => {
       const slots = this.#slots.filter((s) => s.site === site);
       const count = (state: PoolConnectionState) => slots.filter((s) => s.state === state).length;
@@ -1037,7 +1117,38 @@ export class Pool<T = Uint8Array> {
       queued: this.#waiters.length,
       reconnects: addresses.reduce((n, a) => n + a.reconnects, 0),
       failures: addresses.reduce((n, a) => n + a.failures, 0),
+      hibernated: sample.hibernated,
+      closedByReason: this.#closedTotals.reasons(),
+      bytesIn: sample.bytesIn,
+      bytesOut: sample.bytesOut,
+      framesIn: sample.framesIn,
+      framesOut: sample.framesOut,
     };
+  }
+
+  // The open connections' counts added to the closed ones' (and the metrics' reconnects).
+  #sample(): MetricsSample & { reconnects: number } {
+    const closed = this.#closedTotals;
+    const sample = {
+      open: 0,
+      hibernated: 0,
+      bytesIn: closed.bytesIn,
+      bytesOut: closed.bytesOut,
+      framesIn: closed.framesIn,
+      framesOut: closed.framesOut,
+      reconnects: 0,
+    };
+    for (const site of this.#sites.values()) sample.reconnects += site.reconnects;
+    for (const conn of this.connections()) {
+      const stats = conn.stats();
+      sample.open++;
+      if (stats.state === "hibernated") sample.hibernated++;
+      sample.bytesIn += stats.bytesIn;
+      sample.bytesOut += stats.bytesOut;
+      sample.framesIn += stats.framesIn;
+      sample.framesOut += stats.framesOut;
+    }
+    return sample;
   }
 
   /**
@@ -1058,6 +1169,7 @@ export class Pool<T = Uint8Array> {
       }
       await this.#drain([...this.#slots], reason, timeout);
       if (!this.#isReady) this.#ready.reject(this.unavailable("stopped"));
+      this.#metrics?.stop();
     })();
     return this.#stopping;
   }

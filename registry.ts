@@ -36,6 +36,8 @@ export interface ListFilter {
   node?: string;
   /** Only connections of this kind. */
   kind?: RegistryEntry["kind"];
+  /** Only the connection registered under this name. */
+  name?: string;
 }
 
 /** What a lookup returns: enough of a connection to talk to it. */
@@ -70,26 +72,42 @@ export interface Registry {
 /** A name for this process, unique enough to tell processes apart in a shared registry. */
 export const localNode: string = `${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
 
+// What makes this module instance's connection ids unique across processes and workers: 8
+// random base-36 digits (41 bits), so that processes sharing a registry (KvRegistry) never
+// hand out the same id, however many there are at once.
+const ID_SUFFIX = `.${randomBase36(8)}`;
+
 let connections = 0;
 
 /**
- * A new connection id, unique in this process: `c1`, `c2`, … Ids and registered names share
- * {@linkcode Registry.lookup}, so no name may have this form (see {@linkcode isConnectionId}).
+ * A new connection id, unique across processes: `c1.k3x9a0qz`, `c2.k3x9a0qz`, … (a counter
+ * and this process's random part). Ids and registered names share {@linkcode Registry.lookup},
+ * so no name may have this form (see {@linkcode isConnectionId}).
  */
 export function newConnectionId(): string {
-  return `c${++connections}`;
+  return `c${++connections}${ID_SUFFIX}`;
 }
 
-/** Whether `text` has the form of a connection id (`c` and digits), which no name may have. */
+/**
+ * Whether `text` has the form of a connection id, which no name may have: `c` and digits,
+ * optionally followed by a dot and lowercase letters and digits (`c7`, `c7.k3x9a0qz`).
+ */
 export function isConnectionId(text: string): boolean {
-  return /^c[0-9]+$/.test(text);
+  return /^c[0-9]+(?:\.[0-9a-z]+)?$/.test(text);
+}
+
+function randomBase36(digits: number): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(digits));
+  let out = "";
+  for (const byte of bytes) out += (byte % 36).toString(36);
+  return out;
 }
 
 /**
  * Throws a `TypeError` unless `name` may be registered: a non-empty string that does not look
  * like a connection id. For {@linkcode Registry.claim} implementations.
  */
-function checkName(name: unknown): asserts name is string {
+export function checkName(name: unknown): asserts name is string {
   if (typeof name !== "string") {
     throw new TypeError(`a registered name must be a string, not ${typeof name}`);
   }
@@ -114,7 +132,9 @@ function checkName(name: unknown): asserts name is string {
  *   await conn.register("alice");
  *   yield;
  * }, { transport, registry, name: "chat" });
- * const client = await connect(async function* () {}, { transport });
+ * const client = await connect(async function* () {
+ *   yield;
+ * }, { transport });
  * // The server's handler registers on its own schedule: wait for it, but not forever.
  * for (let i = 0; i < 1000 && !(await registry.lookup("alice")); i++) {
  *   await new Promise((r) => setTimeout(r, 1));
@@ -170,6 +190,7 @@ export class MemoryRegistry implements Registry {
       if (filter.owner !== undefined && entry.owner !== filter.owner) continue;
       if (filter.node !== undefined && entry.node !== filter.node) continue;
       if (filter.kind !== undefined && entry.kind !== filter.kind) continue;
+      if (filter.name !== undefined && entry.name !== filter.name) continue;
       out.push({ ...entry });
     }
     return Promise.resolve(out);

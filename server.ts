@@ -6,16 +6,20 @@
 
 import type { FrameOf, Handler } from "./actions.ts";
 import type { Connection, Logger, Mode, StopOptions } from "./connection.ts";
-import { describeReason } from "./errors.ts";
+import type { TraceOption } from "./_trace.ts";
+import { ClosedTotals } from "./_stats.ts";
+import { type MetricsSample, metricsOn, observeMetrics, type OwnerMetrics } from "./_metrics.ts";
+import { describeReason, describeValue, TimeoutError } from "./errors.ts";
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import { withProxyProtocol } from "./transport/proxy.ts";
-import type { Addr, Conn, Listener, Transport } from "./transport/transport.ts";
+import type { Addr, Conn, Listener, ListenOptions, Transport } from "./transport/transport.ts";
 import { type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
 import { closeQuietly } from "./_socket.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
+import { clearTimer, isDelay, startTimer, type Timer } from "./_timer.ts";
 
 /** Options of {@linkcode serve}. */
 export interface ServeOptions<T = Uint8Array, A extends Addr = Addr> {
@@ -80,10 +84,23 @@ export interface ServeOptions<T = Uint8Array, A extends Addr = Addr> {
   /** Let other sockets bind the same address (Linux; needs `--unstable-net`). */
   reusePort?: boolean;
   /**
-   * Called once listening, with the address (etcp's `listen_init`). If it throws, the server
-   * closes and `serve()` rejects with that error.
+   * Connection-count alarms (Ranch's `alarms`): each `callback` is called when a connection is
+   * accepted and the count that `maxConnections` limits is at or above its `threshold`, then
+   * not again for `cooldown` ms (default 5000), after which it is checked again at once.
    */
-  onListen?: (addr: A) => void;
+  alarms?: ConnectionAlarm<T>[];
+  /**
+   * Called once listening, before the first accept, with the address (etcp's `listen_init`,
+   * Ranch's `post_listen_callback`); may be async (`serve()` waits for it). To veto the server,
+   * throw (or reject): `serve()` then rejects with that error and nothing is left listening. To
+   * adjust it, return a plain object of {@linkcode ServerSettings} (what
+   * {@linkcode Server.setOptions} takes, checked the same way: a wrong one vetoes with its
+   * `TypeError` or `RangeError`); they apply before the first connection is accepted. Any
+   * other value returned is ignored.
+   */
+  onListen?:
+    | ((addr: A) => void)
+    | ((addr: A) => ServerSettings<T, A> | Promise<ServerSettings<T, A> | void>);
   /** Called when a connection starts, before its handler runs (Node's `"connection"` event). */
   onConnection?: (conn: Connection<T>) => void;
   /** Called when a connection has closed, with its reason (also on `conn.closed`). */
@@ -92,6 +109,20 @@ export interface ServeOptions<T = Uint8Array, A extends Addr = Addr> {
   signal?: AbortSignal;
   /** Where connections' ends and accept troubles are reported (default `console`). */
   logger?: Logger;
+  /**
+   * Trace every connection (Erlang's `sys:trace`): `true` writes each event in and action out
+   * as a line to the logger's `debug`, a function gets each `TraceEntry` (see
+   * `Connection.trace`, which turns it on or off for one connection). Off by default; off, it
+   * costs nothing.
+   */
+  trace?: TraceOption;
+  /**
+   * Report OpenTelemetry metrics (see the README's "Metrics" for the names): `true` loads
+   * `npm:@opentelemetry/api` (serve() rejects if it cannot) and reports through its global
+   * meter provider; `false` never. Default: on if `OTEL_DENO=true` is set (Deno's own
+   * exporter then sends them) and the environment may be read, else off.
+   */
+  metrics?: boolean;
 }
 
 /** `"running"`, `"suspended"` (not accepting), `"stopping"` or `"stopped"`. */
@@ -109,21 +140,214 @@ export interface AcceptorInfo {
   accepted: number;
 }
 
+/** What {@linkcode Server.stats} reports: counts over the server's life, and now. */
+export interface ServerStats {
+  /** The server's name. */
+  name: string;
+  /** Its status. */
+  status: ServerStatus;
+  /** Sockets accepted, over every acceptor. */
+  accepted: number;
+  /** Connections open now (`connections().length`). */
+  open: number;
+  /** Sockets accepted and still in their transport handshake (TLS, a PROXY header). */
+  handshaking: number;
+  /** Open connections whose handler is hibernating. */
+  hibernated: number;
+  /** Connections that have closed. */
+  closed: number;
+  /**
+   * Connections that have closed, by reason: `"normal"`, `"shutdown"`, `"idle"`, an error's
+   * name (`"FrameTooLarge"`, `"ConnectionReset"`…), a custom `stop` reason (cut to 40
+   * characters), or the reason's type.
+   */
+  closedByReason: Record<string, number>;
+  /** Bytes read, over every connection, open or closed. */
+  bytesIn: number;
+  /** Bytes written, over every connection, open or closed. */
+  bytesOut: number;
+  /** Frames received, over every connection, open or closed. */
+  framesIn: number;
+  /** Frames sent, over every connection, open or closed. */
+  framesOut: number;
+  /** Each acceptor (as {@linkcode Server.acceptors} reports them). */
+  acceptors: AcceptorInfo[];
+}
+
 /** Options of {@linkcode Server.upgrade}. */
 export interface UpgradeOptions {
   /** Turns each hibernated connection's state into the new handler's state. */
   codeChange?: CodeChange;
 }
 
+/**
+ * What can change on a running server, with {@linkcode Server.setOptions} or from `onListen`:
+ * the connection limit and alarms at once; the timeouts and buffer limits for the connections
+ * accepted from then on (those already open keep theirs); the transport only while
+ * `suspend({ refuse: true })` has closed the listening sockets (the next `resume()` listens
+ * with it, on the same address).
+ *
+ * What cannot: `port`, `hostname`, `acceptors` and `reusePort` (the listening sockets are
+ * bound; serve again elsewhere), `framing` and `mode` (the handler's code is written for them;
+ * serve again), `proxyProtocol` (it must match what the proxy in front sends), `registry` and
+ * `name` (connections are recorded under them), `onConnection` and `onClose` (make the hook
+ * you pass consult your own state), `signal` and `onListen` (used once, at the start).
+ */
+export type ServerSettings<T = Uint8Array, A extends Addr = Addr> = Pick<
+  ServeOptions<T, A>,
+  | "maxConnections"
+  | "handshakeTimeout"
+  | "idleTimeout"
+  | "shutdownTimeout"
+  | "maxBuffered"
+  | "onBufferFull"
+  | "highWaterMark"
+  | "logger"
+  | "alarms"
+  | "transport"
+  | "trace"
+>;
+
+// The options ServerSettings holds, in the order setOptions checks them.
+const SETTINGS = [
+  "maxConnections",
+  "handshakeTimeout",
+  "idleTimeout",
+  "shutdownTimeout",
+  "maxBuffered",
+  "onBufferFull",
+  "highWaterMark",
+  "logger",
+  "alarms",
+  "transport",
+  "trace",
+] as const;
+
+// Why each other option of serve() cannot change on a running server.
+const FIXED: Record<string, string> = {
+  port: "the listening sockets are bound; serve again elsewhere",
+  hostname: "the listening sockets are bound; serve again elsewhere",
+  acceptors: "the listening sockets are bound; serve again",
+  reusePort: "the listening sockets are bound; serve again",
+  framing: "the handler's code is written for it; serve again",
+  mode: "the handler's code is written for it; serve again",
+  proxyProtocol: "it must match what the proxy in front sends; serve again",
+  registry: "connections are recorded there",
+  name: "connections are recorded under it",
+  onConnection: "make the hook consult your own state",
+  onClose: "make the hook consult your own state",
+  signal: "it is read once, by serve()",
+  onListen: "it runs once, when serve() listens",
+  metrics: "it is read once, by serve()",
+};
+
+/** A connection-count alarm of {@linkcode ServeOptions.alarms} (Ranch's `num_connections` alarm). */
+export interface ConnectionAlarm<T = Uint8Array> {
+  /** The count (as `maxConnections` counts) at or above which the alarm goes off. */
+  threshold: number;
+  /**
+   * Milliseconds after going off during which the alarm stays quiet (default 5000, as
+   * Ranch's); when they are over, the count is checked again at once. `0`: it may go off at
+   * every accept.
+   */
+  cooldown?: number;
+  /**
+   * Called with the count and the connections counted (live, not removed with
+   * `removeConnection`; sockets still in their transport handshake count, but are not
+   * connections yet). What it throws is logged.
+   */
+  callback: (count: number, connections: Connection<T>[]) => void;
+}
+
+/** Options of {@linkcode Server.suspend}. */
+export interface SuspendOptions {
+  /**
+   * Close the listening sockets, so that new peers are refused (`ECONNREFUSED`) rather than
+   * wait in the backlog (Ranch's `suspend_listener`); `resume()` listens again on the same
+   * address. Off by default: the sockets stay open and new peers wait.
+   */
+  refuse?: boolean;
+}
+
+/** How {@linkcode Server.waitForConnections} compares the count with its number. */
+export type CountComparison = "<" | "<=" | "==" | ">=" | ">";
+
+/** Options of {@linkcode Server.waitForConnections}. */
+export interface WaitForConnectionsOptions {
+  /** Milliseconds to wait before rejecting with `TimeoutError` (default `Infinity`). */
+  timeout?: number;
+}
+
+const COMPARISONS: Record<CountComparison, (count: number, n: number) => boolean> = {
+  "<": (count, n) => count < n,
+  "<=": (count, n) => count <= n,
+  "==": (count, n) => count === n,
+  ">=": (count, n) => count >= n,
+  ">": (count, n) => count > n,
+};
+
 interface Acceptor<A extends Addr> {
   info: AcceptorInfo;
-  listener: Listener<A>;
+  listener: Listener<A> | null; // null while suspend({ refuse: true }) has it closed
+  accepting: Promise<Conn> | null; // its accept under way
+}
+
+// The server's state. Suspended keeps the listening sockets (peers wait in the backlog);
+// Refusing has closed them (peers are refused) until resume() listens again.
+const enum State {
+  Running,
+  Suspended,
+  Refusing,
+  Stopping,
+  Stopped,
+}
+
+const STATUS: Record<State, ServerStatus> = {
+  [State.Running]: "running",
+  [State.Suspended]: "suspended",
+  [State.Refusing]: "suspended",
+  [State.Stopping]: "stopping",
+  [State.Stopped]: "stopped",
+};
+
+interface AlarmState<T> {
+  alarm: ConnectionAlarm<T>;
+  cooling: Timer | null; // while it stays quiet after going off
+}
+
+interface CountWaiter {
+  satisfied(count: number): boolean;
+  settle(err?: Error): void;
 }
 
 let servers = 0;
 
 /**
  * A listening server. Made by {@linkcode serve}.
+ *
+ * Besides accepting, it offers Ranch's operator controls: {@linkcode Server.suspend} (keeping
+ * new peers waiting, or refusing them), {@linkcode Server.removeConnection} (a long-lived
+ * connection no longer counts against `maxConnections`), {@linkcode Server.waitForConnections},
+ * connection-count `alarms`, and {@linkcode Server.setOptions} for what can change live.
+ *
+ * @example Drain: refuse new peers, wait for the live ones to finish, stop
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { connect, memory, serve } from "./mod.ts";
+ * const transport = memory("drain-example");
+ * const server = await serve(async function* () {
+ *   for (let ev = yield; ev.type !== "disconnect" && ev.type !== "shutdown"; ev = yield);
+ * }, { transport });
+ * const client = await connect(async function* () {
+ *   yield;
+ * }, { transport });
+ * await server.waitForConnections("==", 1, { timeout: 5000 });
+ * await server.suspend({ refuse: true }); // new peers are refused from here on
+ * await assert.rejects(connect(async function* () {}, { transport }), Deno.errors.ConnectionRefused);
+ * await client.stop();
+ * await server.waitForConnections("==", 0, { timeout: 5000 });
+ * await server.stop();
+ * ```
  */
 export class Server<T = Uint8Array, A extends Addr = Addr> {
   /** This server's name, the `owner` of its connections in the registry. */
@@ -134,44 +358,48 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
   readonly finished: Promise<void>;
   #resolveFinished!: () => void;
   #handler: Handler<T>;
-  // (Held without its address type, which only onListen uses: a Server<T, Deno.NetAddr> is a
-  // Server<T, Addr>.)
+  // A copy of serve()'s options, which setOptions changes. (Held without its address type,
+  // which only onListen and the transport use: a Server<T, Deno.NetAddr> is a Server<T, Addr>.)
   readonly #options: ServeOptions<T, Addr>;
   readonly #acceptors: Acceptor<A>[] = [];
   readonly #loops: Promise<void>[] = []; // the acceptors' loops, which stop() waits for
   readonly #drivers = new Map<string, Driver<T>>();
+  readonly #removed = new Set<string>(); // live connections removeConnection() stopped counting
   readonly #handshaking = new Set<Conn>(); // accepted, transport handshake under way
-  #status: ServerStatus = "running";
+  #state = State.Running;
   #max: number;
   #gate!: { promise: Promise<void>; open(): void };
   #stopping: Promise<void> | null = null;
-  // One settings object shared by every connection of this server.
-  readonly #driverOptions: DriverOptions<T>;
+  // A suspend or resume that waits (closing or opening listening sockets), and those asked
+  // after it: they take effect in the order they were asked.
+  #transition: Promise<void> | null = null;
+  #referenced = true; // whether the listening sockets keep the process alive (ref/unref)
+  #alarms: AlarmState<T>[] = [];
+  readonly #waiters = new Set<CountWaiter>();
+  // One settings object shared by every connection accepted until setOptions makes the next.
+  #driverOptions: DriverOptions<T>;
+  readonly #closedTotals = new ClosedTotals(); // of the connections that have closed
+  readonly #metrics: OwnerMetrics | undefined; // with metrics on
 
   /** Made by {@linkcode serve}; not constructed directly. */
   constructor(handler: Handler<T>, options: ServeOptions<T, A>, listeners: Listener<A>[]) {
     this.#handler = handler;
-    this.#options = options as unknown as ServeOptions<T, Addr>;
+    this.#options = { ...options } as unknown as ServeOptions<T, Addr>;
     this.name = options.name ?? `server-${++servers}`;
     this.registry = options.registry ?? defaultRegistry;
     this.#max = options.maxConnections ?? 1024;
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
     this.#renewGate();
-    const onClose = options.onClose;
-    this.#driverOptions = driverOptions(options, {
-      registry: this.registry,
-      owner: this.name,
-      kind: "server",
-      handshakeTimeout: options.handshakeTimeout ?? 10_000,
-      onClose: (conn) => {
-        this.#drivers.delete(conn.id);
-        this.#openGate();
-        if (onClose) this.#callHook("onClose", () => onClose(conn, conn.closeReason));
-      },
-    });
+    this.#setAlarms(options.alarms);
+    // (serve() has loaded the metrics, and decided whether they are on.)
+    this.#metrics = options.metrics
+      ? observeMetrics({ name: this.name, kind: "server", sample: () => this.#sample() })
+      : undefined;
+    this.#driverOptions = this.#makeDriverOptions();
     listeners.forEach((listener, id) => {
       this.#acceptors.push({
         listener,
+        accepting: null,
         info: { id, addr: listener.addr, state: "accepting" as const, accepted: 0 },
       });
     });
@@ -182,14 +410,17 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     for (const acceptor of this.#acceptors) this.#loops.push(this.#acceptLoop(acceptor));
   }
 
-  /** The address of the (first) listening socket, with the real port (`server.addr.port` over TCP). */
+  /**
+   * The address of the (first) listening socket, with the real port (`server.addr.port` over
+   * TCP); while `suspend({ refuse: true })` has it closed, where `resume()` will listen.
+   */
   get addr(): A {
-    return this.#acceptors[0].listener.addr;
+    return this.#acceptors[0].info.addr as A;
   }
 
-  /** `"running"`, `"suspended"`, `"stopping"` or `"stopped"`. */
+  /** `"running"`, `"suspended"` (either way), `"stopping"` or `"stopped"`. */
   get status(): ServerStatus {
-    return this.#status;
+    return STATUS[this.#state];
   }
 
   /** The connection limit; setting it takes effect at once. */
@@ -205,7 +436,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     this.#openGate();
   }
 
-  /** The live connections. */
+  /** The live connections (those removed with `removeConnection` too). */
   connections(): Connection<T>[] {
     return Array.from(this.#drivers.values(), (d) => d.handle);
   }
@@ -218,7 +449,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
       ...info,
       state: info.state === "stopped"
         ? "stopped"
-        : this.#status === "suspended"
+        : this.#state === State.Suspended || this.#state === State.Refusing
         ? "suspended"
         : this.#count >= this.#max
         ? "waiting"
@@ -227,19 +458,200 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
   }
 
   /**
-   * Stop accepting, but keep the listening socket: new peers wait in the backlog until
-   * {@linkcode Server.resume}. Live connections go on.
+   * Its statistics now: sockets accepted (in all and per acceptor), connections open, in their
+   * handshake and hibernated, connections closed (in all and by reason), and bytes and frames
+   * over every connection it has had. For one connection's, see `Connection.stats`.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * import { connect, memory, serve } from "./mod.ts";
+   * const transport = memory("server-stats-doc");
+   * const server = await serve(async function* () {
+   *   yield;
+   * }, { transport });
+   * const client = await connect(async function* () {
+   *   yield;
+   * }, { transport });
+   * await client.closed; // the server's handler returned: a normal end
+   * await server.waitForConnections("==", 0);
+   * const stats = server.stats();
+   * assert.equal(stats.accepted, 1);
+   * assert.equal(stats.open, 0);
+   * assert.deepEqual(stats.closedByReason, { normal: 1 });
+   * await server.stop();
+   * ```
    */
-  suspend(): void {
-    if (this.#status === "running") this.#status = "suspended";
+  stats(): ServerStats {
+    const sample = this.#sample();
+    const closed = this.#closedTotals;
+    const acceptors = this.acceptors();
+    return {
+      name: this.name,
+      status: this.status,
+      accepted: acceptors.reduce((n, a) => n + a.accepted, 0),
+      open: sample.open,
+      handshaking: this.#handshaking.size,
+      hibernated: sample.hibernated,
+      closed: closed.closed,
+      closedByReason: closed.reasons(),
+      bytesIn: sample.bytesIn,
+      bytesOut: sample.bytesOut,
+      framesIn: sample.framesIn,
+      framesOut: sample.framesOut,
+      acceptors,
+    };
   }
 
-  /** Accept again after {@linkcode Server.suspend}. */
-  resume(): void {
-    if (this.#status === "suspended") {
-      this.#status = "running";
-      this.#openGate();
+  // The open connections' counts added to the closed ones'.
+  #sample(): MetricsSample {
+    const closed = this.#closedTotals;
+    const sample = {
+      open: this.#drivers.size,
+      hibernated: 0,
+      bytesIn: closed.bytesIn,
+      bytesOut: closed.bytesOut,
+      framesIn: closed.framesIn,
+      framesOut: closed.framesOut,
+    };
+    for (const driver of this.#drivers.values()) {
+      const stats = driver.stats();
+      if (stats.state === "hibernated") sample.hibernated++;
+      sample.bytesIn += stats.bytesIn;
+      sample.bytesOut += stats.bytesOut;
+      sample.framesIn += stats.framesIn;
+      sample.framesOut += stats.framesOut;
     }
+    return sample;
+  }
+
+  /**
+   * Stop accepting; live connections go on. By default the listening sockets stay open and new
+   * peers wait in the backlog until {@linkcode Server.resume}. With `refuse: true` they are
+   * closed, so new peers are refused (`ECONNREFUSED`), and peers accepted but not yet started
+   * are closed with them; the promise resolves once the sockets are closed (the next connect
+   * is refused). A plain `suspend()` of a server that refuses changes nothing. While a refusing
+   * suspend or a `resume()` that listens again is under way, later calls take effect after it,
+   * in order.
+   */
+  suspend(options: SuspendOptions = {}): Promise<void> {
+    const check = new OptionCheck("suspend", options);
+    check.boolean("refuse");
+    return this.#inTurn(() => options.refuse ? this.#refuse() : this.#hold());
+  }
+
+  /**
+   * Accept again after {@linkcode Server.suspend}. After `suspend({ refuse: true })` it listens
+   * again, on the same address, with the same transport (or the one given to `setOptions`
+   * meanwhile), and resolves once listening; if that fails (the port was taken meanwhile), it
+   * rejects with the error and the server stays suspended.
+   */
+  resume(): Promise<void> {
+    return this.#inTurn(() => {
+      if (this.#state === State.Refusing) return this.#relisten();
+      if (this.#state === State.Suspended) {
+        this.#state = State.Running;
+        this.#openGate();
+      }
+    });
+  }
+
+  /**
+   * Stop counting `conn` against `maxConnections` (and the alarms), for a long-lived connection
+   * such as a tunnel (Ranch's `remove_connection`). It stays a connection of this server:
+   * listed by `connections()`, counted by `waitForConnections`, stopped by `stop()`. Returns
+   * false if `conn` is not a live connection of this server or was removed already.
+   */
+  removeConnection(conn: Connection<T>): boolean {
+    const id = conn?.id;
+    if (!this.#drivers.has(id) || this.#removed.has(id)) return false;
+    this.#removed.add(id);
+    this.#openGate();
+    return true;
+  }
+
+  /**
+   * Resolves once the number of live connections (as `connections()` lists them) compares to
+   * `n` as `op` says: at once if it already does, else at the accept or close that makes it
+   * so. Rejects with `TimeoutError` after `timeout` ms, and with `Deno.errors.Interrupted` if
+   * the server stops with a count that does not satisfy it. For tests and drains:
+   * `await server.waitForConnections("==", 0)` after `suspend()`.
+   */
+  waitForConnections(
+    op: CountComparison,
+    n: number,
+    options: WaitForConnectionsOptions = {},
+  ): Promise<void> {
+    const compare = Object.hasOwn(COMPARISONS, op) ? COMPARISONS[op] : undefined;
+    if (compare === undefined) {
+      throw new TypeError(
+        `waitForConnections: op must be "<", "<=", "==", ">=" or ">", not ${describeValue(op)}`,
+      );
+    }
+    if (typeof n !== "number") {
+      throw new TypeError(`waitForConnections: n must be a number, not ${describeValue(n)}`);
+    }
+    if (!(Number.isInteger(n) && n >= (op === "<" ? 1 : 0))) {
+      throw new RangeError(
+        `waitForConnections: n must be an integer >= ${op === "<" ? 1 : 0}${
+          op === "<" ? ' with "<"' : ""
+        }, not ${n}`,
+      );
+    }
+    new OptionCheck("waitForConnections", options).delay("timeout");
+    const what = `waitForConnections("${op}", ${n})`;
+    const satisfied = (count: number) => compare(count, n);
+    if (satisfied(this.#drivers.size)) return Promise.resolve();
+    if (this.#state === State.Stopped) return Promise.reject(this.#interrupted(what));
+    return new Promise((resolve, reject) => {
+      const timeout = options.timeout ?? Infinity;
+      const timer = startTimer(() => {
+        this.#waiters.delete(waiter);
+        reject(
+          new TimeoutError(
+            `${what} timed out after ${timeout} ms with ${this.#drivers.size} connections`,
+          ),
+        );
+      }, timeout);
+      const waiter: CountWaiter = {
+        satisfied,
+        settle: (err) => {
+          clearTimer(timer);
+          this.#waiters.delete(waiter);
+          if (err) reject(err);
+          else resolve();
+        },
+      };
+      this.#waiters.add(waiter);
+    });
+  }
+
+  /**
+   * Change what can change on a running server (see {@linkcode ServerSettings}): every value is
+   * checked first, as `serve()` checks it, and nothing changes if one is wrong (a `TypeError`
+   * or `RangeError` naming it; an option that cannot change live is a `TypeError` saying why).
+   * `maxConnections` and `alarms` apply at once; `handshakeTimeout`, `idleTimeout`,
+   * `shutdownTimeout` (also the default of a later `stop()`), `maxBuffered`, `onBufferFull`,
+   * `highWaterMark` and `logger` apply to connections accepted from now on; `transport` only
+   * while `suspend({ refuse: true })` has the listening sockets closed, and the next `resume()`
+   * listens with it (Ranch's `set_transport_options`).
+   */
+  setOptions(settings: ServerSettings<T, A>): void {
+    checkSettings("setOptions", settings, this.#options.proxyProtocol);
+    const { maxConnections, alarms, transport } = settings;
+    if (transport !== undefined && this.#state !== State.Refusing) {
+      throw new TypeError(
+        "setOptions: transport can change only while suspend({ refuse: true }) has closed the " +
+          "listening sockets (the next resume() listens with it)",
+      );
+    }
+    for (const key of SETTINGS) {
+      const value = settings[key];
+      if (value !== undefined) (this.#options as Record<string, unknown>)[key] = value;
+    }
+    this.#driverOptions = this.#makeDriverOptions();
+    if (alarms !== undefined) this.#setAlarms(alarms);
+    if (maxConnections !== undefined) this.maxConnections = maxConnections;
   }
 
   /**
@@ -264,23 +676,27 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
       }
       return this.#stopping;
     }
-    this.#status = "stopping";
+    this.#state = State.Stopping;
     const timeout = options.timeout ?? this.#options.shutdownTimeout;
+    for (const alarm of this.#alarms) clearTimer(alarm.cooling ?? undefined);
     // The acceptors' loops end once their pending accept has failed on the closed listener:
     // only then is the listening socket really gone (and new connects refused).
     for (const socket of this.#handshaking) closeQuietly(socket); // the handshake fails
     this.#stopping = Promise.all([
       ...Array.from(this.#drivers.values(), (d) => d.shutdown(reason, timeout)),
       ...this.#loops,
+      this.#transition, // a resume listening again closes what it opened
     ]).then(() => {
-      this.#status = "stopped";
+      this.#state = State.Stopped;
+      this.#metrics?.stop();
+      for (const waiter of this.#waiters) {
+        waiter.settle(waiter.satisfied(0) ? undefined : this.#interrupted("waitForConnections"));
+      }
       this.#resolveFinished();
     });
     for (const acceptor of this.#acceptors) {
       acceptor.info.state = "stopped";
-      try {
-        acceptor.listener.close();
-      } catch { /* already closed */ }
+      if (acceptor.listener) closeQuietly(acceptor.listener);
     }
     this.#openGate();
     return this.#stopping;
@@ -292,18 +708,158 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
    * `conn.unref()`).
    */
   unref(): void {
-    for (const { listener } of this.#acceptors) listener.unref?.();
+    this.#referenced = false;
+    for (const { listener } of this.#acceptors) listener?.unref?.();
   }
 
   /** Let the listening sockets keep the process alive again (the default), after `unref()`. */
   ref(): void {
-    for (const { listener } of this.#acceptors) listener.ref?.();
+    this.#referenced = true;
+    for (const { listener } of this.#acceptors) listener?.ref?.();
   }
 
   /** Stops the server (`await using server = await serve(…)`). */
   [Symbol.asyncDispose](): Promise<void> {
     return this.stop();
   }
+
+  #makeDriverOptions(): DriverOptions<T> {
+    return driverOptions(this.#options, {
+      metrics: this.#metrics,
+      registry: this.registry,
+      owner: this.name,
+      kind: "server",
+      handshakeTimeout: this.#options.handshakeTimeout ?? 10_000,
+      onClose: (conn) => {
+        this.#closedTotals.add(conn.stats(), conn.closeReason);
+        this.#metrics?.closed(conn.closeReason);
+        this.#drivers.delete(conn.id);
+        this.#removed.delete(conn.id);
+        this.#openGate();
+        this.#countChanged();
+        const onClose = this.#options.onClose;
+        if (onClose) this.#callHook("onClose", () => onClose(conn, conn.closeReason));
+      },
+    });
+  }
+
+  // ---- Suspending and resuming ------------------------------------------------------------
+
+  // Run `step` now, unless a suspend or resume still waits: then after it (and those before).
+  #inTurn(step: () => void | Promise<void>): Promise<void> {
+    let done: Promise<void>;
+    if (this.#transition === null) {
+      const waits = step();
+      if (waits === undefined) return Promise.resolve();
+      done = waits;
+    } else done = this.#transition.then(step, step);
+    const turn = done.catch(() => {});
+    this.#transition = turn;
+    turn.then(() => {
+      if (this.#transition === turn) this.#transition = null;
+    });
+    return done;
+  }
+
+  #hold(): void {
+    if (this.#state === State.Running) this.#state = State.Suspended;
+  }
+
+  // Close the listening sockets; resolves once each accept under way has failed, which is when
+  // the socket is really closed.
+  #refuse(): Promise<void> | void {
+    if (this.#state !== State.Running && this.#state !== State.Suspended) return;
+    this.#state = State.Refusing;
+    const accepting: Promise<Conn>[] = [];
+    for (const acceptor of this.#acceptors) {
+      if (acceptor.listener) closeQuietly(acceptor.listener);
+      acceptor.listener = null;
+      if (acceptor.accepting) accepting.push(acceptor.accepting);
+    }
+    this.#openGate(); // sockets accepted and held are closed with the backlog
+    return Promise.allSettled(accepting).then(() => {});
+  }
+
+  async #relisten(): Promise<void> {
+    const listeners = await listenAll(
+      this.#options.transport as Transport<A> ?? tcp() as unknown as Transport<A>,
+      this.#acceptors.length,
+      this.#listenAgainAt(),
+    );
+    if (this.#state !== State.Refusing) { // stopped meanwhile
+      for (const listener of listeners) closeQuietly(listener);
+      return;
+    }
+    listeners.forEach((listener, i) => {
+      const acceptor = this.#acceptors[i];
+      acceptor.listener = listener;
+      acceptor.info.addr = listener.addr;
+      if (!this.#referenced) listener.unref?.();
+    });
+    this.#state = State.Running;
+    this.#openGate();
+  }
+
+  // Where the listening sockets were: the address bound (the real port, even if port 0 was
+  // asked for), or for addresses without a port (Unix, memory) what serve() was given.
+  #listenAgainAt(): ListenOptions {
+    const addr = this.#acceptors[0].info.addr;
+    const reusePort = this.#options.reusePort || this.#acceptors.length > 1 || undefined;
+    if (addr.transport === "tcp") return { hostname: addr.hostname, port: addr.port, reusePort };
+    return { hostname: this.#options.hostname, port: this.#options.port ?? 0, reusePort };
+  }
+
+  // ---- Counting -----------------------------------------------------------------------------
+
+  // What maxConnections limits and the alarms watch: live connections not removed, and those
+  // still in their transport handshake.
+  get #count(): number {
+    return this.#drivers.size - this.#removed.size + this.#handshaking.size;
+  }
+
+  // The number of live connections changed: settle the waiters it satisfies.
+  #countChanged(): void {
+    if (this.#waiters.size === 0) return;
+    const count = this.#drivers.size;
+    for (const waiter of this.#waiters) if (waiter.satisfied(count)) waiter.settle();
+  }
+
+  #interrupted(what: string): Error {
+    return new Deno.errors.Interrupted(
+      `${what}: server ${this.name} stopped with ${this.#drivers.size} connections`,
+    );
+  }
+
+  #setAlarms(alarms: ConnectionAlarm<T>[] = []): void {
+    for (const state of this.#alarms) clearTimer(state.cooling ?? undefined);
+    this.#alarms = alarms.map((alarm) => ({ alarm: { ...alarm }, cooling: null }));
+  }
+
+  // A connection was accepted: alarms whose threshold the count reaches go off.
+  #checkAlarms(): void {
+    for (const state of this.#alarms) {
+      if (state.cooling === null && this.#count >= state.alarm.threshold) this.#ring(state);
+    }
+  }
+
+  #ring(state: AlarmState<T>): void {
+    const { threshold, cooldown = 5000, callback } = state.alarm;
+    if (cooldown > 0) {
+      state.cooling = startTimer(() => {
+        state.cooling = null;
+        if (this.#stopping === null && this.#count >= threshold) this.#ring(state);
+      }, cooldown);
+      if (!this.#referenced && typeof state.cooling === "number") Deno.unrefTimer(state.cooling);
+    }
+    const count = this.#count;
+    const counted: Connection<T>[] = [];
+    for (const [id, driver] of this.#drivers) {
+      if (!this.#removed.has(id)) counted.push(driver.handle);
+    }
+    this.#callHook("alarm", () => callback(count, counted));
+  }
+
+  // ---- Accepting ----------------------------------------------------------------------------
 
   #renewGate(): void {
     let open!: () => void;
@@ -318,22 +874,16 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     gate.open();
   }
 
-  #closedFor(info: AcceptorInfo): boolean {
-    if (this.#status === "suspended") {
-      info.state = "suspended";
+  #closedFor(acceptor: Acceptor<A>): boolean {
+    if (this.#state !== State.Running || acceptor.listener === null) {
+      acceptor.info.state = "suspended";
       return true;
     }
     if (this.#count >= this.#max) {
-      info.state = "waiting";
+      acceptor.info.state = "waiting";
       return true;
     }
     return false;
-  }
-
-  // Live connections, and those still in their transport handshake: both count against
-  // maxConnections.
-  get #count(): number {
-    return this.#drivers.size + this.#handshaking.size;
   }
 
   // An acceptor never stops while the server runs: whatever goes wrong with one connection, or
@@ -350,20 +900,23 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     }
   }
 
-  async #accepting({ info, listener }: Acceptor<A>): Promise<void> {
+  async #accepting(acceptor: Acceptor<A>): Promise<void> {
     let backoff = 0;
     while (this.#stopping === null) {
-      while (this.#closedFor(info)) {
+      while (this.#closedFor(acceptor)) {
         await this.#gate.promise;
         if (this.#stopping !== null) return;
       }
-      info.state = "accepting";
+      const listener = acceptor.listener!; // #closedFor is true without one
+      acceptor.info.state = "accepting";
       let socket: Conn;
       try {
-        socket = await listener.accept();
+        socket = await (acceptor.accepting = listener.accept());
         backoff = 0;
       } catch (err) {
         if (this.#stopping !== null) return;
+        // Closed by suspend({ refuse: true }): wait for resume.
+        if (acceptor.listener !== listener) continue;
         // A peer that reset before it was accepted: that connection is gone, not the listener.
         // Go on at once and quietly (as Ranch does): no log, no backoff stalling the others.
         if (isPeerGone(err)) continue;
@@ -372,14 +925,20 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
         this.#logger.error(`etcp: server ${this.name}: accept failed, retrying:`, err);
         await new Promise((resolve) => setTimeout(resolve, backoff));
         continue;
+      } finally {
+        acceptor.accepting = null;
       }
       // Suspended or full since accept was called: hold the socket, as the backlog would.
-      while (this.#stopping === null && this.#closedFor(info)) await this.#gate.promise;
-      if (this.#stopping !== null) {
+      while (
+        this.#stopping === null && acceptor.listener === listener && this.#closedFor(acceptor)
+      ) await this.#gate.promise;
+      if (this.#stopping !== null || acceptor.listener !== listener) {
+        // Stopping, or refusing: the socket goes with the backlog it would have waited in.
         closeQuietly(socket);
-        return;
+        continue;
       }
-      info.accepted++;
+      acceptor.info.accepted++;
+      this.#metrics?.accepted();
       this.#startConnection(socket);
     }
   }
@@ -399,10 +958,15 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
 
   #startConnection(socket: Conn): void {
     if (this.#options.proxyProtocol) socket = withProxyProtocol(socket); // reads the header first
-    if (socket.handshake === undefined) return this.#runConnection(socket);
-    // Off the acceptor: a peer that stalls its handshake holds only its own socket.
+    if (socket.handshake === undefined) this.#runConnection(socket);
+    else this.#handshake(socket);
+    if (this.#alarms.length > 0) this.#checkAlarms();
+  }
+
+  // Off the acceptor: a peer that stalls its handshake holds only its own socket.
+  #handshake(socket: Conn): void {
     this.#handshaking.add(socket);
-    withTimeout(socket.handshake(), this.#options.handshakeTimeout ?? 10_000, "handshake").then(
+    withTimeout(socket.handshake!(), this.#options.handshakeTimeout ?? 10_000, "handshake").then(
       () => {
         this.#handshaking.delete(socket);
         if (this.#stopping === null) this.#runConnection(socket);
@@ -435,6 +999,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     const onConnection = this.#options.onConnection;
     if (onConnection) this.#callHook("onConnection", () => onConnection(driver.handle));
     driver.start();
+    this.#countChanged();
   }
 }
 
@@ -468,6 +1033,25 @@ function isPeerGone(err: unknown): boolean {
  * assert.ok(server.addr.port > 0);
  * await server.stop();
  * ```
+ *
+ * @example onListen vetoes a server, or adjusts it before the first accept
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { memory, serve } from "./mod.ts";
+ * const handler = async function* () {};
+ * await assert.rejects(
+ *   serve(handler, { transport: memory("veto-example"), onListen: () => {
+ *     throw new Error("no config");
+ *   } }),
+ *   { message: "no config" },
+ * );
+ * const server = await serve(handler, {
+ *   transport: memory("adjust-example"),
+ *   onListen: async () => ({ maxConnections: await Promise.resolve(2) }),
+ * });
+ * assert.equal(server.maxConnections, 2);
+ * await server.stop();
+ * ```
  */
 // deno-lint-ignore no-explicit-any
 export async function serve<H extends Handler<any>, A extends Addr = Deno.NetAddr>(
@@ -477,28 +1061,22 @@ export async function serve<H extends Handler<any>, A extends Addr = Deno.NetAdd
   type T = FrameOf<H>;
   options ??= {} as ServeOptions<T, A> & FramingFor<T>;
   checkServeOptions(handler, options);
-  const transport = options.transport ?? tcp();
-  const count = options.acceptors ?? 1;
-  const reusePort = options.reusePort || count > 1 || undefined;
-  const first = await transport.listen({
+  // Loaded before listening: if that fails, nothing is left open.
+  const metrics = await metricsOn(options.metrics, options.logger);
+  const transport = options.transport ?? tcp() as unknown as Transport<A>;
+  const listeners = await listenAll(transport, options.acceptors ?? 1, {
     hostname: options.hostname,
     port: options.port ?? 0,
-    reusePort,
+    reusePort: options.reusePort || (options.acceptors ?? 1) > 1 || undefined,
   });
-  const listeners = [first];
-  try {
-    const port = "port" in first.addr ? first.addr.port : options.port;
-    for (let i = 1; i < count; i++) {
-      listeners.push(await transport.listen({ hostname: options.hostname, port, reusePort }));
-    }
-  } catch (err) {
-    for (const listener of listeners) listener.close();
-    throw err;
-  }
-  const server = new Server<T, A>(handler, options, listeners as Listener<A>[]);
+  const server = new Server<T, A>(handler, { ...options, transport, metrics }, listeners);
   if (options.onListen) {
     try {
-      options.onListen(server.addr);
+      const settings: unknown = await options.onListen(server.addr);
+      if (isPlainObject(settings)) {
+        checkSettings("onListen", settings, options.proxyProtocol);
+        server.setOptions(settings as ServerSettings<T, A>);
+      }
     } catch (err) {
       // Vetoed: nothing may be left listening, or the process could never exit.
       await server.stop();
@@ -519,6 +1097,33 @@ export async function serve<H extends Handler<any>, A extends Addr = Deno.NetAdd
   return server;
 }
 
+// An object literal: what onListen returns to adjust the server. Anything else (a number, an
+// array, a Map) is what a hook written before settings existed happens to return: ignored.
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  if (value === null || typeof value !== "object") return false;
+  const proto = Object.getPrototypeOf(value);
+  return proto === Object.prototype || proto === null;
+}
+
+// One listening socket per acceptor, all on the first one's port (the real one if `at` asks
+// for port 0); if one fails, those already open are closed.
+async function listenAll<A extends Addr>(
+  transport: Transport<A>,
+  count: number,
+  at: ListenOptions,
+): Promise<Listener<A>[]> {
+  const first = await transport.listen(at);
+  const listeners = [first];
+  try {
+    const port = "port" in first.addr ? first.addr.port : at.port;
+    for (let i = 1; i < count; i++) listeners.push(await transport.listen({ ...at, port }));
+  } catch (err) {
+    for (const listener of listeners) closeQuietly(listener);
+    throw err;
+  }
+  return listeners;
+}
+
 function checkServeOptions(handler: unknown, options: unknown): void {
   checkHandler("serve", handler);
   const check = new OptionCheck("serve", options);
@@ -530,18 +1135,93 @@ function checkServeOptions(handler: unknown, options: unknown): void {
   check.delay("handshakeTimeout");
   check.boolean("reusePort");
   check.boolean("proxyProtocol");
-  const { proxyProtocol, transport } = options as ServeOptions;
-  if (proxyProtocol && transport?.name === "tls") {
-    // The header comes in plain text before the ClientHello, but the tls() transport has done
-    // the handshake by then: terminate TLS in front (HAProxy does), or serve plain TCP.
-    throw new TypeError(
-      "serve: proxyProtocol with the tls() transport is not supported: the PROXY header " +
-        "precedes the TLS handshake; let the proxy terminate TLS, or use tcp()",
-    );
-  }
+  const { proxyProtocol, transport, alarms } = options as ServeOptions;
+  checkProxyTransport("serve", proxyProtocol, transport);
+  checkAlarms("serve", alarms);
   check.function("onListen");
   check.function("onConnection");
   check.function("onClose");
   check.signal("signal");
+  check.boolean("metrics");
   checkConnectionSettings(check);
+}
+
+// What setOptions takes, or onListen returns: only the options that can change live, each
+// checked as serve() checks it.
+function checkSettings(where: string, settings: unknown, proxyProtocol?: boolean): void {
+  if (settings === null || typeof settings !== "object") {
+    throw new TypeError(
+      `${where}: settings must be an object of ServerSettings, not ${describeValue(settings)}`,
+    );
+  }
+  for (const [key, value] of Object.entries(settings)) {
+    if (value === undefined || (SETTINGS as readonly string[]).includes(key)) continue;
+    const why = Object.hasOwn(FIXED, key) ? FIXED[key] : "not an option of serve()";
+    throw new TypeError(`${where}: option ${key} cannot change on a running server: ${why}`);
+  }
+  const check = new OptionCheck(where, settings);
+  check.number("maxConnections", 0, { integer: true, infinite: true });
+  check.delay("handshakeTimeout");
+  check.delay("idleTimeout");
+  check.delay("shutdownTimeout");
+  check.number("maxBuffered", 0, { infinite: true });
+  check.oneOf("onBufferFull", ["stop", "throw"]);
+  check.number("highWaterMark", 1, { integer: true, infinite: true });
+  check.methods("logger", ["error", "warn", "debug"], " (console fits)");
+  check.methods("transport", ["listen", "connect"], " (such as tcp() or memory(name))");
+  check.trace("trace");
+  const { transport, alarms } = settings as ServerSettings;
+  checkProxyTransport(where, proxyProtocol, transport);
+  checkAlarms(where, alarms);
+}
+
+function checkProxyTransport(where: string, proxyProtocol?: boolean, transport?: Transport): void {
+  if (proxyProtocol && transport?.name === "tls") {
+    // The header comes in plain text before the ClientHello, but the tls() transport has done
+    // the handshake by then: terminate TLS in front (HAProxy does), or serve plain TCP.
+    throw new TypeError(
+      `${where}: proxyProtocol with the tls() transport is not supported: the PROXY header ` +
+        "precedes the TLS handshake; let the proxy terminate TLS, or use tcp()",
+    );
+  }
+}
+
+function checkAlarms(where: string, alarms: unknown): void {
+  if (alarms === undefined) return;
+  const shape = "an array of { threshold, cooldown?, callback }";
+  if (!Array.isArray(alarms)) {
+    throw new TypeError(`${where}: option alarms must be ${shape}, not ${describeValue(alarms)}`);
+  }
+  alarms.forEach((alarm: Partial<ConnectionAlarm<unknown>>, i) => {
+    const name = `alarms[${i}]`;
+    if (alarm === null || typeof alarm !== "object") {
+      throw new TypeError(`${where}: option ${name} must be ${shape}, not ${describeValue(alarm)}`);
+    }
+    const { threshold, cooldown, callback } = alarm;
+    if (typeof threshold !== "number") {
+      throw new TypeError(
+        `${where}: option ${name}.threshold must be an integer >= 0, not ${
+          describeValue(threshold)
+        }`,
+      );
+    }
+    if (!(Number.isInteger(threshold) && threshold >= 0)) {
+      throw new RangeError(
+        `${where}: option ${name}.threshold must be an integer >= 0, not ${threshold}`,
+      );
+    }
+    if (cooldown !== undefined && !isDelay(cooldown)) {
+      const error = typeof cooldown === "number" ? RangeError : TypeError;
+      throw new error(
+        `${where}: option ${name}.cooldown must be a number of ms >= 0, not ${
+          describeValue(cooldown)
+        }`,
+      );
+    }
+    if (typeof callback !== "function") {
+      throw new TypeError(
+        `${where}: option ${name}.callback must be a function, not ${describeValue(callback)}`,
+      );
+    }
+  });
 }

@@ -19,8 +19,8 @@
 // --ca (PEM) and --host as the server name (the fixture certificate covers
 // localhost, 127.0.0.1 and ::1); echo connections finish their handshake
 // before the warmup starts, accept cycles count theirs.
-import process from "node:process";
-import { cpuSeconds, machineCpuSeconds, parseFlags, sleep, writeAll } from "./_common.ts";
+import { parseFlags, sleep, writeAll } from "./_common.ts";
+import { cpuFields, type CpuSample, round, sampleCpu } from "./_cpu_window.ts";
 import {
   CorruptFrame,
   echoOne,
@@ -31,6 +31,7 @@ import {
   MIN_SIZE,
   writeFrame,
 } from "./_frames.ts";
+import { Histogram } from "./_histogram.ts";
 
 const USAGE = `usage: deno run -A bench/load.ts --port P [--host 127.0.0.1] [--connections 50]
   [--size 64] [--depth 1] [--duration 5] [--warmup 1] [--mode echo|accept]
@@ -61,33 +62,6 @@ const caCerts = opts.tls ? [Deno.readTextFileSync(opts.ca)] : [];
 const GRACE_MS = 5000;
 const FRAME = HEADER + opts.size;
 const pattern = makePattern(opts.size);
-
-/** Round-trip latencies: 1 µs buckets to 20 ms, then 1 ms buckets to 10 s. */
-class Histogram {
-  static FINE = 20_000;
-  static COARSE = 10_000;
-  counts = new Uint32Array(Histogram.FINE + Histogram.COARSE);
-  n = 0;
-  record(ms: number) {
-    const us = ms * 1000;
-    const i = us < Histogram.FINE ? us | 0 : Histogram.FINE +
-      Math.min(Histogram.COARSE - 1, ((us - Histogram.FINE) / 1000) | 0);
-    this.counts[i]++;
-    this.n++;
-  }
-  /** Microseconds at quantile q (bucket midpoint), or null if empty. */
-  quantile(q: number): number | null {
-    if (this.n === 0) return null;
-    const target = Math.max(1, Math.ceil(q * this.n));
-    let seen = 0;
-    for (let i = 0; i < this.counts.length; i++) {
-      seen += this.counts[i];
-      if (seen < target) continue;
-      return i < Histogram.FINE ? i + 0.5 : Histogram.FINE + (i - Histogram.FINE) * 1000 + 500;
-    }
-    return null;
-  }
-}
 
 const stats = {
   phase: "warmup" as "warmup" | "measure" | "done",
@@ -225,30 +199,8 @@ function fail(msg: string): never {
   Deno.exit(2);
 }
 
-/** CPU counters at one instant (seconds): ours, the server's, the machine's. */
-interface Sample {
-  t: number;
-  self: number;
-  server: number;
-  machine: number;
-}
-
-function sample(): Sample {
-  const u = process.cpuUsage();
-  const pid = opts["server-pid"];
-  return {
-    t: performance.now() / 1000,
-    self: (u.user + u.system) / 1e6,
-    server: pid ? cpuSeconds(pid) : 0,
-    machine: machineCpuSeconds(),
-  };
-}
-
-function report(a: Sample, b: Sample) {
+function report(a: CpuSample, b: CpuSample) {
   const seconds = b.t - a.t;
-  const round = (x: number, d = 1) => Math.round(x * 10 ** d) / 10 ** d;
-  const pct = (cpu: number) => round(cpu / seconds * 100);
-  const server = b.server - a.server, self = b.self - a.self;
   console.log(JSON.stringify({
     mode: opts.mode,
     connections: opts.connections,
@@ -262,15 +214,7 @@ function report(a: Sample, b: Sample) {
     p99us: stats.hist.quantile(0.99),
     errors: stats.errors,
     corrupt: stats.corrupt,
-    cpuSeconds: round(sample().self, 3),
-    cpuPct: pct(self),
-    ...(opts["server-pid"]
-      ? {
-        serverCpuPct: pct(server),
-        serverUsPerFrame: stats.frames ? round(server * 1e6 / stats.frames, 2) : null,
-        otherCpuPct: pct(Math.max(0, b.machine - a.machine - server - self)),
-      }
-      : {}),
+    ...cpuFields(a, b, stats.frames, opts["server-pid"]),
   }));
 }
 
@@ -288,10 +232,10 @@ if (opts.mode === "echo") {
 }
 await sleep(opts.warmup * 1000);
 stats.phase = "measure";
-const start = sample();
+const start = sampleCpu(opts["server-pid"]);
 await sleep(opts.duration * 1000);
 stats.phase = "done";
-const end = sample();
+const end = sampleCpu(opts["server-pid"]);
 for (const conn of [...open]) close(conn);
 clearTimeout(deadline);
 report(start, end);

@@ -14,6 +14,7 @@ import {
   defaultRegistry,
   type Event,
   type Framing,
+  type Handler,
   lines,
   type Registry,
   send,
@@ -44,6 +45,13 @@ export interface ChatOptions {
   transport?: Transport;
   /** Called with the address once listening. */
   onListen?: (addr: Deno.Addr | { transport: "memory"; name: string }) => void;
+  /** Share the port with other processes (SO_REUSEPORT; needs `--unstable-net`). */
+  reusePort?: boolean;
+  /**
+   * Also deliver a line meant for everyone elsewhere: to the users of the other processes of
+   * a cluster (see `examples/cluster.ts`). Lines go to this server's users in any case.
+   */
+  relay?: (line: string) => void;
 }
 
 const NAME = /^[A-Za-z0-9_-]{1,20}$/;
@@ -53,24 +61,34 @@ const CONNECTION_ID = /^c\d+$/;
 // line carries its sender's name, /who lists everyone), so sending has a looser bound. Bytes
 // that are not UTF-8 become U+FFFD rather than costing the user the connection.
 const MAX_LINE = 4096;
-const CHAT_FRAMING: Framing<string> = {
+/** The chat's framing: lines, read up to 4096 bytes (longer ones end the user), lenient UTF-8. */
+export const CHAT_FRAMING: Framing<string> = {
   ...lines({ maxLength: 1024 * 1024 }),
   decoder: lines({ maxLength: MAX_LINE, invalidUtf8: "replace" }).decoder,
 };
 
-/** Start a chat server. */
-export async function chatServer(options: ChatOptions = {}): Promise<Server<string>> {
+/** Options of {@linkcode chatHandler}. */
+export interface ChatHandlerOptions {
+  /** Where names are registered, and where `/who` and `/msg` look. */
+  registry: Registry;
+  /** The owner of the chat's connections in the registry (the server's name). */
+  owner: string;
+  /** Silence after which a user is warned (default 5 minutes). */
+  idleWarnMs?: number;
+  /** Further silence after the warning before the user is disconnected (default 1 minute). */
+  idleKickMs?: number;
+  /** Deliver `line` to everyone with a name but `except`. */
+  broadcast(line: string, except: Connection<string>): void;
+}
+
+/**
+ * The chat's handler on its own (to serve with {@linkcode CHAT_FRAMING}): what
+ * {@linkcode chatServer} serves, and what examples/chat_workers.ts runs on Workers.
+ */
+export function chatHandler(options: ChatHandlerOptions): Handler<string> {
   const warnAfter = options.idleWarnMs ?? 5 * 60_000;
   const kickAfter = options.idleKickMs ?? 60_000;
-  const room: { server?: Server<string> } = {};
-  const registry = options.registry ?? defaultRegistry;
-
-  // Everyone with a name, but `except`.
-  function broadcast(line: string, except?: Connection<string>): void {
-    for (const other of room.server?.connections() ?? []) {
-      if (other !== except && other.name !== undefined) other.send(line);
-    }
-  }
+  const { registry, broadcast } = options;
 
   async function* chatter(conn: Connection<string>): AsyncGenerator<Yielded, void, Event<string>> {
     let warned = false;
@@ -128,7 +146,7 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
             out.push(`* the name ${name} is taken`);
           }
         } else if (line === "/who") {
-          const entries = await registry.list({ owner: room.server?.name });
+          const entries = await registry.list({ owner: options.owner });
           const people = entries.flatMap((entry) => entry.name ? [entry.name] : []);
           out.push(`* online: ${people.sort().join(", ") || "nobody with a name yet"}`);
         } else if (line === "/quit") {
@@ -160,15 +178,39 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
       if (conn.name !== undefined) broadcast(`* ${conn.name} left`, conn);
     }
   }
+  return chatter;
+}
 
+/** Start a chat server. */
+export async function chatServer(options: ChatOptions = {}): Promise<Server<string>> {
+  const room: { server?: Server<string> } = {};
+  const registry = options.registry ?? defaultRegistry;
+  const name = options.name ?? "chat";
+
+  // Everyone with a name, but `except`.
+  function broadcast(line: string, except?: Connection<string>): void {
+    for (const other of room.server?.connections() ?? []) {
+      if (other !== except && other.name !== undefined) other.send(line);
+    }
+    options.relay?.(line);
+  }
+
+  const chatter = chatHandler({
+    registry,
+    owner: name,
+    idleWarnMs: options.idleWarnMs,
+    idleKickMs: options.idleKickMs,
+    broadcast,
+  });
   const server = await serve(chatter, {
     port: options.port ?? 7000,
     hostname: options.hostname,
     framing: CHAT_FRAMING,
     registry,
     transport: options.transport,
-    name: options.name ?? "chat",
+    name,
     onListen: options.onListen,
+    reusePort: options.reusePort,
   });
   room.server = server;
   return server;

@@ -4,9 +4,12 @@
  *
  *     deno run -A examples/echo_client.ts [--port 7001] [--hostname 127.0.0.1]
  *       [--count 1000] [--size 64] [--timeout 10000] [--tls [--ca FILE] [--servername NAME]]
+ *       [--reconnect]
  *
  * `--tls` talks to examples/tls_echo_server.ts instead (port 7002 by default), trusting the
- * test CA unless `--ca` names another; `--ca` and `--servername` imply `--tls`.
+ * test CA unless `--ca` names another; `--ca` and `--servername` imply `--tls`. `--reconnect`
+ * survives the server going away: the client reconnects with backoff (`connect`'s `reconnect`
+ * option; it gives up after 10 failed reconnects in a row) and goes on from the frame in flight.
  *
  * Exits 0 once every echo came back intact; 1 with a one-line error if the server cannot be
  * reached, a frame is too large, an echo is wrong or late, or the connection ends before every
@@ -45,6 +48,9 @@ one at a time, check every echo, and print the round-trip rate.
                     tests/fixtures/ca.crt, the CA of tls_echo_server.ts's default certificate)
   --servername NAME with TLS: the name to check the server's certificate against (default:
                     --hostname)
+  --reconnect       when the connection drops (try restarting the server), reconnect with
+                    backoff and go on from the frame in flight; give up after 10 failed
+                    reconnects in a row
   -h, --help        print this help and exit
 
 Exit status: 0 if every echo came back intact, 1 on failure, 2 for a bad command line.`;
@@ -58,6 +64,8 @@ export interface EchoClientArgs {
   timeout: number;
   /** TLS (`--tls`, `--ca`, `--servername`); absent for plain TCP. */
   tls?: { ca: string; serverName?: string };
+  /** `--reconnect`: go on across dropped connections; absent without it. */
+  reconnect?: true;
 }
 
 /** Parse the client's command line; never throws. */
@@ -71,6 +79,7 @@ export function parseEchoClientArgs(argv: string[]): Parsed<EchoClientArgs> {
     tls: { type: "boolean", default: false },
     ca: { type: "string" },
     servername: { type: "string" },
+    reconnect: { type: "boolean", default: false },
   });
   if (flags.kind !== "flags") return flags;
   const { values } = flags;
@@ -107,6 +116,7 @@ export function parseEchoClientArgs(argv: string[]): Parsed<EchoClientArgs> {
     args.tls = { ca: values.ca ?? DEFAULT_CA };
     if (values.servername !== undefined) args.tls.serverName = values.servername;
   }
+  if (values.reconnect) args.reconnect = true;
   return { kind: "run", args };
 }
 
@@ -121,7 +131,8 @@ function frame(seq: number, size: number): Uint8Array {
 /**
  * Send `count` frames of `size` bytes one at a time and check each echo. Resolves with the time
  * taken once every echo came back; rejects if the connect fails, a frame cannot be sent, an
- * echo is wrong or takes over `timeout` ms, or the connection ends first. Never hangs.
+ * echo is wrong or takes over `timeout` ms, or the connection ends first (with `reconnect`:
+ * if reconnecting gives up). Never hangs.
  */
 export async function echoClient(args: EchoClientArgs): Promise<{ seconds: number }> {
   const { count, size, timeout } = args;
@@ -140,19 +151,26 @@ export async function echoClient(args: EchoClientArgs): Promise<{ seconds: numbe
   }
   try {
     conn = await connect(
-      async function* (): AsyncGenerator<Yielded, void, Event<Uint8Array>> {
+      // With --reconnect, each new socket runs this again: it goes on from frame `echoed`.
+      async function* (self): AsyncGenerator<Yielded, void, Event<Uint8Array>> {
         // The event timeout is re-armed with every send: it bounds the wait for each echo.
-        let ev = yield [send(frame(0, size)), setTimeout(timeout)];
+        let ev = yield [send(frame(echoed, size)), setTimeout(timeout)];
         for (;;) {
           if (ev.type === "packet") {
             const expected = frame(echoed, size);
             if (ev.data.length !== size || ev.data.some((b, i) => b !== expected[i])) {
+              self.stop(); // a wrong echo ends it for good, reconnecting or not
               throw new Error(`echo ${echoed} does not match what was sent`);
             }
-            if (++echoed === count) return;
+            if (++echoed === count) {
+              self.stop(); // done: no reconnect after this end
+              return;
+            }
             ev = yield [send(frame(echoed, size)), setTimeout(timeout)];
           } else if (ev.type === "timeout") {
             throw new Error(`no echo of frame ${echoed} within ${timeout} ms`);
+          } else if (ev.type === "disconnect" && args.reconnect) {
+            return; // the client connects again, and a fresh run resends frame `echoed`
           } else if (ev.type === "disconnect" || ev.type === "shutdown") {
             const who = ev.type === "disconnect" ? "the server closed" : "something stopped";
             throw new Error(`${who} the connection after ${echoed} of ${count} echoes`);
@@ -167,6 +185,7 @@ export async function echoClient(args: EchoClientArgs): Promise<{ seconds: numbe
         framing: lengthPrefixed(4),
         transport,
         connectTimeout: timeout,
+        reconnect: args.reconnect && { initialDelay: 100, maxDelay: 2000, maxAttempts: 10 },
         // Every abnormal end is the close reason, reported once by the caller: nothing to log.
         logger: QUIET,
       },

@@ -2,10 +2,12 @@
  * An echo server: every frame is sent back as it came.
  *
  *     deno run -A examples/echo_server.ts [--port 7001] [--hostname 127.0.0.1]
- *       [--framing len4|line|raw] [--hibernate] [--sync]
+ *       [--framing len4|line|raw] [--hibernate] [--sync] [--batch]
  *
- * `--hibernate` makes each connection hibernate between frames; `--sync` runs the plain
- * `function*` handler (no promise per step) instead of the `async function*` one. The default
+ * `--hibernate` makes each connection hibernate between frames; `--batch` hands the handler the
+ * frames of each read together (`batch(framing)`: one step per read); `--sync` runs the plain
+ * `function*` handler (no promise per step) instead of the `async function*` one. Frames of the
+ * byte framings are lent for one step (`lend: true`: sent back at once, kept nowhere). The default
  * port, 7001, leaves 7000 to the chat example. Once listening it prints
  * `listening on HOST:PORT`; SIGINT or SIGTERM stops it gracefully (exit 0). `--help` prints the
  * usage; a bad flag exits 2 with the usage on stderr; failing to listen exits 1.
@@ -14,6 +16,7 @@
  */
 
 import {
+  batch,
   type Event,
   type Framing,
   hibernate,
@@ -76,11 +79,15 @@ export async function* echoHibernating(): AsyncGenerator<Yielded, void, Event> {
   else yield hibernate();
 }
 
-/** The framings selectable with `--framing`. */
+/**
+ * The framings selectable with `--framing`. The byte framings lend their frames (`lend: true`):
+ * an echo sends each frame back within its step and keeps nothing, so it needs no frame of its
+ * own, and saves an allocation per frame.
+ */
 export const framings: Record<string, () => Framing<unknown>> = {
-  len4: () => lengthPrefixed(4) as Framing<unknown>,
+  len4: () => lengthPrefixed(4, { lend: true }) as Framing<unknown>,
   line: () => lines() as Framing<unknown>,
-  raw: () => raw() as Framing<unknown>,
+  raw: () => raw({ lend: true }) as Framing<unknown>,
 };
 
 /** The port the example listens on by default (the chat example has 7000). */
@@ -97,6 +104,7 @@ SIGINT or SIGTERM stops it.
   --framing NAME    len4 (4-byte length prefix, the default), line or raw
   --hibernate       hibernate each connection between frames
   --sync            run the plain function* handler instead of the async one
+  --batch           take the frames of each read in one step (batch(framing))
                     (--hibernate wins if both are given)
   -h, --help        print this help and exit`;
 
@@ -107,6 +115,7 @@ export interface EchoServerArgs {
   framing: string;
   hibernate: boolean;
   sync: boolean;
+  batch: boolean;
 }
 
 /**
@@ -120,6 +129,7 @@ export function echoServerFlags(port: number) {
     framing: { type: "string", default: "len4" },
     hibernate: { type: "boolean", default: false },
     sync: { type: "boolean", default: false },
+    batch: { type: "boolean", default: false },
   } as const;
 }
 
@@ -153,6 +163,7 @@ export function echoServerArgs(
       framing: values.framing,
       hibernate: values.hibernate,
       sync: values.sync,
+      batch: values.batch,
     },
   };
 }
@@ -174,12 +185,14 @@ export async function runEchoServer(
   transport?: Transport,
 ): Promise<number> {
   const handler = args.hibernate ? echoHibernating : args.sync ? echoSync : echo;
+  const framing = framings[args.framing]();
   let server;
   try {
+    // (The echo handlers send back whatever came: a batch goes back as a batch.)
     server = await serve(handler, {
       port: args.port,
       hostname: args.hostname,
-      framing: framings[args.framing](),
+      framing: args.batch ? batch(framing) as Framing<unknown> : framing,
       transport,
       maxConnections: Infinity,
       onListen(addr) {

@@ -3,7 +3,7 @@
  *
  *     deno run -A examples/tls_echo_server.ts [--port 7002] [--hostname 127.0.0.1]
  *       [--cert FILE --key FILE] [--alpn PROTO,...] [--client-ca FILE]
- *       [--framing len4|line|raw] [--hibernate] [--sync]
+ *       [--framing len4|line|raw] [--hibernate] [--sync] [--batch]
  *
  * Without `--cert`/`--key` it serves the test certificate (tests/fixtures/server.crt, for
  * `localhost` and `127.0.0.1`, signed by tests/fixtures/ca.crt), so that
@@ -54,6 +54,7 @@ listening; SIGINT or SIGTERM stops it.
   --framing NAME    len4 (4-byte length prefix, the default), line or raw
   --hibernate       hibernate each connection between frames
   --sync            run the plain function* handler instead of the async one
+  --batch           take the frames of each read in one step (batch(framing))
   -h, --help        print this help and exit`;
 
 /** The settings given on the command line. */

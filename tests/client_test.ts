@@ -18,6 +18,7 @@ import {
   send,
   serve,
   type Server,
+  stop,
   TimeoutError,
   type Transport,
   type Yielded,
@@ -254,6 +255,121 @@ Deno.test("connect(): `name` registers the connection; a second client with it f
     await again.stop();
   } finally {
     await alice.stop();
+    await server.stop();
+  }
+});
+
+// ---- Start failures reach the caller --------------------------------------------------------
+
+Deno.test("connect() rejects with the handler's error if it throws before its first yield; nothing is left", async () => {
+  const server = await startServer();
+  const registry = new MemoryRegistry();
+  const logger = capturingLogger();
+  let finallyRan = 0;
+  const boom = new Error("no credentials");
+  try {
+    for (
+      const handler of [
+        async function* (): AsyncGenerator<Yielded, void, Event<string>> {
+          try {
+            if (finallyRan >= 0) throw boom;
+            yield;
+          } finally {
+            finallyRan++;
+          }
+        },
+        // A plain generator throws inside start(): the same.
+        function* (): Generator<Yielded, void, Event<string>> {
+          try {
+            if (finallyRan >= 0) throw boom;
+            yield;
+          } finally {
+            finallyRan++;
+          }
+        },
+      ]
+    ) {
+      await assert.rejects(
+        connect(handler, {
+          hostname: HOST,
+          port: portOf(server.addr),
+          framing: lines(),
+          name: "starter",
+          registry,
+          logger,
+        }),
+        (err) => err === boom,
+      );
+      // Closed before connect() rejected: its socket, its registry entry and its name are gone.
+      const serverSide = await server.conns.next();
+      assert.equal(await within(3000, serverSide.closed), "normal");
+      assert.deepEqual(await registry.list(), []);
+      assert.equal(await registry.lookup("starter"), undefined);
+    }
+    assert.equal(finallyRan, 2);
+  } finally {
+    await server.stop();
+  }
+});
+
+Deno.test("connect() rejects with ConnectionClosed if the handler returns or stops before its first wait", async () => {
+  const server = await startServer();
+  try {
+    const cases: [string, () => AsyncGenerator<Yielded, void, Event<string>>, unknown][] = [
+      ["return", async function* () {}, "normal"],
+      ["stop", async function* () {
+        yield stop("not today");
+      }, "not today"],
+      ["send then stop in one yield", async function* () {
+        yield [send("bye"), stop()];
+      }, "normal"],
+    ];
+    for (const [what, handler, reason] of cases) {
+      const err = await connect(handler, {
+        hostname: HOST,
+        port: portOf(server.addr),
+        framing: lines(),
+        logger: capturingLogger(),
+      }).then(() => undefined, (e: unknown) => e);
+      assert.ok(err instanceof ConnectionClosed, `${what}: ${err}`);
+      assert.deepEqual(err.reason, reason, what);
+      await server.conns.next();
+    }
+    // A handler that stops at its second yield started fine: connect() resolves.
+    const late = await connect(async function* () {
+      yield;
+      yield stop();
+    }, { hostname: HOST, port: portOf(server.addr), framing: lines() });
+    assert.equal(await within(3000, late.closed), "normal"); // woken by the server's "hello"
+  } finally {
+    await server.stop();
+  }
+});
+
+Deno.test("connect(): a handler stuck before its first yield times out after connectTimeout and is stopped", async () => {
+  const server = await startServer();
+  const never = Promise.withResolvers<void>();
+  try {
+    const started = performance.now();
+    await assert.rejects(
+      connect(async function* () {
+        await never.promise;
+        yield;
+      }, {
+        hostname: HOST,
+        port: portOf(server.addr),
+        framing: lines(),
+        connectTimeout: 50,
+        logger: capturingLogger(),
+      }),
+      (err) =>
+        err instanceof TimeoutError && /handler start timed out after 50 ms/.test(err.message),
+    );
+    assert.ok(performance.now() - started < 2000);
+    const serverSide = await server.conns.next();
+    assert.equal(await within(3000, serverSide.closed), "normal", "its socket was closed");
+  } finally {
+    never.resolve();
     await server.stop();
   }
 });

@@ -193,7 +193,14 @@ Deno.test("examples: --help prints the usage on stdout and exits 0", async () =>
 Deno.test("examples: the echo examples default to port 7001, clear of the chat example's 7000", () => {
   assert.deepEqual(parseEchoServerArgs([]), {
     kind: "run",
-    args: { port: 7001, hostname: "127.0.0.1", framing: "len4", hibernate: false, sync: false },
+    args: {
+      port: 7001,
+      hostname: "127.0.0.1",
+      framing: "len4",
+      hibernate: false,
+      sync: false,
+      batch: false,
+    },
   });
   assert.deepEqual(parseEchoClientArgs([]), {
     kind: "run",
@@ -400,6 +407,7 @@ Deno.test("examples (TLS): --tls means port 7002 and the test CA; tls_echo_serve
       framing: "len4",
       hibernate: false,
       sync: false,
+      batch: false,
     },
   });
   const cases: [string, string[], RegExp][] = [

@@ -1,6 +1,7 @@
 // createPool(): strategies, hash stability, dead addresses, draining, checkouts, queueing,
 // stopping, reconnection with backoff (a server killed under load and restarted, a handler that
-// throws on every connect, stop during a backoff), bad options. Over the memory transport (and one real TCP pool), sanitizers on.
+// throws on every connect, stop or removeAddress during a backoff or a reconnect, maxAttempts),
+// the onExit policy (each decision), bad options. Over the memory transport (and one real TCP pool), sanitizers on.
 
 import assert from "node:assert/strict";
 import {
@@ -13,6 +14,7 @@ import {
   memory,
   MemoryRegistry,
   type Pool,
+  type PoolExit,
   PoolUnavailable,
   reply,
   send,
@@ -21,7 +23,7 @@ import {
   tcp,
   type Transport,
 } from "../mod.ts";
-import { HOST, pause, portOf, tracked, within } from "./_support.ts";
+import { capturingLogger, HOST, pause, portOf, tracked, within } from "./_support.ts";
 
 const quiet = { error() {}, warn() {}, debug() {} };
 let names = 0;
@@ -594,9 +596,11 @@ Deno.test("a handler that throws on every connect backs off, never storms", asyn
     const least = 20 * 2 ** i * 0.8 - SLACK;
     assert.ok(gap >= least, `gap ${i}: ${gap} ms < ${least}: ${gaps}`);
   });
+  // A handler that throws before its first yield fails its connect: none ever came up.
   const stats = pool.stats();
   assert.ok(stats.failures >= starts.length - 1, JSON.stringify(stats));
-  assert.ok(stats.reconnects >= starts.length - 1);
+  assert.equal(stats.reconnects, 0);
+  assert.equal((stats.addresses[0].lastError as Error).message, "boom");
   await pool.stop();
   await s.stop();
 });
@@ -624,4 +628,221 @@ Deno.test("stop during a backoff cancels it at once and leaves no timer", async 
   await within(100, other.removeAddress({ transport }), "removeAddress");
   assert.deepEqual(other.stats().addresses, []);
   await other.stop();
+});
+
+// memory() that counts connects, and can hold them at a gate.
+function countingMemory(name: string): {
+  transport: Transport;
+  connects: () => number;
+  hold: () => () => void;
+} {
+  const base = memory(name);
+  let connects = 0;
+  let gate: Promise<void> | undefined;
+  return {
+    transport: {
+      name: "memory",
+      listen: (options) => base.listen(options),
+      connect: async (options) => {
+        connects++;
+        if (gate) await gate;
+        return base.connect(options);
+      },
+    },
+    connects: () => connects,
+    hold: () => {
+      const { promise, resolve } = Promise.withResolvers<void>();
+      gate = promise;
+      return () => {
+        gate = undefined;
+        resolve();
+      };
+    },
+  };
+}
+
+Deno.test("removeAddress during a reconnect: removed at once, no timer left, no connect after", async () => {
+  const { transport, connects } = countingMemory(`pool-remove-backoff-${++names}`);
+  const other = await server();
+  const pool = await createPool(handler, {
+    addresses: [{ transport, label: "dead" }, { transport: other.transport, label: "live" }],
+    reconnect: { initialDelay: 20, multiplier: 1, jitter: 0 },
+    logger: quiet,
+  });
+  // The dead address fails and backs off, again and again.
+  await until(2000, "a few reconnects", () => connects() >= 3);
+  await until(1000, "backing off", () => pool.stats().addresses[0].backingOff === 1);
+  await within(100, pool.removeAddress({ transport }), "removeAddress");
+  assert.deepEqual(pool.stats().addresses.map((a) => a.address), ["live"]);
+  const after = connects();
+  await pause(60); // three backoffs' worth: none may connect
+  assert.equal(connects(), after);
+  assert.equal(typeof await pool.call("who"), "string");
+  await pool.stop();
+  await other.server.stop();
+});
+
+Deno.test("removeAddress while a reconnect is connecting: it settles and is not retried", async () => {
+  const s = await server();
+  const { transport, connects, hold } = countingMemory(`pool-remove-connecting-${++names}`);
+  const serving = () =>
+    serve(async function* () {
+      for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) ev = yield;
+    }, { transport, logger: quiet });
+  let target = await serving();
+  const pool = await createPool(handler, {
+    addresses: [{ transport, label: "flaky" }, { transport: s.transport, label: "steady" }],
+    reconnect: { initialDelay: 10, jitter: 0 },
+    logger: quiet,
+  });
+  await allUp(pool, 2);
+  const release = hold();
+  await target.stop();
+  target = await serving();
+  await until(1000, "connecting", () => pool.stats().addresses[0].connecting === 1);
+  const removing = tracked(pool.removeAddress({ transport }));
+  await pause(5);
+  assert.ok(!removing.settled(), "removeAddress waits for the connect under way");
+  release();
+  await within(2000, removing.promise, "removeAddress");
+  const after = connects();
+  await pause(40);
+  assert.equal(connects(), after);
+  assert.equal(target.connections().length, 0, "the late connection was stopped");
+  assert.deepEqual(pool.stats().addresses.map((a) => a.address), ["steady"]);
+  await pool.stop();
+  await target.stop();
+  await s.server.stop();
+});
+
+Deno.test("maxAttempts: a slot that fails that many times in a row stays down", async () => {
+  const { transport, connects } = countingMemory(`pool-max-attempts-${++names}`);
+  const pool = await createPool(handler, {
+    addresses: [{ transport }],
+    reconnect: { initialDelay: 5, multiplier: 1, jitter: 0, maxAttempts: 2 },
+  });
+  await assert.rejects(within(2000, pool.ready, "ready"), { reason: "down" });
+  assert.equal(connects(), 3); // the first connect and 2 reconnects
+  const stats = pool.stats().addresses[0];
+  assert.deepEqual([stats.down, stats.backingOff, stats.failures], [1, 0, 3]);
+  await pool.stop();
+});
+
+// ---- onExit: the exit policy (etcp's handle_exit) ------------------------------------------------
+
+// A pool of one connection whose exits go through `onExit`; its server ends a connection when
+// told to (a cast "drop" through the pool).
+async function exitRig(
+  onExit: NonNullable<Parameters<typeof createPool>[1]["onExit"]>,
+  reconnect: { initialDelay?: number } | false = { initialDelay: 60_000 },
+) {
+  const { transport, connects } = countingMemory(`pool-exit-${++names}`);
+  const s = await serve(async function* () {
+    for (let ev = yield; ev.type === "packet";) ev = yield;
+  }, { transport, logger: quiet });
+  const pool = await createPool(async function* (conn) {
+    for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) {
+      if (ev.type === "cast" && ev.message === "drop") return; // a normal end, a brief one
+      ev = ev.type === "call" ? yield reply(ev.from, conn.id) : yield;
+    }
+  }, { addresses: [{ transport, label: "one" }], reconnect, onExit, logger: quiet });
+  await allUp(pool, 1);
+  return { pool, server: s, connects, transport };
+}
+
+Deno.test("onExit: is told of each exit; nothing returned means the default backoff", async () => {
+  const exits: PoolExit<Uint8Array>[] = [];
+  const { pool, server: s } = await exitRig((exit) => {
+    exits.push(exit);
+  });
+  const first = pool.connections()[0];
+  pool.cast("drop");
+  await until(1000, "an exit", () => exits.length === 1);
+  assert.equal(exits[0].address, "one");
+  assert.equal(exits[0].connection, first);
+  assert.equal(exits[0].reason, "normal");
+  // The backoff's first wait: initialDelay 60 s, capped by maxDelay (30 s), ± 20 %.
+  assert.ok(exits[0].delay! >= 24_000 && exits[0].delay! <= 36_000, String(exits[0].delay));
+  assert.equal(pool.stats().addresses[0].backingOff, 1);
+  await pool.stop();
+  await s.stop();
+});
+
+Deno.test('onExit: "restart" connects again at once, whatever the backoff', async () => {
+  const { pool, server: s, connects } = await exitRig(() => "restart");
+  const first = pool.connections()[0];
+  pool.cast("drop");
+  await until(
+    1000,
+    "back up",
+    () => pool.connections()[0] !== first && pool.stats().addresses[0].up === 1,
+  );
+  assert.equal(connects(), 2);
+  assert.equal(pool.stats().reconnects, 1);
+  await pool.stop();
+  await s.stop();
+});
+
+Deno.test("onExit: { restart: ms } connects again after that long, even with reconnection off", async () => {
+  const { pool, server: s } = await exitRig(() => ({ restart: 40 }), false);
+  const dropped = performance.now();
+  pool.cast("drop");
+  await until(1000, "backing off", () => pool.stats().addresses[0].backingOff === 1);
+  await until(2000, "back up", () => pool.stats().addresses[0].up === 1);
+  const waited = performance.now() - dropped;
+  assert.ok(waited >= 40 - SLACK && waited < 1000, `waited ${waited} ms`);
+  await pool.stop();
+  await s.stop();
+});
+
+Deno.test('onExit: "delete" takes the slot out of the pool', async () => {
+  const { pool, server: s, connects, transport } = await exitRig(() => "delete");
+  await pool.addConnection({ transport, label: "one" });
+  assert.equal(pool.connections().length, 2);
+  pool.cast("drop");
+  await until(1000, "one left", () => pool.connections().length === 1);
+  const stats = pool.stats().addresses[0];
+  assert.deepEqual([stats.up, stats.backingOff, stats.down], [1, 0, 0]);
+  const before = connects();
+  await pause(20);
+  assert.equal(connects(), before);
+  assert.equal(typeof await pool.call("who"), "string");
+  await pool.stop();
+  await s.stop();
+});
+
+Deno.test('onExit: "stop" stops the pool', async () => {
+  const { pool, server: s } = await exitRig(() => "stop");
+  pool.cast("drop");
+  await within(2000, pool.stop(), "the pool's stop");
+  await assert.rejects(pool.call("x"), { name: "PoolUnavailable", reason: "stopped" });
+  assert.equal(s.connections().length, 0);
+  await s.stop();
+});
+
+Deno.test("onExit: a failed connect is an exit too; a throw or a bad answer is logged, the default applies", async () => {
+  const transport = memory(`pool-exit-refused-${++names}`);
+  const logger = capturingLogger();
+  const exits: PoolExit<Uint8Array>[] = [];
+  const answers: unknown[] = [{ restart: -1 }, "later"];
+  const pool = await createPool(handler, {
+    addresses: [{ transport }],
+    reconnect: { initialDelay: 10, multiplier: 1, jitter: 0 },
+    logger,
+    onExit: (exit) => {
+      exits.push(exit);
+      if (exits.length === 1) throw new Error("policy bug");
+      return answers.shift() as never;
+    },
+  });
+  await until(2000, "four exits", () => exits.length >= 4);
+  assert.equal(exits[0].connection, undefined);
+  assert.ok(exits[0].reason instanceof Deno.errors.ConnectionRefused);
+  assert.equal(exits[0].delay, 10);
+  // Three were logged (the throw, and both bad answers), and the slot went on backing off.
+  assert.equal(logger.levels.filter((l) => l === "error").length, 3);
+  assert.match(String(logger.calls[0][0]), /onExit threw/);
+  assert.match(String(logger.calls[1][0]), /onExit returned an object/);
+  assert.match(String(logger.calls[2][0]), /onExit returned "later"/);
+  await pool.stop();
 });

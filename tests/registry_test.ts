@@ -4,6 +4,7 @@
 import assert from "node:assert/strict";
 import { type ConnectionRef, MemoryRegistry, type RegistryEntry } from "../mod.ts";
 import { isConnectionId, newConnectionId } from "../registry.ts";
+import { evalInChild } from "./_support.ts";
 
 /** A registry entry and a stand-in connection for `id`. */
 function fake(id: string): { entry: RegistryEntry; conn: ConnectionRef } {
@@ -31,24 +32,65 @@ function registryOf(ids: string[]): { registry: MemoryRegistry; conns: Connectio
   return { registry, conns };
 }
 
-Deno.test("registry: newConnectionId gives c<N> ids, unique and increasing", () => {
+Deno.test("registry: newConnectionId gives c<N>.<process part> ids, unique and increasing", () => {
   const ids = Array.from({ length: 100 }, () => newConnectionId());
   assert.equal(new Set(ids).size, ids.length);
+  const suffixes = new Set<string>();
   const numbers = ids.map((id) => {
-    assert.match(id, /^c[1-9][0-9]*$/);
-    return Number(id.slice(1));
+    const [, n, suffix] = id.match(/^c([1-9][0-9]*)\.([0-9a-z]{8})$/) ?? assert.fail(id);
+    suffixes.add(suffix);
+    return Number(n);
   });
+  assert.equal(suffixes.size, 1); // one process part per process
   for (let i = 1; i < numbers.length; i++) assert.ok(numbers[i] > numbers[i - 1]);
   for (const id of ids) assert.ok(isConnectionId(id), id);
 });
 
-Deno.test("registry: isConnectionId is true for c and digits only", () => {
-  for (const text of ["c1", "c42", "c1000000", "c0"]) {
+Deno.test("registry: ids of different processes differ in their process part", async () => {
+  const { code, stdout } = await evalInChild(
+    'import { newConnectionId } from "./registry.ts"; console.log(newConnectionId());',
+  );
+  assert.equal(code, 0);
+  const theirs = stdout.trim();
+  const ours = newConnectionId();
+  assert.ok(isConnectionId(theirs), theirs);
+  assert.notEqual(theirs.split(".")[1], ours.split(".")[1]);
+});
+
+Deno.test("registry: isConnectionId is true for c, digits and an optional .part only", () => {
+  for (const text of ["c1", "c42", "c1000000", "c0", "c1.k3x9a0qz", "c7.a", "c12.0"]) {
     assert.equal(isConnectionId(text), true, text);
   }
-  for (const text of ["", "c", "C1", "1", "c1a", "ac1", " c1", "c1 ", "c-1", "c1.5", "alice"]) {
+  for (
+    const text of [
+      "",
+      "c",
+      "C1",
+      "1",
+      "c1a",
+      "ac1",
+      " c1",
+      "c1 ",
+      "c-1",
+      "c1.",
+      "c1.A",
+      "c1.a-b",
+      "c1.a.b",
+      "c.a",
+      "c1.k3x9a0qz ",
+      "alice",
+    ]
+  ) {
     assert.equal(isConnectionId(text), false, JSON.stringify(text));
   }
+});
+
+Deno.test("registry: list filters by name", async () => {
+  const [a, b] = [newConnectionId(), newConnectionId()];
+  const { registry } = registryOf([a, b]);
+  assert.equal(registry.claim(b, "bob"), true);
+  assert.deepEqual((await registry.list({ name: "bob" })).map((e) => e.id), [b]);
+  assert.deepEqual(await registry.list({ name: "nobody" }), []);
 });
 
 Deno.test("registry: a name that looks like a connection id is refused, so lookup of an id finds that connection", async () => {

@@ -21,6 +21,10 @@ import {
 import { capturingLogger, evalInChild, HOST, Inbox, within } from "./_support.ts";
 
 const noop = async function* () {};
+// A client handler that waits for one event (connect() rejects for one that ends before its first yield).
+const waitOnce = async function* () {
+  yield;
+};
 
 Deno.test("serve: every bad option is refused up front, naming the option and the value", async () => {
   const cases: Array<[Record<string, unknown>, ErrorConstructor, RegExp]> = [
@@ -164,7 +168,7 @@ Deno.test("onConnection and onClose hooks see every connection start and end, wi
     onClose: (conn, reason) => closed.push([conn.id, reason]),
   });
   try {
-    const client = await connect(noop, { transport });
+    const client = await connect(waitOnce, { transport });
     const id = await opened.next();
     await client.stop();
     assert.deepEqual(await closed.next(), [id, "normal"]);
@@ -183,9 +187,10 @@ Deno.test("a handler that returns a Promise (an async function) is named as such
     onConnection: (conn) => conns.push(conn),
   });
   try {
-    await connect(noop, { transport });
+    const client = await connect(waitOnce, { transport });
     const reason = await (await conns.next()).closed;
     assert.match(String(reason), /handler returned a Promise \(an async function\?\)/);
+    await client.closed;
   } finally {
     await server.stop();
   }

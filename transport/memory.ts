@@ -9,7 +9,9 @@
  * - its peer reads what was already sent, then end of stream (`null`), and its writes (stalled
  *   or new) reject with `Deno.errors.BrokenPipe`;
  * - a client whose connection no listener accepted before the last one closed gets
- *   `Deno.errors.ConnectionReset` from its next read.
+ *   `Deno.errors.ConnectionReset` from its next read;
+ * - after `closeWrite()` (a half-close) the peer reads what was sent, then end of stream, while
+ *   this side goes on reading; its own writes then fail with `Deno.errors.BrokenPipe`.
  *
  * @module
  */

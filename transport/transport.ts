@@ -31,7 +31,12 @@ export interface Conn {
   read(p: Uint8Array): Promise<number | null>;
   /** Write some of `p` (at least one byte); resolve with how many were written. */
   write(p: Uint8Array): Promise<number>;
-  /** Close the writing side (half-close). */
+  /**
+   * Close the writing side (half-close, TCP's FIN): the peer reads the end of the stream, this
+   * side may go on reading. The `closeWrite` action calls it once pending output is written; a
+   * transport that cannot half-close rejects (the handler then gets `disconnect` with
+   * `side: "write"` and the error).
+   */
   closeWrite(): Promise<void>;
   /** Close both sides and release the resource; pending reads reject. */
   close(): void;

@@ -77,6 +77,7 @@ Deno.test("shutdown: a handler that ignores it is forced after the timeout, and 
 for (
   const [how, body, expected] of [
     ["the stop action", async function* (): HandlerGenerator<string> {
+      yield;
       yield stop("done");
     }, "done"],
     ["return", async function* (): HandlerGenerator<string> {
@@ -195,15 +196,19 @@ for (
     await using _s = await lineServer(transport, idle);
     const logger = capturingLogger();
     let finallyRan = false;
-    const client = await lineClient(transport, async function* (): HandlerGenerator<string> {
-      try {
-        // deno-lint-ignore no-explicit-any
-        yield garbage as any;
-      } finally {
-        finallyRan = true;
-      }
-    }, { logger });
-    const reason = await within(1000, client.closed);
+    // At the first yield: the handler's start fails, so connect() rejects with the error once
+    // the connection has closed.
+    const reason = await within(
+      1000,
+      lineClient(transport, async function* (): HandlerGenerator<string> {
+        try {
+          // deno-lint-ignore no-explicit-any
+          yield garbage as any;
+        } finally {
+          finallyRan = true;
+        }
+      }, { logger }).then(() => "connected", (err: unknown) => err),
+    );
     assert.ok(reason instanceof ProtocolError, `expected ProtocolError, got ${reason}`);
     assert.ok(finallyRan);
     assert.equal(logger.calls.length, 1);

@@ -7,11 +7,21 @@ import {
   type Event,
   type HandlerGenerator,
   hibernate,
+  ProtocolError,
   reply,
   send,
   setTimeout as arm,
 } from "../../mod.ts";
-import { collector, label, lineClient, lineServer, transportFor, within } from "./_support.ts";
+import {
+  capturingLogger,
+  collector,
+  idle,
+  label,
+  lineClient,
+  lineServer,
+  transportFor,
+  within,
+} from "./_support.ts";
 
 // ---- Hibernation --------------------------------------------------------------------------
 
@@ -235,4 +245,20 @@ Deno.test("upgrade: a live connection gets `upgrade`, switches when it hibernate
   const c2 = collector();
   await using _client2 = await lineClient(transport, c2.handler);
   assert.equal(await c2.lines.next(), "v2 start null");
+});
+
+Deno.test("hibernate at the first yield after a wake, before the waking event is taken, ends the connection with ProtocolError", async () => {
+  // It would be woken again at once by the same event, for ever.
+  const transport = transportFor("hibernate-again");
+  let generators = 0;
+  await using s = await lineServer(transport, function* (_conn, state?: number) {
+    generators++;
+    yield hibernate(state ?? 0);
+  }, { logger: capturingLogger() });
+  await using _client = await lineClient(transport, idle);
+  const conn = await s.conns.next();
+  conn.cast("wake");
+  const reason = await within(2000, conn.closed, "closed");
+  assert.ok(reason instanceof ProtocolError, String(reason));
+  assert.equal(generators, 2, "the start, and one wake");
 });

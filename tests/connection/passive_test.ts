@@ -101,14 +101,17 @@ Deno.test("active: yielding recv ends the connection with ProtocolError (logged,
   await using _s = await lineServer(transport, idle);
   const logger = capturingLogger();
   let finallyRan = false;
-  const client = await lineClient(transport, async function* (): HandlerGenerator<string> {
-    try {
-      yield recv();
-    } finally {
-      finallyRan = true;
-    }
-  }, { logger });
-  const reason = await within(1000, client.closed);
+  // At the first yield: connect() rejects with the error once the connection has closed.
+  const reason = await within(
+    1000,
+    lineClient(transport, async function* (): HandlerGenerator<string> {
+      try {
+        yield recv();
+      } finally {
+        finallyRan = true;
+      }
+    }, { logger }).then(() => "connected", (err: unknown) => err),
+  );
   assert.ok(reason instanceof ProtocolError, `expected ProtocolError, got ${reason}`);
   assert.match(reason.message, /passive/);
   assert.ok(finallyRan);
