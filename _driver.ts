@@ -192,7 +192,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #phase = Phase.Open;
   #closeReason: unknown = undefined; // fixed when the phase leaves Open
   readonly #startedAt = stamp(); // (stamps are small integers: no heap number per connection)
-  #lastEventAt = -1; // the stamp of the last event taken
+  #lastEventAt = -1; // the stamp of the last read from the peer, or other event pushed
   #endClock: EndClock | null = null; // made when an end or a shutdown is first asked for
   #shutdownReason: { reason: unknown } | null = null; // a shutdown event was sent
   #closed: Promise<unknown> | null = null; // made when first asked for
@@ -402,7 +402,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   start(): void {
     if (this.#at !== HandlerAt.NotStarted || this.#phase !== Phase.Open) return;
     if (this.#opts.kind !== "server") clientStarted(this, this.socket);
-    if (this.#tracer !== null) this.#tracer.note("start", "start", formatAddr(this.socket.remoteAddr));
+    this.#tracer?.note("start", "start", formatAddr(this.socket.remoteAddr));
     if (this.#opts.mode === "active") this.#read();
     this.#loop(undefined);
   }
@@ -1164,6 +1164,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     if (this.#phase !== Phase.Open) return;
     if (this.#queue === NONE) this.#queue = [];
     this.#queue.push(ev);
+    if (ev.type !== "packet") this.#lastEventAt = stamp(); // (packets: stamped per read)
     if (ev.type === "packet") this.#packetsQueued++;
     else if (this.#waitingForEvent && !this.#wakeQueued) {
       // Woken in a microtask, not here: whoever sent this (another handler, perhaps) goes on
@@ -1193,7 +1194,6 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       this.#queue.length = 0;
       this.#head = 0;
     }
-    this.#lastEventAt = stamp();
     if (ev.type === "packet") this.#packetsQueued--;
     else if (ev.type === "timeout") this.#timeoutTaken(ev);
     else if (ev.type === "frameError") this.#frameError = FrameErrorAt.Taken;
@@ -1261,6 +1261,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#input = Input.Idle;
     if (this.#bytesRead === 0 && this.#opts.kind === "server") serverHeard(this, this.socket);
     this.#bytesRead += n;
+    this.#lastEventAt = stamp(); // (per read, not per frame: a clock read costs ~50 ns)
     const buf = this.#readingInto!;
     this.#readingInto = null;
     const before = this.#framesDecoded;

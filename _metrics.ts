@@ -129,6 +129,8 @@ export function observeMetrics(source: MetricsSource): OwnerMetrics {
 }
 
 async function makeInstruments(): Promise<Instruments> {
+  // A range, not a pin: the application's own copy of the API (1.x) is the one used if it has one.
+  // deno-lint-ignore no-import-prefix
   const api = await import("npm:@opentelemetry/api@^1.9.0");
   const meter: Meter = api.metrics.getMeter("etcp", VERSION);
   const connection = { unit: "{connection}" };
@@ -153,10 +155,11 @@ async function makeInstruments(): Promise<Instruments> {
     description: "Pool connections brought back up by a reconnect",
   });
   // One callback per instrument, each reading every source: sampled once per callback.
-  const each = (read: (result: ObservableResult, sample: MetricsSample, at: Attributes) => void) =>
-  (result: ObservableResult) => {
-    for (const source of sources) read(result, source.sample(), attributesOf(source));
-  };
+  const each =
+    (read: (result: ObservableResult, sample: MetricsSample, at: Attributes) => void) =>
+    (result: ObservableResult) => {
+      for (const source of sources) read(result, source.sample(), attributesOf(source));
+    };
   open.addCallback(each((r, s, at) => r.observe(s.open, at)));
   hibernated.addCallback(each((r, s, at) => r.observe(s.hibernated, at)));
   bytes.addCallback(each((r, s, at) => {

@@ -26,15 +26,17 @@ export function observerHtml(refresh: number): string {
   <section id="servers-section">
     <h2>Servers</h2>
     <table id="servers"><thead><tr>
-      <th>name</th><th>status</th><th>accepted</th><th>open</th><th>hibernated</th>
-      <th>closed</th><th>in</th><th>out</th><th></th>
+      <th>name</th><th>status</th><th class="n">accepted</th><th class="n">open</th>
+      <th class="n">hibernated</th><th class="n">closed</th><th class="n">in</th>
+      <th class="n">out</th><th></th>
     </tr></thead><tbody></tbody></table>
   </section>
   <section id="pools-section">
     <h2>Pools</h2>
     <table id="pools"><thead><tr>
-      <th>name</th><th>up</th><th>connecting</th><th>backing off</th><th>down</th>
-      <th>in flight</th><th>queued</th><th>reconnects</th><th>failures</th>
+      <th>name</th><th class="n">up</th><th class="n">connecting</th>
+      <th class="n">backing off</th><th class="n">down</th><th class="n">in flight</th>
+      <th class="n">queued</th><th class="n">reconnects</th><th class="n">failures</th>
     </tr></thead><tbody></tbody></table>
   </section>
   <section>
@@ -98,6 +100,8 @@ td.state-stopping, td.state-closed { color: #d33; }
 #detail dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; }
 #detail dt { color: GrayText; }
 #detail dd { margin: 0; font-variant-numeric: tabular-nums; }
+#detail-trace { width: auto; }
+#detail-trace td:last-child { white-space: pre-wrap; word-break: break-all; }
 pre { background: #8881; padding: 8px; white-space: pre-wrap; word-break: break-all; }
 .buttons { display: flex; gap: 8px; }
 button { font: inherit; padding: 2px 10px; }
@@ -118,11 +122,38 @@ if (fromHash) {
   history.replaceState(null, "", location.pathname); // out of the address bar and history
 }
 
-function cell(row, text, className) {
-  const td = document.createElement("td");
-  td.textContent = text === undefined || text === null ? "" : String(text);
-  if (className) td.className = className;
-  row.appendChild(td);
+// Rows are kept by key and updated in place, so that a row or button under the pointer is the
+// same element from one refresh to the next (a click is never lost to a refresh).
+const kept = new WeakMap();
+
+function sync(tbody, items, keyOf, fillRow) {
+  let rows = kept.get(tbody);
+  if (!rows) kept.set(tbody, rows = new Map());
+  const next = new Map();
+  const ordered = items.map((item) => {
+    const key = keyOf(item);
+    let tr = rows.get(key);
+    if (!tr) tr = document.createElement("tr");
+    next.set(key, tr);
+    tr.cellsDone = 0;
+    fillRow(tr, item);
+    return tr;
+  });
+  kept.set(tbody, next);
+  ordered.forEach((tr, i) => {
+    if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null);
+  });
+  while (tbody.children.length > ordered.length) tbody.lastChild.remove();
+}
+
+// The next cell of \`tr\` (made on first use), set to \`text\`.
+function cell(tr, text, className) {
+  let td = tr.children[tr.cellsDone];
+  if (!td) td = tr.appendChild(document.createElement("td"));
+  tr.cellsDone++;
+  const value = text === undefined || text === null ? "" : String(text);
+  if (td.textContent !== value && !td.firstElementChild) td.textContent = value;
+  td.className = className || "";
   return td;
 }
 
@@ -157,48 +188,35 @@ async function act(path, body) {
   return res.status;
 }
 
-function fill(tbody, rows) {
-  tbody.replaceChildren(...rows);
+function serverRow(tr, s) {
+  tr.dataset.server = s.name;
+  cell(tr, s.name);
+  cell(tr, s.status);
+  cell(tr, s.accepted, "n");
+  cell(tr, s.open, "n");
+  cell(tr, s.hibernated, "n");
+  const closed = cell(tr, s.closed, "n");
+  closed.title = Object.entries(s.closedByReason).map(([k, v]) => k + ": " + v).join("\\n");
+  cell(tr, bytes(s.bytesIn), "n");
+  cell(tr, bytes(s.bytesOut), "n");
+  const td = cell(tr, "");
+  const button = td.firstElementChild || td.appendChild(document.createElement("button"));
+  button.type = "button";
+  const suspended = s.status === "suspended";
+  button.textContent = suspended ? "Resume" : "Suspend";
+  button.dataset.action = suspended ? "resume" : "suspend";
+  button.disabled = s.status === "stopping" || s.status === "stopped";
+  button.onclick = () => act("/api/servers/" + encodeURIComponent(s.name) + "/" + button.dataset.action);
 }
 
-function serverRows(servers) {
-  return servers.map((s) => {
-    const tr = document.createElement("tr");
-    tr.dataset.server = s.name;
-    cell(tr, s.name);
-    cell(tr, s.status);
-    cell(tr, s.accepted, "n");
-    cell(tr, s.open, "n");
-    cell(tr, s.hibernated, "n");
-    const closed = cell(tr, s.closed, "n");
-    closed.title = Object.entries(s.closedByReason).map(([k, v]) => k + ": " + v).join("\\n");
-    cell(tr, bytes(s.bytesIn), "n");
-    cell(tr, bytes(s.bytesOut), "n");
-    const td = cell(tr, "");
-    const button = document.createElement("button");
-    button.type = "button";
-    const suspended = s.status === "suspended";
-    button.textContent = suspended ? "Resume" : "Suspend";
-    button.dataset.action = suspended ? "resume" : "suspend";
-    button.disabled = s.status === "stopping" || s.status === "stopped";
-    button.onclick = () => act("/api/servers/" + encodeURIComponent(s.name) + "/" + button.dataset.action);
-    td.appendChild(button);
-    return tr;
-  });
-}
-
-function poolRows(pools) {
-  return pools.map((p) => {
-    const tr = document.createElement("tr");
-    const sum = (key) => p.addresses.reduce((n, a) => n + a[key], 0);
-    cell(tr, p.name);
-    for (const key of ["up", "connecting", "backingOff", "down"]) cell(tr, sum(key), "n");
-    cell(tr, p.inFlight, "n");
-    cell(tr, p.queued, "n");
-    cell(tr, p.reconnects, "n");
-    cell(tr, p.failures, "n");
-    return tr;
-  });
+function poolRow(tr, p) {
+  const sum = (key) => p.addresses.reduce((n, a) => n + a[key], 0);
+  cell(tr, p.name);
+  for (const key of ["up", "connecting", "backingOff", "down"]) cell(tr, sum(key), "n");
+  cell(tr, p.inFlight, "n");
+  cell(tr, p.queued, "n");
+  cell(tr, p.reconnects, "n");
+  cell(tr, p.failures, "n");
 }
 
 function valueOf(c, key) {
@@ -206,7 +224,7 @@ function valueOf(c, key) {
   return key in stats ? stats[key] : c[key];
 }
 
-function connectionRows(connections) {
+function shownConnections(connections) {
   const filter = filterInput.value.trim().toLowerCase();
   const shown = connections.filter((c) => !filter ||
     [c.id, c.name, c.owner, c.kind, c.node, c.remoteAddr, c.stats && c.stats.state]
@@ -220,30 +238,30 @@ function connectionRows(connections) {
     return (typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y), undefined, { numeric: true })) * sortDir;
   });
   document.getElementById("count").textContent = "(" + shown.length + " of " + connections.length + ")";
-  return shown.map((c) => {
-    const tr = document.createElement("tr");
-    tr.dataset.id = c.id;
-    if (c.id === view.selected) tr.classList.add("selected");
-    const s = c.stats || {};
-    cell(tr, c.id);
-    cell(tr, c.name);
-    cell(tr, c.owner + (c.kind === "server" ? "" : " (" + c.kind + ")"));
-    cell(tr, s.state || (c.node ? "on " + c.node : ""), "state-" + (s.state || "remote"));
-    cell(tr, c.remoteAddr);
-    cell(tr, bytes(s.bytesIn), "n");
-    cell(tr, bytes(s.bytesOut), "n");
-    cell(tr, s.framesIn, "n");
-    cell(tr, s.framesOut, "n");
-    cell(tr, s.mailbox, "n");
-    cell(tr, s.callsPending, "n");
-    cell(tr, age(s.lastEventAt), "n");
-    tr.onclick = () => {
-      view.selected = c.id;
-      render();
-      updateDetail();
-    };
-    return tr;
-  });
+  return shown;
+}
+
+function connectionRow(tr, c) {
+  tr.dataset.id = c.id;
+  tr.classList.toggle("selected", c.id === view.selected);
+  const s = c.stats || {};
+  cell(tr, c.id);
+  cell(tr, c.name);
+  cell(tr, c.owner + (c.kind === "server" ? "" : " (" + c.kind + ")"));
+  cell(tr, s.state || (c.node ? "on " + c.node : ""), "state-" + (s.state || "remote"));
+  cell(tr, c.remoteAddr);
+  cell(tr, bytes(s.bytesIn), "n");
+  cell(tr, bytes(s.bytesOut), "n");
+  cell(tr, s.framesIn, "n");
+  cell(tr, s.framesOut, "n");
+  cell(tr, s.mailbox, "n");
+  cell(tr, s.callsPending, "n");
+  cell(tr, age(s.lastEventAt), "n");
+  tr.onclick = () => {
+    view.selected = c.id;
+    render();
+    updateDetail();
+  };
 }
 
 function render() {
@@ -252,9 +270,9 @@ function render() {
   document.getElementById("node").textContent = "node " + o.node;
   document.getElementById("servers-section").hidden = o.servers.length === 0;
   document.getElementById("pools-section").hidden = o.pools.length === 0;
-  fill(document.querySelector("#servers tbody"), serverRows(o.servers));
-  fill(document.querySelector("#pools tbody"), poolRows(o.pools));
-  fill(document.querySelector("#connections tbody"), connectionRows(o.connections));
+  sync(document.querySelector("#servers tbody"), o.servers, (s) => s.name, serverRow);
+  sync(document.querySelector("#pools tbody"), o.pools, (p) => p.name, poolRow);
+  sync(document.querySelector("#connections tbody"), shownConnections(o.connections), (c) => c.id, connectionRow);
   for (const th of document.querySelectorAll("#connections th[data-key]")) {
     th.classList.toggle("sorted", th.dataset.key === view.sortKey);
     th.classList.toggle("desc", th.dataset.key === view.sortKey && view.sortDir < 0);
@@ -301,14 +319,12 @@ async function updateDetail() {
   traceButton.disabled = !d.stats;
   document.getElementById("stop").disabled = false;
   const t0 = d.trace.length ? d.trace[0].time : 0;
-  fill(document.querySelector("#detail-trace tbody"), d.trace.slice().reverse().map((e) => {
-    const tr = document.createElement("tr");
+  sync(document.querySelector("#detail-trace tbody"), d.trace.slice().reverse(), (e) => e.time + e.kind + e.type, (tr, e) => {
     cell(tr, (e.time - t0).toFixed(1), "n");
     cell(tr, e.kind);
     cell(tr, e.type === e.kind ? "" : e.type);
     cell(tr, e.detail);
-    return tr;
-  }));
+  });
 }
 
 async function update() {

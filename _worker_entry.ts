@@ -57,6 +57,23 @@ globalThis.addEventListener("unload", () => {
   if (phase !== Phase.Stopped) scope.postMessage({ kind: "exited" });
 });
 
+// An error that escapes every handler (a throwing timer callback, a rejection nobody handles)
+// ends the Worker: the parent hears it (and logs it with the group's logger), terminates this
+// Worker and starts another. Prevented here, so that Deno does not print it to stderr as well.
+globalThis.addEventListener("error", (event) => {
+  event.preventDefault();
+  crashed(event.error ?? event.message);
+});
+globalThis.addEventListener("unhandledrejection", (event) => {
+  event.preventDefault();
+  crashed(event.reason);
+});
+
+function crashed(err: unknown): void {
+  if (phase === Phase.Stopped) return;
+  scope.postMessage({ kind: "crashed", error: sendError(err) });
+}
+
 async function start(config: WorkerConfig): Promise<void> {
   phase = Phase.Starting;
   try {

@@ -48,6 +48,8 @@ export interface SentError {
 export type FromWorker =
   | { kind: "listening"; hostname: string; port: number }
   | { kind: "failed"; error: SentError }
+  /** An uncaught error or unhandled rejection: the Worker is to be terminated. */
+  | { kind: "crashed"; error: SentError }
   | { kind: "pong" }
   | { kind: "stopped" }
   /** Deno.exit() inside the Worker: it is gone. */

@@ -9,7 +9,7 @@
 import type { Handler } from "./actions.ts";
 import type { Driver } from "./_driver.ts";
 import type { UpgradeOptions } from "./server.ts";
-import { ConnectionClosed, isNormalReason } from "./errors.ts";
+import { ConnectionClosed, describeValue, isNormalReason } from "./errors.ts";
 import { newConnectionId } from "./registry.ts";
 import type { Addr, ProxyHeader } from "./transport/transport.ts";
 import type { TlsPeerCertificate } from "./transport/tls.ts";
@@ -101,7 +101,10 @@ export interface ConnectionStats {
   callsPending: number;
   /** When the connection started, in ms since the Unix epoch. */
   startedAt: number;
-  /** When the handler last took an event, in ms since the Unix epoch; undefined before any. */
+  /**
+   * When the last event came (a read from the peer, a message, a timer…), in ms since the Unix
+   * epoch; undefined before any.
+   */
   lastEventAt: number | undefined;
   /** Whether the connection is traced (see {@linkcode Connection.trace}). */
   traced: boolean;
@@ -445,7 +448,7 @@ export class Connection<T = unknown> {
    * assert.equal(stats.framesOut, 1);
    * assert.equal(stats.framesIn, 1);
    * assert.equal(stats.bytesOut, 6); // "hello\n"
-   * assert.equal(stats.state, "waiting");
+   * assert.equal(stats.callsPending, 0);
    * await client.stop();
    * await server.stop();
    * ```
@@ -469,7 +472,8 @@ export class Connection<T = unknown> {
    *   yield;
    * }, { transport });
    * const client = await connect(function* (_conn, count: number = 0) {
-   *   yield hibernate(count + 1);
+   *   if (count === 0) yield hibernate(1);
+   *   else yield; // woken: this yield takes the waking event (here, the stop's shutdown)
    * }, { transport });
    * assert.equal(client.handlerState(), 1);
    * await client.stop();
@@ -499,7 +503,7 @@ export class Connection<T = unknown> {
    * }, { transport, framing: lines() });
    * const echoed = Promise.withResolvers<void>();
    * const client = await connect(async function* () {
-   *   for (let ev = yield; ev.type !== "disconnect"; ev = yield) {
+   *   for (let ev = yield; ev.type !== "disconnect" && ev.type !== "shutdown"; ev = yield) {
    *     if (ev.type === "packet") echoed.resolve();
    *   }
    * }, { transport, framing: lines() });
@@ -514,7 +518,7 @@ export class Connection<T = unknown> {
    */
   trace(on: TraceOption): void {
     if (typeof on !== "boolean" && typeof on !== "function") {
-      throw new TypeError(`trace: expected true, false or a function, not ${typeof on}`);
+      throw new TypeError(`trace: on must be true, false or a function, not ${describeValue(on)}`);
     }
     this.#driver.trace(on);
   }

@@ -314,7 +314,9 @@ class View {
       } catch {
         on = undefined;
       }
-      if (typeof on !== "boolean") return json(400, { error: 'send {"on": true} or {"on": false}' });
+      if (typeof on !== "boolean") {
+        return json(400, { error: 'send {"on": true} or {"on": false}' });
+      }
       if (!("local" in found)) {
         return json(409, { error: "that connection lives in another process" });
       }

@@ -19,12 +19,7 @@ import { clearTimer, isDelay, startTimer, type Timer } from "./_timer.ts";
 import { withTimeout } from "./_with_timeout.ts";
 import type { TraceOption } from "./_trace.ts";
 import { ClosedTotals } from "./_stats.ts";
-import {
-  type MetricsSample,
-  metricsOn,
-  observeMetrics,
-  type OwnerMetrics,
-} from "./_metrics.ts";
+import { metricsOn, type MetricsSample, observeMetrics, type OwnerMetrics } from "./_metrics.ts";
 import {
   Backoff,
   type BackoffSettings,
@@ -301,6 +296,10 @@ interface Slot<T> {
   inFlight: number;
   checkedOut: boolean;
   drained?: () => void; // called once inFlight is 0 and not checked out, while draining
+  // A request's settling, made once per slot so that a request allocates no closure: each
+  // takes the request off the slot's count and passes its outcome on.
+  readonly fulfilled: (value: unknown) => unknown;
+  readonly rejected: (err: unknown) => never;
   readonly backoff?: Backoff; // with reconnection on
   timer?: Timer; // the wait before a reconnect
 }
@@ -531,13 +530,14 @@ export class Pool<T = Uint8Array> {
   readonly #acquireTimeout: number;
   readonly #maxQueued: number;
   readonly #backoff: BackoffSettings | undefined;
+  readonly #callOptions: CallOptions; // a call's, when it sets no timeout of its own
   readonly #sites = new Map<string, Site>();
   readonly #slots: Slot<T>[] = [];
   readonly #waiters: Waiter<T>[] = [];
   readonly #pending = new Set<Promise<unknown>>(); // connects under way
   #ready = Promise.withResolvers<void>();
   #isReady = false;
-  #next = 0;
+  #next = 0; // the round-robin cursor: an index into #slots
   #stopping: Promise<void> | undefined; // set by stop(): the pool is closing
   readonly #closedTotals = new ClosedTotals(); // of the connections that have closed
   readonly #metrics: OwnerMetrics | undefined; // with metrics on (loaded by createPool)
@@ -561,6 +561,7 @@ export class Pool<T = Uint8Array> {
       (queueing ? options.connectTimeout ?? 10_000 : 0);
     this.#maxQueued = options.maxQueued ?? (this.#acquireTimeout > 0 ? Infinity : 0);
     this.#backoff = backoffSettings(options.reconnect, true);
+    this.#callOptions = { timeout: options.callTimeout };
     this.#metrics = options.metrics
       ? observeMetrics({ name: this.name, kind: "pool", sample: () => this.#sample() })
       : undefined;
@@ -633,6 +634,14 @@ export class Pool<T = Uint8Array> {
       state: "connecting",
       inFlight: 0,
       checkedOut: false,
+      fulfilled: (value) => {
+        this.#settled(slot);
+        return value;
+      },
+      rejected: (err) => {
+        this.#settled(slot);
+        throw err;
+      },
       backoff: this.#backoff && new Backoff(this.#backoff),
     };
     this.#slots.push(slot);
@@ -878,40 +887,39 @@ export class Pool<T = Uint8Array> {
 
   // ---- Routing -----------------------------------------------------------------------------------
 
-  // The slot a request gets: one up and not checked out, chosen without building a list of them
-  // (count them, then index into them in a second pass).
+  // The slot a request gets: one up and not checked out, or undefined. Every request comes through
+  // here, so the usual case is one step: the slot the cursor (or a random draw) lands on is free.
   #choose(key: string | undefined, exclusive: boolean): Slot<T> | undefined {
-    let n = 0;
-    for (const s of this.#slots) if (isFree(s)) n++;
-    if (n === 0) return undefined;
-    if (exclusive) return this.#nthFree(this.#next++ % n);
+    if (exclusive) return this.#nextFree();
+    const slots = this.#slots;
+    const count = slots.length;
     switch (this.#strategy) {
-      case "random":
-        return this.#nthFree(Math.floor(Math.random() * n));
+      case "random": {
+        if (count === 0) return undefined;
+        // A draw over every slot, kept if free; else a draw over the free ones: uniform over the
+        // free ones either way.
+        const drawn = slots[Math.floor(Math.random() * count)];
+        if (isFree(drawn)) return drawn;
+        let n = 0;
+        for (const s of slots) if (isFree(s)) n++;
+        return n === 0 ? undefined : this.#nthFree(Math.floor(Math.random() * n));
+      }
       case "least-busy": {
-        // The fewest in flight; of equals, the first counting from a round-robin start.
-        const start = this.#next++ % n;
+        // The fewest in flight; of equals, the first from the cursor, which moves on by one.
+        let at = this.#next < count ? this.#next : 0;
+        this.#next = at + 1;
         let best: Slot<T> | undefined;
-        let bestOrder = 0;
-        let i = 0;
-        for (const s of this.#slots) {
-          if (!isFree(s)) continue;
-          const order = (i++ - start + n) % n;
-          if (
-            best === undefined || s.inFlight < best.inFlight ||
-            (s.inFlight === best.inFlight && order < bestOrder)
-          ) {
-            best = s;
-            bestOrder = order;
-          }
+        for (let k = 0; k < count; k++, at++) {
+          const s = slots[at < count ? at : at - count];
+          if (isFree(s) && (best === undefined || s.inFlight < best.inFlight)) best = s;
         }
         return best;
       }
       case "hash": {
-        if (key === undefined) return this.#nthFree(this.#next++ % n);
+        if (key === undefined) return this.#nextFree();
         let best: Slot<T> | undefined;
         let bestScore = -1;
-        for (const s of this.#slots) {
+        for (const s of slots) {
           if (!isFree(s)) continue;
           const score = hash32(`${key}\u0000${s.id}`);
           if (score > bestScore || (score === bestScore && s.id < best!.id)) {
@@ -922,11 +930,27 @@ export class Pool<T = Uint8Array> {
         return best;
       }
       default:
-        return this.#nthFree(this.#next++ % n);
+        return this.#nextFree();
     }
   }
 
-  // The `i`-th slot (from 0) that is up and not checked out.
+  // Round-robin: the first free slot from the cursor on; the cursor moves past it.
+  #nextFree(): Slot<T> | undefined {
+    const slots = this.#slots;
+    const count = slots.length;
+    let at = this.#next < count ? this.#next : 0; // (slots may have left the pool)
+    for (let k = 0; k < count; k++) {
+      const s = slots[at];
+      if (++at === count) at = 0;
+      if (isFree(s)) {
+        this.#next = at;
+        return s;
+      }
+    }
+    return undefined;
+  }
+
+  // The `i`-th slot (from 0) that is free.
   #nthFree(i: number): Slot<T> | undefined {
     for (const s of this.#slots) if (isFree(s) && i-- === 0) return s;
     return undefined;
@@ -1003,6 +1027,12 @@ export class Pool<T = Uint8Array> {
     else this.#serveWaiters();
   }
 
+  // A request on `slot` has its answer.
+  #settled(slot: Slot<T>): void {
+    slot.inFlight--;
+    this.#done(slot);
+  }
+
   /**
    * The connection the strategy chooses now (for `"hash"`, the one `key` lands on); throws
    * {@linkcode PoolUnavailable} if none is live.
@@ -1019,17 +1049,39 @@ export class Pool<T = Uint8Array> {
    * `callTimeout`. Rejects with {@linkcode PoolUnavailable} at once if no connection is live
    * (or after `acquireTimeout` with queueing).
    */
-  async call<R = unknown>(message: unknown, options: PoolCallOptions = {}): Promise<R> {
-    const slot = await this.#acquire(this.#keyOf(message, options.key), false);
+  call<R = unknown>(message: unknown, options?: PoolCallOptions): Promise<R> {
+    // Not async: a connection free now carries the call at once, and the caller waits on one
+    // promise more than Connection.call's, not on an async function's frames.
+    let key: string | undefined;
+    let slot: Slot<T> | undefined;
     try {
-      const calling = slot.conn!.call<R>(message, {
-        timeout: options.timeout ?? this.#options.callTimeout,
-      });
-      return await (this.#metrics?.timeCall(calling) ?? calling);
-    } finally {
-      slot.inFlight--;
-      this.#done(slot);
+      key = this.#keyOf(message, options?.key);
+      if (this.#stopping === undefined) slot = this.#choose(key, false);
+    } catch (err) {
+      return Promise.reject(err); // the key function threw
     }
+    if (slot === undefined) {
+      // None free now: wait for one if the pool queues, else fail (#acquire decides).
+      return this.#acquire(key, false).then((slot) => this.#callOn<R>(slot, message, options));
+    }
+    return this.#callOn<R>(this.#take(slot, false), message, options);
+  }
+
+  // `call` on `slot`, which counts it in flight until it settles.
+  #callOn<R>(slot: Slot<T>, message: unknown, options: PoolCallOptions | undefined): Promise<R> {
+    let calling: Promise<R>;
+    try {
+      // One options object for every call that does not set its own timeout.
+      calling = slot.conn!.call<R>(
+        message,
+        options?.timeout === undefined ? this.#callOptions : options,
+      );
+    } catch (err) {
+      this.#settled(slot);
+      return Promise.reject(err);
+    }
+    const timed = this.#metrics === undefined ? calling : this.#metrics.timeCall(calling);
+    return timed.then(slot.fulfilled, slot.rejected) as Promise<R>;
   }
 
   /** `cast` to a connection chosen by the strategy; throws `PoolUnavailable` if none is live. */
@@ -1056,8 +1108,7 @@ export class Pool<T = Uint8Array> {
     try {
       await slot.conn!.sendSync(data, options);
     } finally {
-      slot.inFlight--;
-      this.#done(slot);
+      this.#settled(slot);
     }
   }
 
@@ -1088,7 +1139,8 @@ export class Pool<T = Uint8Array> {
 
   /**
    * Per address: connections by state, calls in flight, checkouts, failures, reconnects; requests
-   * queued; failures and reconnects in all.
+   * queued; failures and reconnects in all; and, over every connection the pool has had, those
+   * hibernating now, those closed by reason, and bytes and frames in and out.
    */
   stats(): PoolStats {
     const sample = this.#sample();

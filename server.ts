@@ -8,7 +8,7 @@ import type { FrameOf, Handler } from "./actions.ts";
 import type { Connection, Logger, Mode, StopOptions } from "./connection.ts";
 import type { TraceOption } from "./_trace.ts";
 import { ClosedTotals } from "./_stats.ts";
-import { type MetricsSample, metricsOn, observeMetrics, type OwnerMetrics } from "./_metrics.ts";
+import { metricsOn, type MetricsSample, observeMetrics, type OwnerMetrics } from "./_metrics.ts";
 import { describeReason, describeValue, TimeoutError } from "./errors.ts";
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
@@ -467,9 +467,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
    * import assert from "node:assert/strict";
    * import { connect, memory, serve } from "./mod.ts";
    * const transport = memory("server-stats-doc");
-   * const server = await serve(async function* () {
-   *   yield;
-   * }, { transport });
+   * const server = await serve(async function* () {}, { transport }); // returns at once
    * const client = await connect(async function* () {
    *   yield;
    * }, { transport });

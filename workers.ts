@@ -190,7 +190,9 @@ export interface WorkerGroup extends AsyncDisposable {
  * `"unstable": ["kv", "net"]` in deno.json), and the permissions the module needs (Workers
  * inherit this process's).
  *
- * `module` is a URL or a path (relative to the working directory).
+ * `module` is a URL or a path (relative to the working directory). Deno's `terminate()` does not
+ * stop a Worker stuck in a loop (denoland/deno#35657): one that stops answering is replaced, but
+ * its thread and sockets live on until its loop ends.
  *
  * @example The chat example's handler module on two Workers, each a node of one registry
  * ```ts
@@ -357,8 +359,8 @@ class Supervisor implements WorkerGroup {
       if (slot.worker === worker) this.#heard(slot, event.data);
     };
     worker.onerror = (event) => {
-      event.preventDefault(); // the parent lives on
-      if (slot.worker === worker) this.#died(slot, new Error(`uncaught: ${event.message}`));
+      event.preventDefault(); // the parent lives on (the entry reports its errors as "crashed")
+      if (slot.worker === worker) this.#died(slot, new Error(event.message)); // "Uncaught …"
     };
     worker.onmessageerror = () => {};
     const config: WorkerConfig = {
@@ -403,6 +405,12 @@ class Supervisor implements WorkerGroup {
       }
       case "failed":
         this.#died(slot, receiveError(message.error, `worker ${slot.index} (${slot.node})`));
+        return;
+      case "crashed":
+        this.#died(
+          slot,
+          receiveError(message.error, `worker ${slot.index} (${slot.node}), uncaught`),
+        );
         return;
       case "exited":
         this.#died(slot, new Error("it called Deno.exit()"));
@@ -466,7 +474,16 @@ class Supervisor implements WorkerGroup {
     for (const slot of this.#slots) {
       if (slot.worker === undefined || slot.state !== "running") continue;
       if (now - slot.lastSeen > this.#ttlMs) {
-        this.#died(slot, new Error(`no answer to pings for ${this.#ttlMs} ms`));
+        // Deno's terminate() does not stop a thread stuck in a loop (denoland/deno#35657): it runs
+        // on, with its sockets, until its code yields. Say so; the replacement starts anyway.
+        this.#died(
+          slot,
+          new Error(
+            `no answer to pings for ${this.#ttlMs} ms; if it is stuck in a loop, Deno cannot ` +
+              "stop it: it keeps its listening socket (and a share of new connections) until " +
+              "its code yields",
+          ),
+        );
       } else slot.worker.postMessage({ kind: "ping" } satisfies ToWorker);
     }
   }

@@ -7,16 +7,19 @@
 // and does one round trip every 50 ms (how many it completed is printed).
 //
 //   deno run -A bench/busy_sockets.ts [--connections 256] [--duration 3]
-//     [--size 64] [--variant raw|etcp|etcp-fair-off] [--json]
+//     [--size 64] [--variant raw|etcp|etcp-fair-off|etcp-worker] [--json]
 //
 // --variant raw (default): plain Deno, no library: a Deno.listen echo and N
 // Deno.connect clients, each looping write → read of one 4-byte-length-prefixed
-// frame. Deno 2.9.6 runs every op of the thread from one driver task, and
-// tokio's cooperative budget (128 operations per poll) lets about 128 ready
-// sockets through per turn: past 128 connections some get almost nothing.
+// frame. Deno 2.9.6 completes every op of the thread from one task, and
+// tokio's cooperative budget (128 operations per poll) lets 128 connections
+// through per turn: past 128, the rest get nothing (at 200, 72 starve; at
+// 500 the newcomer does not even connect).
 // --variant etcp: the same traffic through the library, serve() with an echo
 // handler and N connect() clients whose handlers send the next frame as each
-// reply arrives, with the library's fair-share gate (_fair_share.ts) on.
+// reply arrives, with the library's fair-share gate (_fair_share.ts) on: past
+// 120 busy connections with both ends here, reads take turns, 64 per timer
+// tick (everyone moves; throughput is capped).
 // --variant etcp-fair-off: the same with the gate turned off
 // (setFairShare(false) of the private _fair_share.ts), to see what it buys.
 // --variant etcp-worker: the server runs in a Worker (bench/_busy_echo_worker.ts),

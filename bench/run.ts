@@ -50,7 +50,8 @@ const USAGE = `usage: deno run -A bench/run.ts [options]
                          pool (pool.call against Connection.call); registry rows
                          (issue 12) are not built yet
   --servers raw,node,etcp,raw-tls,node-tls,etcp-tls
-                         among raw, node, etcp, etcp-sync, etcp-hibernate (plain
+                         among raw, node, etcp, etcp-sync, etcp-hibernate,
+                         etcp-trace (tracing on: bench/trace_echo.ts) (plain
                          TCP: ratios against raw, etcp ones also against node) and
                          raw-tls, node-tls, etcp-tls (TLS: ratios against raw-tls)
   --node CMD             the Node binary for node and node-tls (default "node", also
@@ -262,6 +263,11 @@ const SERVERS: Record<string, ServerDef> = {
   etcp: etcp("etcp", []),
   "etcp-sync": etcp("etcp-sync", ["--sync"]),
   "etcp-hibernate": etcp("etcp-hibernate", ["--hibernate"]),
+  // The echo example with every connection traced to a counting function (tracing on's cost).
+  "etcp-trace": {
+    ...etcp("etcp-trace", []),
+    cmd: [DENO, "run", "-A", `${ROOT}bench/trace_echo.ts`],
+  },
   "raw-tls": RAW_TLS,
   "node-tls": NODE_TLS,
   "etcp-tls": etcpTls("etcp-tls"),

@@ -90,7 +90,9 @@ class LineClient {
 
   /** Read one line and check it. */
   async expect(line: string | null, message?: string): Promise<void> {
-    assert.equal(await this.readLine(), line, message);
+    const got = await this.readLine();
+    if (message === undefined) assert.equal(got, line);
+    else assert.equal(got, line, message);
   }
 
   close(): void {

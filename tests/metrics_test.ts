@@ -4,8 +4,11 @@
 // (to a local OTLP endpoint); and the module loads @opentelemetry/api only when metrics are on.
 
 import assert from "node:assert/strict";
+// (The API as the module names it, so that both share one global meter provider.)
+// deno-lint-ignore no-import-prefix
 import { metrics } from "npm:@opentelemetry/api@^1.9.0";
-import { MeterProvider, MetricReader } from "npm:@opentelemetry/sdk-metrics@^2";
+// deno-lint-ignore no-import-prefix
+import { MeterProvider, MetricReader } from "npm:@opentelemetry/sdk-metrics@2.12.1";
 import {
   createPool,
   type HandlerGenerator,

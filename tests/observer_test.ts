@@ -85,7 +85,10 @@ Deno.test("observer: the JSON API lists, details, stops and traces; changes need
   assert.equal(server.status, "running");
   // Unknown ids and servers: 404 (with the token).
   assert.equal((await getJson(new URL("/api/connections/c999.none", base))).status, 404);
-  assert.equal((await post(new URL("/api/connections/c999.none/stop", base), observer.token)).status, 404);
+  assert.equal(
+    (await post(new URL("/api/connections/c999.none/stop", base), observer.token)).status,
+    404,
+  );
   assert.equal((await post(new URL("/api/servers/nope/resume", base), observer.token)).status, 404);
   // A bad trace body: 400.
   const trace = new URL(`/api/connections/${id}/trace`, base);
@@ -143,11 +146,13 @@ Deno.test("observer: the page's security headers, a foreign Host refused, bad ta
     assert.ok((await res.text()).length > 100);
   }
   // DNS rebinding: a page elsewhere reaching 127.0.0.1 under its own name.
-  const foreign = await fetch(new URL("/api/overview", observer.url), {
-    headers: { host: `evil.example:${observer.addr.port}` },
-  });
-  assert.equal(foreign.status, 403);
-  await foreign.body?.cancel();
+  // (fetch sets Host itself: written by hand.)
+  const raw = await Deno.connect({ hostname: HOST, port: observer.addr.port });
+  await raw.write(new TextEncoder().encode(
+    `GET /api/overview HTTP/1.1\r\nHost: evil.example:${observer.addr.port}\r\nConnection: close\r\n\r\n`,
+  ));
+  const answer = new TextDecoder().decode(await readAll(raw));
+  assert.match(answer, /^HTTP\/1\.1 403 /);
   const put = await fetch(new URL("/api/overview", observer.url), { method: "PUT" });
   assert.equal(put.status, 405);
   await put.body?.cancel();
@@ -165,14 +170,26 @@ Deno.test("observer: a KvRegistry target lists the connections of every node, an
   const serving = (registry: KvRegistry, name: string) =>
     serve(async function* (): HandlerGenerator<string> {
       for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect"; ev = yield);
-    }, { transport: memory(`observer-kv-${name}`), framing: lines(), registry, name, logger: quiet });
+    }, {
+      transport: memory(`observer-kv-${name}`),
+      framing: lines(),
+      registry,
+      name,
+      logger: quiet,
+    });
   const serverA = await serving(nodeA, "server-a");
   const serverB = await serving(nodeB, "server-b");
   const waitOn = async function* (): HandlerGenerator<string> {
     for (let ev = yield; ev.type !== "disconnect" && ev.type !== "shutdown"; ev = yield);
   };
-  const clientA = await connect(waitOn, { transport: memory("observer-kv-server-a"), framing: lines() });
-  const clientB = await connect(waitOn, { transport: memory("observer-kv-server-b"), framing: lines() });
+  const clientA = await connect(waitOn, {
+    transport: memory("observer-kv-server-a"),
+    framing: lines(),
+  });
+  const clientB = await connect(waitOn, {
+    transport: memory("observer-kv-server-b"),
+    framing: lines(),
+  });
   await nodeA.flush();
   await nodeB.flush();
   await using observer = await serveObserver(nodeA);
@@ -190,7 +207,9 @@ Deno.test("observer: a KvRegistry target lists the connections of every node, an
   assert.equal(stopped.status, 200);
   await within(5000, clientB.closed, "node b's connection stopped from node a's observer");
   assert.equal(
-    (await post(new URL(`/api/connections/${rows[0].id}/trace`, base), observer.token, { on: true }))
+    (await post(new URL(`/api/connections/${rows[0].id}/trace`, base), observer.token, {
+      on: true,
+    }))
       .status,
     rows[0].node === "a" ? 200 : 409,
   );
@@ -212,12 +231,14 @@ async function findChromium(): Promise<string | undefined> {
 const chromium = await findChromium();
 
 Deno.test({
-  name: `observer: the page in headless Chromium lists, updates, stops, and refuses without the token${
-    chromium ? "" : " (skipped: no chromium; apt-get install chromium)"
-  }`,
+  name:
+    `observer: the page in headless Chromium lists, updates, stops, and refuses without the token${
+      chromium ? "" : " (skipped: no chromium; apt-get install chromium)"
+    }`,
   ignore: chromium === undefined,
   fn: async () => {
-    const { default: puppeteer } = await import("npm:puppeteer-core@^24");
+    // deno-lint-ignore no-import-prefix
+    const { default: puppeteer } = await import("npm:puppeteer-core@24.43.1");
     const server = await echoServer("page-echo");
     const port = portOf(server.addr);
     const first = await client(port);
@@ -276,8 +297,27 @@ Deno.test({
         `document.querySelector('#detail-stats dd[data-stat="framesIn"]')?.textContent === "1"`,
         { timeout: 10_000 },
       );
-      if (Deno.env.get("ETCP_UPDATE_SCREENSHOT") === "1" || !(await exists("docs/observer.png"))) {
-        await page.screenshot({ path: "docs/observer.png" });
+      // Trace it from the page: its recent trace shows.
+      await page.click("#trace");
+      await page.waitForFunction(
+        `document.getElementById("trace").textContent === "Trace off"`,
+        { timeout: 10_000 },
+      );
+      assert.equal(serverSide.stats().traced, true);
+      second.conn.send("traced");
+      assert.equal(await second.received.next(), "traced");
+      await page.waitForFunction(
+        `document.querySelectorAll("#detail-trace tbody tr").length === 2`,
+        { timeout: 10_000 },
+      );
+      assert.match(
+        await page.$eval("#detail-trace tbody", (tbody) => tbody.textContent ?? ""),
+        /out.*send.*"traced"/s,
+      );
+      // The README's screenshot: taken where missing, or again with ETCP_UPDATE_SCREENSHOT=1.
+      const screenshot = new URL("../docs/observer.png", import.meta.url);
+      if (Deno.env.get("ETCP_UPDATE_SCREENSHOT") === "1" || !(await exists(screenshot))) {
+        await page.screenshot({ path: screenshot.pathname, fullPage: true });
       }
 
       // Without the token, stopping is refused (401) and the connection stays.
@@ -306,9 +346,19 @@ Deno.test({
   },
 });
 
-async function exists(path: string): Promise<boolean> {
+async function readAll(conn: Deno.Conn): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  const buf = new Uint8Array(4096);
+  for (let n; (n = await within(5000, conn.read(buf), "read")) !== null;) {
+    chunks.push(buf.slice(0, n));
+  }
+  conn.close();
+  return new Uint8Array(chunks.flatMap((c) => [...c]));
+}
+
+async function exists(path: URL): Promise<boolean> {
   try {
-    await Deno.stat(new URL(`../${path}`, import.meta.url));
+    await Deno.stat(path);
     return true;
   } catch {
     return false;

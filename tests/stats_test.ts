@@ -24,7 +24,9 @@ import { HOST, Inbox, portOf, readExactly, within } from "./_support.ts";
 const quiet = { error() {}, warn() {}, debug() {} };
 const encoder = new TextEncoder();
 
-async function onlyConnection<T>(server: { connections(): Connection<T>[] }): Promise<Connection<T>> {
+async function onlyConnection<T>(
+  server: { connections(): Connection<T>[] },
+): Promise<Connection<T>> {
   for (let i = 0; i < 5000; i++) {
     const [conn] = server.connections();
     if (conn) return conn;
@@ -211,7 +213,13 @@ Deno.test("stats: pool.stats() adds hibernated, closed by reason, bytes and fram
         ? yield stop("retired")
         : yield [send(String(ev.message)), reply(ev.from, 1)];
     }
-  }, { addresses: [{ transport }], framing: lines(), waitReady: true, reconnect: false, logger: quiet });
+  }, {
+    addresses: [{ transport }],
+    framing: lines(),
+    waitReady: true,
+    reconnect: false,
+    logger: quiet,
+  });
   assert.equal(await pool.call("ping"), 1);
   const [conn] = pool.connections();
   await conn.drain();
