@@ -639,18 +639,25 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #releaseBuffers(): void {
     this.#readBuf = null;
     // (The last chunk is kept while frames cut from it wait: setFraming may cut them again.)
-    if (this.#packetsQueued === 0 && !(this.#passive?.framesHeld.length)) this.#chunk = null;
-    const outbox = this.#outbox;
-    if (outbox !== null) {
-      outbox.flush();
-      if (outbox.idle) {
-        this.#bytesWrittenBefore += outbox.bytesWritten;
-        this.#framesDroppedBefore += outbox.framesDropped;
-        this.#outbox = null;
-      }
+    if (this.#packetsQueued === 0 && !(this.#passive?.framesHeld.length)) {
+      this.#chunk = null;
+      // A lending decoder keeps the read memory it lent from (framing.ts): let it go too.
+      (this.#decoder as { release?: () => void }).release?.();
     }
+    this.#outbox?.flush();
+    this.#dropIdleOutbox(); // else once its write is done (outboxDrained)
     this.#onStep = this.#onStepError = null;
     this.#emit = this.#wakeTask = null;
+  }
+
+  // A hibernated connection's outbox with nothing left to write goes, buffers and all (a
+  // thousand bytes a connection): the next send makes a new one.
+  #dropIdleOutbox(): void {
+    const outbox = this.#outbox;
+    if (outbox === null || !outbox.idle) return;
+    this.#bytesWrittenBefore += outbox.bytesWritten;
+    this.#framesDroppedBefore += outbox.framesDropped;
+    this.#outbox = null;
   }
 
   #perform(yielded: Yielded): Run {
@@ -1470,6 +1477,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       this.#read();
     }
     if (this.#at === HandlerAt.AwaitingDrain && this.#phase === Phase.Open) this.#continue();
+    // (Hibernated with the last step's sends in flight: they are out now.)
+    else if (this.#at === HandlerAt.Hibernated) this.#dropIdleOutbox();
   }
 
   // From the outbox: a write failed. Reading goes on; the handler hears of it once.

@@ -159,6 +159,10 @@ class RawDecoder implements Decoder<Uint8Array> {
   lentView(frame: Uint8Array, encode: unknown): Uint8Array | undefined {
     return encode === writeBytesLike && frame.buffer === this.#lastChunk ? frame : undefined;
   }
+  // As LengthPrefixedDecoder.release.
+  release(): void {
+    this.#lastChunk = null;
+  }
 }
 
 const RAW: Framing<Uint8Array> = {
@@ -288,6 +292,16 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
       if (view[k] !== (v & 0xff)) return undefined;
     }
     return view;
+  }
+
+  /**
+   * Forget the memory kept from one read to the next (the last chunk, and the spare unless a
+   * frame is being filled in it): its connection hibernates, and an idle connection should hold
+   * no read memory. Nothing lent is in use then (a frame is lent for one step).
+   */
+  release(): void {
+    this.#lastChunk = null;
+    if (this.#frame === null) this.#spare = null;
   }
 
   // Hand over a finished frame; a lent one in #spare keeps #spare busy for this call.

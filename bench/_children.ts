@@ -76,6 +76,38 @@ export function spawn(cmd: string[], cwd?: string): Child {
   };
 }
 
+/** The soft and hard limits on open files of this process (what children inherit). */
+function openFilesLimits(): { soft: number; hard: number } {
+  const limits = Deno.readTextFileSync("/proc/self/limits");
+  const m = limits.match(/^Max open files\s+(\S+)\s+(\S+)/m);
+  const value = (s: string | undefined) =>
+    s === undefined || s === "unlimited" ? Infinity : Number(s);
+  return { soft: value(m?.[1]), hard: value(m?.[2]) };
+}
+
+/**
+ * `cmd`, run so that it may open `files` files: as it is if the soft limit this process passes
+ * on allows that many, else through `sh -c 'ulimit -n N; exec …'` (same pid: exec), N =
+ * `files` (at most the hard limit, which only root can raise: beyond it, an error saying so).
+ * Without /proc (not Linux), `cmd` as it is.
+ */
+export function withOpenFiles(cmd: string[], files: number): string[] {
+  let limits;
+  try {
+    limits = openFilesLimits();
+  } catch {
+    return cmd;
+  }
+  if (files <= limits.soft) return cmd;
+  if (files > limits.hard) {
+    throw new Error(
+      `${files} open files are needed, the hard limit is ${limits.hard} ("ulimit -Hn"): ` +
+        "raise it (as root) or ask for fewer idle connections",
+    );
+  }
+  return ["sh", "-c", `ulimit -n ${files} && exec "$@"`, "sh", ...cmd];
+}
+
 /** Runs `cmd` to completion (SIGKILL after `timeoutMs`) and parses the last
  * line of its stdout as JSON. */
 export async function runJson(

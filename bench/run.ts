@@ -7,7 +7,8 @@
 //
 //   deno run -A bench/run.ts [--duration 2] [--warmup 0.5] [--rounds 3]
 //     [--connections 50] [--size 64] [--depth 16] [--bulk-size 65536]
-//     [--idle-connections 2000] [--only SUBSTR[,SUBSTR]] [--groups tcp,tls,pool]
+//     [--idle-connections 10000] [--idle-from 2000] [--idle-rounds 1]
+//     [--only SUBSTR[,SUBSTR]] [--groups tcp,tls,pool]
 //     [--servers raw,node,etcp,raw-tls,node-tls,etcp-tls[,etcp-sync,etcp-hibernate]]
 //     [--node node] [--etcp-cmd CMD|raw] [--etcp-tls-cmd CMD] [--client c|deno]
 //     [--pool-connections 8] [--pool-callers 64] [--pool-strategy round-robin]
@@ -35,7 +36,7 @@
 // counts: the noise of a shared 2-core machine only ever slows a run down. Prints a markdown table on stdout
 // (progress on stderr) and, with --json, one JSON line after it.
 import { parseFlags, within } from "./_common.ts";
-import { killAll, runJson, spawn } from "./_children.ts";
+import { killAll, runJson, spawn, withOpenFiles } from "./_children.ts";
 
 const USAGE = `usage: deno run -A bench/run.ts [options]
   --duration 2           seconds measured per load run, after --warmup 0.5
@@ -44,13 +45,25 @@ const USAGE = `usage: deno run -A bench/run.ts [options]
   --size 64              frame payload bytes (ping-pong, pipelined, accept, pool)
   --depth 16             frames in flight per connection when pipelined
   --bulk-size 65536      frame payload bytes of the bulk run
-  --idle-connections 2000
+  --idle-connections 10000
+                         idle connections held at the end of an idle run
+  --idle-from 2000       the idle rows are the slope of the server's RSS from this
+                         many connections to --idle-connections (bytes per added
+                         connection, without the runtime's fixed growth); 0: RSS
+                         growth from none over all of them
+  --idle-rounds 1        runs per idle row and server; the lowest counts
+  --idle-semi-space 0    MB: idle servers (Deno and Node) start with V8's young
+                         generation at this fixed size (--min/--max-semi-space-size),
+                         so that its growth with the connections, a runtime cost
+                         that stops at its cap, is left out of the slope; 0: V8's
+                         defaults (the figure users get)
   --only SUBSTR,...      only scenarios whose name contains one of these
   --groups tcp,tls,pool  which tables: tcp (plain TCP rows), tls (TLS rows),
                          pool (pool.call against Connection.call); registry rows
                          (issue 12) are not built yet
-  --servers raw,node,etcp,raw-tls,node-tls,etcp-tls
-                         among raw, node, etcp, etcp-sync, etcp-hibernate,
+  --servers raw,node,etcp,etcp-batch,raw-tls,node-tls,etcp-tls
+                         among raw, node, etcp, etcp-batch (batch() packets),
+                         etcp-sync, etcp-hibernate,
                          etcp-trace (tracing on: bench/trace_echo.ts) (plain
                          TCP: ratios against raw, etcp ones also against node) and
                          raw-tls, node-tls, etcp-tls (TLS: ratios against raw-tls)
@@ -86,10 +99,13 @@ const opts = parseFlags(Deno.args, {
   size: 64,
   depth: 16,
   "bulk-size": 64 * 1024,
-  "idle-connections": 2000,
+  "idle-connections": 10_000,
+  "idle-from": 2000,
+  "idle-rounds": 1,
+  "idle-semi-space": 0,
   only: "",
   groups: "tcp,tls,pool",
-  servers: "raw,node,etcp,raw-tls,node-tls,etcp-tls",
+  servers: "raw,node,etcp,etcp-batch,raw-tls,node-tls,etcp-tls",
   node: Deno.env.get("NODE_CMD") ?? "node",
   "etcp-cmd": Deno.env.get("ETCP_CMD") ?? "",
   "etcp-tls-cmd": Deno.env.get("ETCP_TLS_CMD") ?? "",
@@ -129,7 +145,7 @@ const CA = `${ROOT}tests/fixtures/ca.crt`;
 // The load clients and idle.ts bound themselves; these are backstops (pool_load.ts
 // may take up to 10 s to connect).
 const LOAD_TIMEOUT_MS = (opts.warmup + opts.duration) * 1000 + 25_000;
-const IDLE_TIMEOUT_MS = 75_000;
+const IDLE_TIMEOUT_MS = 160_000; // idle.ts gives up after 150 s
 const LISTEN_TIMEOUT_MS = 20_000; // a first run may compile the server
 const NOISY_PCT = 25; // other processes' CPU that marks a run as disturbed
 
@@ -263,6 +279,8 @@ const SERVERS: Record<string, ServerDef> = {
   etcp: etcp("etcp", []),
   "etcp-sync": etcp("etcp-sync", ["--sync"]),
   "etcp-hibernate": etcp("etcp-hibernate", ["--hibernate"]),
+  // One packet event per read carrying all its frames (batch(), opt-in), instead of one per frame.
+  "etcp-batch": etcp("etcp-batch", ["--batch"]),
   // The echo example with every connection traced to a counting function (tracing on's cost).
   "etcp-trace": {
     ...etcp("etcp-trace", []),
@@ -297,12 +315,27 @@ interface Running {
   stop(): Promise<void>;
 }
 
+/** `cmd` (deno run … or node …) with V8's young generation fixed at --idle-semi-space MB. */
+function withSemiSpace(cmd: string[]): string[] {
+  const mb = opts["idle-semi-space"];
+  if (!mb) return cmd;
+  const flags = [`--min-semi-space-size=${mb}`, `--max-semi-space-size=${mb}`];
+  if (cmd[0] === DENO && cmd[1] === "run") {
+    return [DENO, "run", `--v8-flags=${flags.join(",")}`, ...cmd.slice(2)];
+  }
+  return cmd.includes(NODE_ECHO) ? [cmd[0], ...flags, ...cmd.slice(1)] : cmd;
+}
+
+// An idle run holds a descriptor per connection at both ends, plus a few of its own.
+const IDLE_FILES = opts["idle-connections"] + 256;
+
 async function startServer(def: ServerDef, variant: Variant): Promise<Running> {
-  const child = spawn([
-    ...def.cmd,
+  const cmd = [
+    ...(variant === "load" ? def.cmd : withSemiSpace(def.cmd)),
     ...def.flags[variant],
     ...["--port", "0", "--hostname", "127.0.0.1"],
-  ], ROOT);
+  ];
+  const child = spawn(variant === "load" ? cmd : withOpenFiles(cmd, IDLE_FILES), ROOT);
   // null if stdout closed first: the server died.
   const line = await within(child.stdout.firstLine, LISTEN_TIMEOUT_MS, null);
   const m = line?.match(/^listening on (.+):(\d+)\s*$/);
@@ -367,7 +400,7 @@ const load = (mode: string, size: number, depth: number) => [
   ...timing,
 ];
 const idle = [
-  ...["--connections", `${opts["idle-connections"]}`],
+  ...["--connections", `${opts["idle-connections"]}`, "--from", `${opts["idle-from"]}`],
   ...["--send-one", "--size", `${opts.size}`],
 ];
 const pool = (connections: number) => [
@@ -375,6 +408,9 @@ const pool = (connections: number) => [
   ...["--size", `${opts.size}`],
   ...timing,
 ];
+const idleWhat = opts["idle-from"]
+  ? `slope ${opts["idle-from"]}→${opts["idle-connections"]} conns`
+  : `memory per conn (${opts["idle-connections"]})`;
 const plural = (n: number, what: string) => `${n} ${what}${n === 1 ? "" : "s"}`;
 
 const SCENARIOS: Scenario[] = [
@@ -411,7 +447,7 @@ const SCENARIOS: Scenario[] = [
     unit: "conn/s",
   },
   {
-    name: "idle memory per conn (raw --park 65536)",
+    name: `idle ${idleWhat} (raw --park 65536)`,
     group: "tcp",
     variant: "idle",
     tool: "idle",
@@ -419,7 +455,7 @@ const SCENARIOS: Scenario[] = [
     unit: "B/conn",
   },
   {
-    name: "idle memory hibernated (raw --park 1)",
+    name: `idle ${idleWhat}, hibernated (raw --park 1)`,
     group: "tcp",
     variant: "hibernated",
     tool: "idle",
@@ -482,12 +518,14 @@ async function measure(s: Scenario, peer: Peer, client: LoadClient): Promise<Run
   const server = await startServer(peer.server, s.variant);
   try {
     const data = await runJson([
-      ...(s.tool === "idle" ? [DENO, "run", "-A", `${BENCH}idle.ts`] : client.cmd),
+      ...(s.tool === "idle"
+        ? withOpenFiles([DENO, "run", "-A", `${BENCH}idle.ts`], IDLE_FILES)
+        : client.cmd),
       ...s.args,
       ...["--host", server.host, "--port", `${server.port}`],
       ...[s.tool === "idle" ? "--pid" : "--server-pid", `${server.pid}`],
     ], s.tool === "idle" ? IDLE_TIMEOUT_MS : LOAD_TIMEOUT_MS);
-    const value = s.tool === "idle" ? data.perConnBytes : data.framesPerSec;
+    const value = s.tool === "idle" ? data.slopeBytes ?? data.perConnBytes : data.framesPerSec;
     return { value, data };
   } finally {
     await server.stop();
@@ -734,10 +772,18 @@ function report(groups: Group[], results: Result[], node: string | undefined, sk
 
 ${m.cpu}, ${m.cores} cores, ${m.os}, Deno ${m.deno}${node ? `, Node ${node}` : ""}
 load: ${opts.connections} connections, best of ${opts.rounds} runs of ${opts.warmup} s warmup + ${opts.duration} s; idle: ${
-    opts["idle-connections"]
-  } connections, one echoed frame each, server RSS growth${
-    opts["etcp-cmd"] ? `; etcp = ${opts["etcp-cmd"]}` : ""
-  }${opts["etcp-tls-cmd"] ? `; etcp-tls = ${opts["etcp-tls-cmd"]}` : ""}
+    opts["idle-from"]
+      ? `slope of the server's RSS from ${opts["idle-from"]} to ${
+        opts["idle-connections"]
+      } connections (least squares through 5 settled points), in bytes per added connection`
+      : `server RSS growth over ${opts["idle-connections"]} connections`
+  }, one echoed frame each, lowest of ${opts["idle-rounds"]}${
+    opts["idle-semi-space"]
+      ? `, V8 young generation fixed at ${opts["idle-semi-space"]} MB semi-spaces`
+      : ""
+  }${opts["etcp-cmd"] ? `; etcp = ${opts["etcp-cmd"]}` : ""}${
+    opts["etcp-tls-cmd"] ? `; etcp-tls = ${opts["etcp-tls-cmd"]}` : ""
+  }
 
 ${tables.join("\n\n")}
 
@@ -869,7 +915,7 @@ async function plan(): Promise<{ groups: Group[]; node?: string; skipped: string
 
 async function main() {
   const { groups, node, skipped } = await plan();
-  const rounds = (s: Scenario) => s.tool === "idle" ? 1 : opts.rounds;
+  const rounds = (s: Scenario) => s.tool === "idle" ? opts["idle-rounds"] : opts.rounds;
   const total = groups.reduce(
     (n, g) => n + g.scenarios.reduce((m, s) => m + rounds(s) * g.peers.length, 0),
     0,

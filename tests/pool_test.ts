@@ -458,7 +458,7 @@ Deno.test("a server killed under load: calls fail or move, the slot backs off, r
     addresses: [{ hostname: HOST, port: port1 }, { hostname: HOST, port: portOf(two.addr) }],
     transport,
     framing: lines(),
-    reconnect: { initialDelay: 20, multiplier: 2, maxDelay: 160, jitter: 0.2 },
+    reconnect: { initialDelay: 20, multiplier: 2, maxDelay: 320, jitter: 0.2 },
     logger: quiet,
     callTimeout: 2000,
   });
@@ -524,7 +524,9 @@ Deno.test("a server killed under load: calls fail or move, the slot backs off, r
   await again.stop("shutdown", { timeout: 100 });
   await until(1000, "reconnect after the second kill", () => attempts.length > before2);
   const wait = attempts[before2].at - killedAgain;
-  assert.ok(wait >= 16 - SLACK && wait < 120, `first wait after a reset: ${wait} ms`);
+  // Not reset, the next wait would be 320 ms ± 20 % (at least 256, the cap): anything well under
+  // that shows the reset, with room for a loaded machine.
+  assert.ok(wait >= 16 - SLACK && wait < 250, `first wait after a reset: ${wait} ms`);
 
   running = false;
   await Promise.all(callers);
