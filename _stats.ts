@@ -2,6 +2,7 @@
 // counted under, and the totals of the connections a server or pool has seen close.
 
 import type { ConnectionStats } from "./connection.ts";
+import type { MetricsSample } from "./_metrics.ts";
 
 const EPOCH = Date.now();
 
@@ -51,6 +52,30 @@ export class ClosedTotals {
     this.framesOut += stats.framesOut;
     const label = reasonLabel(reason);
     this.byReason.set(label, (this.byReason.get(label) ?? 0) + 1);
+  }
+
+  /**
+   * These totals with the live connections' `open` statistics added: what a server's or pool's
+   * counts are now.
+   */
+  withOpen(open: Iterable<ConnectionStats>): MetricsSample {
+    const sample = {
+      open: 0,
+      hibernated: 0,
+      bytesIn: this.bytesIn,
+      bytesOut: this.bytesOut,
+      framesIn: this.framesIn,
+      framesOut: this.framesOut,
+    };
+    for (const stats of open) {
+      sample.open++;
+      if (stats.state === "hibernated") sample.hibernated++;
+      sample.bytesIn += stats.bytesIn;
+      sample.bytesOut += stats.bytesOut;
+      sample.framesIn += stats.framesIn;
+      sample.framesOut += stats.framesOut;
+    }
+    return sample;
   }
 
   /** The counts by reason, as a plain object. */

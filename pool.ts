@@ -1184,27 +1184,10 @@ export class Pool<T = Uint8Array> {
 
   // The open connections' counts added to the closed ones' (and the metrics' reconnects).
   #sample(): MetricsSample & { reconnects: number } {
-    const closed = this.#closedTotals;
-    const sample = {
-      open: 0,
-      hibernated: 0,
-      bytesIn: closed.bytesIn,
-      bytesOut: closed.bytesOut,
-      framesIn: closed.framesIn,
-      framesOut: closed.framesOut,
-      reconnects: 0,
-    };
-    for (const site of this.#sites.values()) sample.reconnects += site.reconnects;
-    for (const conn of this.connections()) {
-      const stats = conn.stats();
-      sample.open++;
-      if (stats.state === "hibernated") sample.hibernated++;
-      sample.bytesIn += stats.bytesIn;
-      sample.bytesOut += stats.bytesOut;
-      sample.framesIn += stats.framesIn;
-      sample.framesOut += stats.framesOut;
-    }
-    return sample;
+    let reconnects = 0;
+    for (const site of this.#sites.values()) reconnects += site.reconnects;
+    const open = this.connections().map((conn) => conn.stats());
+    return { ...this.#closedTotals.withOpen(open), reconnects };
   }
 
   /**

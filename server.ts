@@ -503,24 +503,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
 
   // The open connections' counts added to the closed ones'.
   #sample(): MetricsSample {
-    const closed = this.#closedTotals;
-    const sample = {
-      open: this.#drivers.size,
-      hibernated: 0,
-      bytesIn: closed.bytesIn,
-      bytesOut: closed.bytesOut,
-      framesIn: closed.framesIn,
-      framesOut: closed.framesOut,
-    };
-    for (const driver of this.#drivers.values()) {
-      const stats = driver.stats();
-      if (stats.state === "hibernated") sample.hibernated++;
-      sample.bytesIn += stats.bytesIn;
-      sample.bytesOut += stats.bytesOut;
-      sample.framesIn += stats.framesIn;
-      sample.framesOut += stats.framesOut;
-    }
-    return sample;
+    return this.#closedTotals.withOpen(Iterator.from(this.#drivers.values()).map((d) => d.stats()));
   }
 
   /**
