@@ -45,6 +45,7 @@ const USAGE = `usage: deno run -A bench/run.ts [options]
   --size 64              frame payload bytes (ping-pong, pipelined, accept, pool)
   --depth 16             frames in flight per connection when pipelined
   --bulk-size 65536      frame payload bytes of the bulk run
+  --bulk-connections 4   connections of the bulk runs (plain and TLS)
   --idle-connections 10000
                          idle connections held at the end of an idle run
   --idle-from 2000       the idle rows are the slope of the server's RSS from this
@@ -61,7 +62,7 @@ const USAGE = `usage: deno run -A bench/run.ts [options]
   --groups tcp,tls,pool  which tables: tcp (plain TCP rows), tls (TLS rows),
                          pool (pool.call against Connection.call); registry rows
                          (issue 12) are not built yet
-  --servers raw,node,etcp,etcp-batch,raw-tls,node-tls,etcp-tls
+  --servers raw,node,etcp,etcp-batch,etcp-trace,raw-tls,node-tls,etcp-tls
                          among raw, node, etcp, etcp-batch (batch() packets),
                          etcp-sync, etcp-hibernate,
                          etcp-trace (tracing on: bench/trace_echo.ts) (plain
@@ -99,13 +100,14 @@ const opts = parseFlags(Deno.args, {
   size: 64,
   depth: 16,
   "bulk-size": 64 * 1024,
+  "bulk-connections": 4,
   "idle-connections": 10_000,
   "idle-from": 2000,
   "idle-rounds": 1,
   "idle-semi-space": 0,
   only: "",
   groups: "tcp,tls,pool",
-  servers: "raw,node,etcp,etcp-batch,raw-tls,node-tls,etcp-tls",
+  servers: "raw,node,etcp,etcp-batch,etcp-trace,raw-tls,node-tls,etcp-tls",
   node: Deno.env.get("NODE_CMD") ?? "node",
   "etcp-cmd": Deno.env.get("ETCP_CMD") ?? "",
   "etcp-tls-cmd": Deno.env.get("ETCP_TLS_CMD") ?? "",
@@ -394,9 +396,9 @@ interface Scenario {
 
 const bytes = (n: number) => n >= 1024 && n % 1024 === 0 ? `${n / 1024} KiB` : `${n} B`;
 const timing = [`--duration`, `${opts.duration}`, "--warmup", `${opts.warmup}`];
-const load = (mode: string, size: number, depth: number) => [
+const load = (mode: string, size: number, depth: number, connections = opts.connections) => [
   ...["--mode", mode, "--size", `${size}`, "--depth", `${depth}`],
-  ...["--connections", `${opts.connections}`],
+  ...["--connections", `${connections}`],
   ...timing,
 ];
 const idle = [
@@ -431,11 +433,11 @@ const SCENARIOS: Scenario[] = [
     unit: "frames/s",
   },
   {
-    name: `bulk ${bytes(opts["bulk-size"])}, depth 1`,
+    name: `bulk ${bytes(opts["bulk-size"])}, depth 1, ${opts["bulk-connections"]} conns`,
     group: "tcp",
     variant: "load",
     tool: "load",
-    args: load("echo", opts["bulk-size"], 1),
+    args: load("echo", opts["bulk-size"], 1, opts["bulk-connections"]),
     unit: "frames/s",
   },
   {
@@ -471,11 +473,11 @@ const SCENARIOS: Scenario[] = [
     unit: "frames/s",
   },
   {
-    name: `TLS bulk ${bytes(opts["bulk-size"])}, depth 1`,
+    name: `TLS bulk ${bytes(opts["bulk-size"])}, depth 1, ${opts["bulk-connections"]} conns`,
     group: "tls",
     variant: "load",
     tool: "load",
-    args: [...load("echo", opts["bulk-size"], 1), "--tls", "--ca", CA],
+    args: [...load("echo", opts["bulk-size"], 1, opts["bulk-connections"]), "--tls", "--ca", CA],
     unit: "frames/s",
   },
   {
