@@ -2,7 +2,7 @@
 // directory, as `deno task start` would use), same run.
 //
 //   deno run -A --unstable-kv bench/registry.ts [--duration 2] [--rounds 3]
-//     [--connections 32] [--entries 1000] [--json]
+//     [--connections 32] [--entries 1000] [--accept-only] [--json]
 //
 // - accept: a server in a child process (examples-style echo over lengthPrefixed(4), the
 //   registry under test) and a raw client here opening and closing connections, `--connections`
@@ -37,6 +37,7 @@ const USAGE = `usage: deno run -A --unstable-kv bench/registry.ts [options]
   --rounds 3         runs per accept measurement and registry; the best counts
   --connections 32   connections opened at once by the accept client
   --entries 1000     entries listed by the list rows
+  --accept-only      measure the accept rows only
   --json             also print one JSON line
   (internal: --serve memory|kv --kv PATH runs the accept server)`;
 
@@ -45,6 +46,7 @@ const flags = parseFlags(Deno.args, {
   rounds: 3,
   connections: 32,
   entries: 1000,
+  "accept-only": false,
   json: false,
   serve: "",
   kv: "",
@@ -170,6 +172,12 @@ async function acceptRate(
   report("accept: server CPU per connection (lower is better)", cpu.memory, cpu.kv, "µs");
 }
 
+if (flags["accept-only"]) {
+  await Deno.remove(dir, { recursive: true });
+  printTable();
+  Deno.exit(0);
+}
+
 // ---- register, lookup, list -----------------------------------------------------------------
 
 const addr = { transport: "memory" as const, name: "bench" };
@@ -260,12 +268,15 @@ await a.close();
 await b.close();
 kv.close();
 await Deno.remove(dir, { recursive: true });
+printTable();
 
-console.log("| registry row | MemoryRegistry | KvRegistry | kv / memory |");
-console.log("| --- | ---: | ---: | ---: |");
-for (const { row, memory: m, kv: k, unit } of rows) {
-  console.log(
-    `| ${row} | ${m.toFixed(0)} ${unit} | ${k.toFixed(0)} ${unit} | ${(k / m).toFixed(2)} |`,
-  );
+function printTable(): void {
+  console.log("| registry row | MemoryRegistry | KvRegistry | kv / memory |");
+  console.log("| --- | ---: | ---: | ---: |");
+  for (const { row, memory: m, kv: k, unit } of rows) {
+    console.log(
+      `| ${row} | ${m.toFixed(0)} ${unit} | ${k.toFixed(0)} ${unit} | ${(k / m).toFixed(2)} |`,
+    );
+  }
+  if (flags.json) console.log(JSON.stringify({ registry: rows }));
 }
-if (flags.json) console.log(JSON.stringify({ registry: rows }));
