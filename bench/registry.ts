@@ -4,11 +4,16 @@
 //   deno run -A --unstable-kv bench/registry.ts [--duration 2] [--rounds 3]
 //     [--connections 32] [--entries 1000] [--accept-only] [--json]
 //
-// - accept: a server in a child process (examples-style echo over lengthPrefixed(4), the
-//   registry under test) and a raw client here opening and closing connections, `--connections`
-//   at a time; connections accepted per second, and the server's CPU time per connection (from
-//   /proc: steadier than the rate on a busy machine). Rounds alternate the registries; the best
-//   counts.
+// - accept: a server in a child process (lengthPrefixed(4), the registry under test, a handler
+//   that ends at once) and a raw client here that connects, waits for the server's close and
+//   closes, `--connections` at a time; connections accepted per second, and the server's CPU time
+//   per connection (from /proc: steadier than the rate on a busy machine). Rounds alternate the
+//   registries; the best counts. The client waits for the server's close so that it cannot run
+//   ahead of the server's accept loop: a client that closes as soon as its connect returns fills
+//   the listen backlog (511) whenever the server is a little slower, the kernel then drops the
+//   handshakes and the client's connects stall for the 1 s SYN retransmission, which measured
+//   those stalls rather than the server (kv 0.54x of memory for 1.16x the CPU per connection).
+//   The listen overflows during each run are counted (from /proc/net/netstat) and reported.
 // - register, lookup (remote: a name of another node; memory: a local name), list (`--entries`
 //   entries): operations per second, one at a time.
 // - call round trip: Connection.call on a local connection against a RemoteConnection's call
@@ -55,13 +60,12 @@ const flags = parseFlags(Deno.args, {
 const quiet = { error() {}, warn() {}, debug() {} };
 
 if (flags.serve !== "") {
-  // The accept server: echo over lengthPrefixed(4), recording in the registry under test.
+  // The accept server, recording in the registry under test: each connection is added, its
+  // handler ends at once, the server closes it (the client waits for that) and removes it.
   const registry: Registry = flags.serve === "kv"
     ? await KvRegistry.open(flags.kv, { namespace: "bench", logger: quiet })
     : new MemoryRegistry();
-  const server = await serve(async function* () {
-    for (let ev = yield; ev.type === "packet"; ev = yield) yield;
-  }, {
+  const server = await serve(async function* () {}, {
     port: 0,
     hostname: "127.0.0.1",
     framing: lengthPrefixed(4),
@@ -116,6 +120,14 @@ function cpuMs(pid: number): number {
   return (Number(fields[11]) + Number(fields[12])) * 1000 / 100; // clock ticks of 10 ms
 }
 
+/** The listen queue overflows of this machine so far (handshakes the kernel dropped). */
+function listenOverflows(): number {
+  const lines = Deno.readTextFileSync("/proc/net/netstat").split("\n");
+  const at = lines.findIndex((line) => line.startsWith("TcpExt:"));
+  const names = lines[at].split(" ");
+  return Number(lines[at + 1].split(" ")[names.indexOf("ListenOverflows")]);
+}
+
 /** Connections accepted per second, and the server's CPU µs per connection. */
 async function acceptRate(
   which: "memory" | "kv",
@@ -144,14 +156,26 @@ async function acceptRate(
     text += value;
   }
   const port = Number(match[1]);
+  const buffer = new Uint8Array(16);
   const once = async () => {
     const socket = await Deno.connect({ hostname: "127.0.0.1", port });
-    socket.close();
+    try {
+      while (await socket.read(buffer) !== null); // until the server has accepted and closed it
+    } finally {
+      socket.close();
+    }
   };
   await rateIn(0.3, flags.connections, once); // warm up
   const before = cpuMs(child.pid);
+  const overflowsBefore = listenOverflows();
   const result = await rateIn(flags.duration, flags.connections, once);
   const used = cpuMs(child.pid) - before;
+  const overflows = listenOverflows() - overflowsBefore;
+  if (overflows > 0) {
+    console.error(
+      `accept (${which}): ${overflows} listen overflows: connects stalled, rate too low`,
+    );
+  }
   child.kill("SIGKILL");
   await child.status;
   await reader.cancel();

@@ -88,6 +88,12 @@ function commandOf(args: readonly Arg[]): RespValue[] {
   return args.map((a) => typeof a === "number" ? String(a) : a);
 }
 
+/** A command's reply, unless it is an error: that is thrown. */
+function unlessError(reply: RespValue | RespValue[]): RespValue {
+  if (reply instanceof RespError) throw reply;
+  return reply as RespValue;
+}
+
 /** Someone waiting for a reply: a command, or a pipeline of `count` commands. */
 interface Waiter {
   resolve(value: RespValue | RespValue[]): void;
@@ -264,9 +270,7 @@ export class RedisClient {
 
   /** Any command; resolves with its reply, rejects with the server's `RespError`. */
   async command(...args: Arg[]): Promise<RespValue> {
-    const reply = await this.#send([commandOf(args)], 1) as RespValue;
-    if (reply instanceof RespError) throw reply;
-    return reply;
+    return unlessError(await this.#send([commandOf(args)], 1));
   }
 
   /**
@@ -280,13 +284,14 @@ export class RedisClient {
 
   /** `GET key`: the value as UTF-8 text, or null if there is none. */
   async get(key: Arg): Promise<string | null> {
-    const value = await this.command("GET", key);
+    // Each method awaits #send itself, not command(): an async layer less per command.
+    const value = unlessError(await this.#send([commandOf(["GET", key])], 1));
     return value instanceof Uint8Array ? text.decode(value) : null;
   }
 
   /** `GET key`: the value's bytes, or null. */
   async getBytes(key: Arg): Promise<Uint8Array | null> {
-    const value = await this.command("GET", key);
+    const value = unlessError(await this.#send([commandOf(["GET", key])], 1));
     return value instanceof Uint8Array ? value.slice() : null;
   }
 
@@ -297,22 +302,22 @@ export class RedisClient {
     if (options.px !== undefined) args.push("PX", options.px);
     if (options.nx) args.push("NX");
     if (options.xx) args.push("XX");
-    return await this.command(...args) !== null;
+    return unlessError(await this.#send([commandOf(args)], 1)) !== null;
   }
 
   /** `DEL key…`: how many were removed. */
   async del(...keys: Arg[]): Promise<number> {
-    return await this.command("DEL", ...keys) as number;
+    return unlessError(await this.#send([commandOf(["DEL", ...keys])], 1)) as number;
   }
 
   /** `INCR key`: the new value. */
   async incr(key: Arg): Promise<number> {
-    return Number(await this.command("INCR", key));
+    return Number(unlessError(await this.#send([commandOf(["INCR", key])], 1)));
   }
 
   /** `PUBLISH channel message`: how many subscribers got it. */
   async publish(channel: Arg, message: Arg): Promise<number> {
-    return await this.command("PUBLISH", channel, message) as number;
+    return unlessError(await this.#send([commandOf(["PUBLISH", channel, message])], 1)) as number;
   }
 
   /**
