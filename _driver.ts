@@ -301,6 +301,11 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     return this.#at === HandlerAt.Hibernated;
   }
 
+  /** The driver of the handle's socket: this one (a reconnecting client's is its latest). */
+  get current(): this {
+    return this;
+  }
+
   /** `"up"` while open, `"closing"` once its end is decided, `"closed"` once it has closed. */
   get state(): "up" | "closing" | "closed" {
     return this.#phase === Phase.Open ? "up" : this.#phase === Phase.Closed ? "closed" : "closing";

@@ -23,11 +23,10 @@ import {
 import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, isConnectionId, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
-import type { Conn, Transport } from "./transport/transport.ts";
+import type { Transport } from "./transport/transport.ts";
 import { encodeProxyHeader, type ProxyHeaderInit } from "./transport/proxy.ts";
 import { Driver } from "./_driver.ts";
-import type { ConnectionStats } from "./connection.ts";
-import type { TraceEntry, TraceOption } from "./_trace.ts";
+import type { TraceOption } from "./_trace.ts";
 import { closeQuietly, formatAddr, writeAll } from "./_socket.ts";
 import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
@@ -415,53 +414,13 @@ class ReconnectingClient<T> {
     return this.#phase === Phase.Closed ? this.#finalReason : this.#driver.closeReason;
   }
 
-  get name(): string | undefined {
-    return this.#driver.name;
-  }
-
-  get socket(): Conn {
-    return this.#driver.socket;
-  }
-
-  get hibernating(): boolean {
-    return this.#driver.hibernating;
-  }
-
-  get bufferedAmount(): number {
-    return this.#driver.bufferedAmount;
-  }
-
-  get bytesRead(): number {
-    return this.#driver.bytesRead;
-  }
-
-  get bytesWritten(): number {
-    return this.#driver.bytesWritten;
-  }
-
-  get framesDropped(): number {
-    return this.#driver.framesDropped;
-  }
-
-  // The current socket's (observability: conn.stats, handlerState, trace).
-  stats(): ConnectionStats {
-    return this.#driver.stats();
-  }
-
-  get handlerState(): unknown {
-    return this.#driver.handlerState;
+  // The current socket's driver: its counts, its handler's state, its trace.
+  get current(): Driver<T> {
+    return this.#driver;
   }
 
   get metrics(): undefined {
     return undefined;
-  }
-
-  trace(option: TraceOption): void {
-    this.#driver.trace(option);
-  }
-
-  recentTrace(): TraceEntry[] {
-    return this.#driver.recentTrace();
   }
 
   sendFromOutside(data: unknown, sync: boolean): Promise<void> | undefined {

@@ -113,20 +113,14 @@ export interface ConnectionStats {
 export type { CodeChange } from "./_driver.ts";
 
 // What a handle reads and drives: its connection's driver, or, for a reconnecting client, the
-// client (client.ts), which outlives its drivers and forwards to the current one.
+// client (client.ts), which outlives its drivers. What belongs to one socket (its counts, its
+// handler's state, its trace) is read off `current`: the driver itself, or the client's current one.
 type Target<T> =
   & Pick<
     Driver<T>,
-    | "name"
-    | "socket"
     | "closed"
     | "closeReason"
     | "state"
-    | "hibernating"
-    | "bufferedAmount"
-    | "bytesRead"
-    | "bytesWritten"
-    | "framesDropped"
     | "sendFromOutside"
     | "drain"
     | "call"
@@ -134,12 +128,24 @@ type Target<T> =
     | "shutdown"
     | "register"
     | "upgrade"
-    | "stats"
-    | "handlerState"
     | "metrics"
-    | "trace"
-    | "recentTrace"
   >
+  & {
+    readonly current: Pick<
+      Driver<T>,
+      | "name"
+      | "socket"
+      | "hibernating"
+      | "bufferedAmount"
+      | "bytesRead"
+      | "bytesWritten"
+      | "framesDropped"
+      | "stats"
+      | "handlerState"
+      | "trace"
+      | "recentTrace"
+    >;
+  }
   & { whenUp?(timeout: number): Promise<void> };
 
 /**
@@ -178,17 +184,17 @@ export class Connection<T = unknown> {
 
   /** The name registered with {@linkcode Connection.register}, if any. */
   get name(): string | undefined {
-    return this.#driver.name;
+    return this.#driver.current.name;
   }
 
   /** The peer's address. */
   get remoteAddr(): Addr {
-    return this.#driver.socket.remoteAddr;
+    return this.#driver.current.socket.remoteAddr;
   }
 
   /** This end's address. */
   get localAddr(): Addr {
-    return this.#driver.socket.localAddr;
+    return this.#driver.current.socket.localAddr;
   }
 
   /**
@@ -263,7 +269,7 @@ export class Connection<T = unknown> {
 
   /** TLS: the protocol ALPN chose in the handshake (`null` if none, `undefined` without TLS). */
   get alpnProtocol(): string | null | undefined {
-    return this.#driver.socket.alpnProtocol;
+    return this.#driver.current.socket.alpnProtocol;
   }
 
   /**
@@ -271,12 +277,12 @@ export class Connection<T = unknown> {
    * server with `clientCaCerts`, a `startTls` switch over `node:tls`); `null` if it gave none.
    */
   get peerCertificate(): TlsPeerCertificate | null | undefined {
-    return this.#driver.socket.peerCertificate;
+    return this.#driver.current.socket.peerCertificate;
   }
 
   /** The PROXY protocol header the connection came with (servers with `proxyProtocol` only). */
   get proxy(): ProxyHeader | undefined {
-    return this.#driver.socket.proxy;
+    return this.#driver.current.socket.proxy;
   }
 
   /**
@@ -330,27 +336,27 @@ export class Connection<T = unknown> {
 
   /** Whether the handler is hibernating. */
   get hibernating(): boolean {
-    return this.#driver.hibernating;
+    return this.#driver.current.hibernating;
   }
 
   /** Bytes sent and not yet written to the socket (Node's `writableLength`). */
   get bufferedAmount(): number {
-    return this.#driver.bufferedAmount;
+    return this.#driver.current.bufferedAmount;
   }
 
   /** Bytes read from the socket so far. */
   get bytesRead(): number {
-    return this.#driver.bytesRead;
+    return this.#driver.current.bytesRead;
   }
 
   /** Bytes written to the socket so far. */
   get bytesWritten(): number {
-    return this.#driver.bytesWritten;
+    return this.#driver.current.bytesWritten;
   }
 
   /** Frames sent after the write side broke (a failed write), dropped rather than buffered. */
   get framesDropped(): number {
-    return this.#driver.framesDropped;
+    return this.#driver.current.framesDropped;
   }
 
   /**
@@ -454,7 +460,7 @@ export class Connection<T = unknown> {
    * ```
    */
   stats(): ConnectionStats {
-    return this.#driver.stats();
+    return this.#driver.current.stats();
   }
 
   /**
@@ -481,7 +487,7 @@ export class Connection<T = unknown> {
    * ```
    */
   handlerState(): unknown {
-    return this.#driver.handlerState;
+    return this.#driver.current.handlerState;
   }
 
   /**
@@ -520,12 +526,12 @@ export class Connection<T = unknown> {
     if (typeof on !== "boolean" && typeof on !== "function") {
       throw new TypeError(`trace: on must be true, false or a function, not ${describeValue(on)}`);
     }
-    this.#driver.trace(on);
+    this.#driver.current.trace(on);
   }
 
   /** The last entries (up to 50) traced while tracing is on, oldest first; empty when off. */
   recentTrace(): TraceEntry[] {
-    return this.#driver.recentTrace();
+    return this.#driver.current.recentTrace();
   }
 
   /**
@@ -597,7 +603,7 @@ export class Connection<T = unknown> {
 
   /** Let this connection's socket keep the process alive (the default), after `unref()`. */
   ref(): void {
-    this.#driver.socket.ref?.();
+    this.#driver.current.socket.ref?.();
   }
 
   /**
@@ -605,7 +611,7 @@ export class Connection<T = unknown> {
    * pending read no longer keeps the process alive. Timers a handler arms still do.
    */
   unref(): void {
-    this.#driver.socket.unref?.();
+    this.#driver.current.socket.unref?.();
   }
 
   /** Stops the connection (`await using conn = await connect(…)`). */
