@@ -15,9 +15,9 @@
 // Rounds alternate the two sides and the best round counts (the noise of a shared machine only
 // ever slows a run down). Prints a markdown table on stdout (progress on stderr) and, with
 // --json, one JSON line after it.
-import { cpuSeconds, parseFlags, sleep } from "./_common.ts";
+import { cpuSeconds, parseFlags } from "./_common.ts";
 import { killAll, runJson, spawn } from "./_children.ts";
-import { freePort, missing, tools } from "../tests/_redis_tools.ts";
+import { missing, startRedisServer, tools } from "../tests/_redis_tools.ts";
 
 const USAGE = `usage: deno run -A bench/redis.ts [options]
   --requests 200000    redis-benchmark -n: requests per test
@@ -114,44 +114,8 @@ interface Started {
   stop(): Promise<void>;
 }
 
-/** Wait until something accepts connections on `port` (20 s at most). */
-async function accepting(port: number, what: string): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    try {
-      (await Deno.connect({ hostname: "127.0.0.1", port })).close();
-      return;
-    } catch {
-      await sleep(50);
-    }
-  }
-  throw new Error(`${what} does not accept connections on port ${port}`);
-}
-
-async function startRedis(): Promise<Started> {
-  for (let attempt = 0; attempt < 5; attempt++) {
-    const port = freePort();
-    const child = spawn([
-      tools.redisServer!,
-      "--port",
-      String(port),
-      "--bind",
-      "127.0.0.1",
-      "--save",
-      "",
-      "--appendonly",
-      "no",
-      "--protected-mode",
-      "no",
-    ]);
-    try {
-      await accepting(port, "redis-server");
-      return { port, pid: child.process.pid, stop: () => child.stop() };
-    } catch {
-      await child.stop(); // the port was taken meanwhile: another one
-    }
-  }
-  throw new Error("redis-server did not start");
-}
+// The redis-server the tests use too (a free port, no persistence, ready once it says so).
+const startRedis = (): Promise<Started> => startRedisServer();
 
 async function startExample(): Promise<Started> {
   const child = spawn([DENO, "run", "-A", EXAMPLE, "--port", "0"]);

@@ -62,6 +62,8 @@ export function freePort(): number {
 /** A redis-server of our own: its port, and how to stop it. */
 export interface RedisServerProcess {
   readonly port: number;
+  /** Its process id (the benchmark reads its CPU time). */
+  readonly pid: number;
   /** SIGTERM, then SIGKILL after 3 s; resolves once it has exited. */
   stop(): Promise<void>;
 }
@@ -100,6 +102,7 @@ export async function startRedisServer(port?: number): Promise<RedisServerProces
     if (ready.ok) {
       return {
         port: chosen,
+        pid: child.pid,
         async stop() {
           try {
             child.kill("SIGTERM");
