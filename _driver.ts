@@ -49,7 +49,7 @@ import { withTimeout } from "./_with_timeout.ts";
 import { closeQuietly, formatAddr } from "./_socket.ts";
 import { socketOptionsProblem } from "./_socket_options.ts";
 import { type TraceEntry, type TraceOption, Tracer } from "./_trace.ts";
-import { stamp, stampToEpoch } from "./_stats.ts";
+import { stampToEpoch, turnStamp } from "./_stats.ts";
 import type { CallMetrics } from "./_metrics.ts";
 import {
   clientEnded,
@@ -191,7 +191,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // ---- Lifecycle ---------------------------------------------------------------------------------
   #phase = Phase.Open;
   #closeReason: unknown = undefined; // fixed when the phase leaves Open
-  readonly #startedAt = stamp(); // (stamps are small integers: no heap number per connection)
+  readonly #startedAt = turnStamp(); // (small integers: no heap number per connection)
   #lastEventAt = -1; // the stamp of the last read from the peer, or other event pushed
   #endClock: EndClock | null = null; // made when an end or a shutdown is first asked for
   #shutdownReason: { reason: unknown } | null = null; // a shutdown event was sent
@@ -213,8 +213,11 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #starting: { resolve(): void; reject(err: Error): void } | null = null; // started() waits
 
   // ---- Mailbox -----------------------------------------------------------------------------------
+  // Events from #head to #tail. The array keeps its length when emptied (a length of 0 would
+  // free its memory, and the next event allocate it again: ~60 ns a frame).
   #queue: Array<Event<T> | undefined> = NONE;
   #head = 0;
+  #tail = 0;
   #packetsQueued = 0; // for flow control
   #wakeQueued = false;
   #wakeTask: (() => void) | null = null;
@@ -348,7 +351,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       framesOut: this.#framesSent - dropped,
       framesDropped: dropped,
       bufferedAmount: this.bufferedAmount,
-      mailbox: this.#queue.length - this.#head + (this.#passive?.framesHeld.length ?? 0),
+      mailbox: this.#tail - this.#head + (this.#passive?.framesHeld.length ?? 0),
       callsPending: this.#callRefs?.size ?? 0,
       startedAt: stampToEpoch(this.#startedAt),
       lastEventAt: this.#lastEventAt < 0 ? undefined : stampToEpoch(this.#lastEventAt),
@@ -589,7 +592,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       this.#releaseBuffers();
     } else if (outbox !== null) {
       if (outbox.unflushed >= KEEP_WRITE_BUFFER) outbox.flush();
-      else if (outbox.unflushed > 0 && this.#async && this.#head < this.#queue.length) {
+      else if (outbox.unflushed > 0 && this.#async && this.#head < this.#tail) {
         // More events are queued, so this is not written before the handler next waits. An
         // async handler may await something long on the way: make sure output goes out then.
         outbox.flushLater();
@@ -610,7 +613,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #nextOrWait(): Event<T> | undefined {
     // Waiting: write first, then read. A read issued before the write finds nothing yet, and
     // waits for the socket (over TLS, one more wake-up per frame: half the ping-pong rate).
-    if (this.#head === this.#queue.length) this.#outbox?.flush();
+    if (this.#head === this.#tail) this.#outbox?.flush();
     this.#resumeReader();
     const ev = this.#take();
     if (ev !== undefined) return ev;
@@ -649,6 +652,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       // A lending decoder keeps the read memory it lent from (framing.ts): let it go too.
       (this.#decoder as { release?: () => void }).release?.();
     }
+    if (this.#head === this.#tail) this.#queue = NONE; // (an empty mailbox keeps no array)
     this.#outbox?.flush();
     this.#dropIdleOutbox(); // else once its write is done (outboxDrained)
     this.#onStep = this.#onStepError = null;
@@ -855,13 +859,14 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     const queue = this.#queue;
     let readEnd: Event<T> | undefined;
     let kept = this.#head;
-    for (let i = this.#head; i < queue.length; i++) {
+    for (let i = this.#head; i < this.#tail; i++) {
       const ev = queue[i]!;
       if (ev.type === "packet" || ev.type === "frameError") continue;
       if (ev.type === "disconnect" && ev.side === "read") readEnd = ev;
       else queue[kept++] = ev;
     }
-    if (kept < queue.length) queue.length = kept;
+    for (let i = kept; i < this.#tail; i++) queue[i] = undefined;
+    this.#tail = kept;
     this.#packetsQueued = 0;
     return readEnd;
   }
@@ -1137,7 +1142,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     }
     outbox?.abort(closedErr);
     this.#queue = NONE;
-    this.#head = 0;
+    this.#head = this.#tail = 0;
     if (this.#passive !== null) this.#passive.framesHeld = NONE;
     try {
       const removed = this.#opts.registry.remove(this.handle.id);
@@ -1175,8 +1180,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #push(ev: Event<T>): void {
     if (this.#phase !== Phase.Open) return;
     if (this.#queue === NONE) this.#queue = [];
-    this.#queue.push(ev);
-    if (ev.type !== "packet") this.#lastEventAt = stamp(); // (packets: stamped per read)
+    this.#queue[this.#tail++] = ev;
+    if (ev.type !== "packet") this.#lastEventAt = turnStamp(); // (packets: stamped per read)
     if (ev.type === "packet") this.#packetsQueued++;
     else if (this.#waitingForEvent && !this.#wakeQueued) {
       // Woken in a microtask, not here: whoever sent this (another handler, perhaps) goes on
@@ -1193,18 +1198,20 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   #unshift(ev: Event<T>): void {
     if (this.#head > 0) this.#queue[--this.#head] = ev;
-    else if (this.#queue === NONE) this.#queue = [ev];
-    else this.#queue.unshift(ev);
+    else {
+      if (this.#queue === NONE) this.#queue = [ev];
+      else this.#queue.unshift(ev);
+      this.#tail++;
+    }
     if (ev.type === "packet") this.#packetsQueued++;
   }
 
   #take(): Event<T> | undefined {
-    if (this.#head === this.#queue.length) return undefined;
+    if (this.#head === this.#tail) return undefined;
     const ev = this.#queue[this.#head]!;
     this.#queue[this.#head++] = undefined;
-    if (this.#head === this.#queue.length) {
-      this.#queue.length = 0;
-      this.#head = 0;
+    if (this.#head === this.#tail) {
+      this.#head = this.#tail = 0;
     }
     if (ev.type === "packet") this.#packetsQueued--;
     else if (ev.type === "timeout") this.#timeoutTaken(ev);
@@ -1220,7 +1227,10 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // Take back an event not yet delivered (a timer's, when the timer is cancelled or re-armed).
   #withdraw(ev: Event<T>): void {
     const at = this.#queue.indexOf(ev, this.#head);
-    if (at >= 0) this.#queue.splice(at, 1);
+    if (at >= 0 && at < this.#tail) {
+      this.#queue.splice(at, 1);
+      this.#tail--;
+    }
   }
 
   deliver(ev: Event<T>): void {
@@ -1273,11 +1283,18 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#input = Input.Idle;
     if (this.#bytesRead === 0 && this.#opts.kind === "server") serverHeard(this, this.socket);
     this.#bytesRead += n;
-    this.#lastEventAt = stamp(); // (per read, not per frame: a clock read costs ~50 ns)
+    this.#lastEventAt = turnStamp(); // (per read, not per frame)
     const buf = this.#readingInto!;
     this.#readingInto = null;
     const before = this.#framesDecoded;
-    const chunk = n === buf.length ? buf : buf.subarray(0, n);
+    // (The last chunk's view again when this read filled the same bytes: steady traffic.)
+    const last = this.#chunk;
+    const chunk = n === buf.length
+      ? buf
+      : last !== null && last.length === n && last.buffer === buf.buffer &&
+          last.byteOffset === buf.byteOffset
+      ? last
+      : buf.subarray(0, n);
     this.#chunk = chunk; // (kept for setFraming; read into again only after the handler acts)
     this.#chunkHeld = this.#decoder.buffered;
     this.#chunkFramesAt = before;
@@ -1529,14 +1546,14 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       this.#idleArmed = false;
       // Idle: nothing came, or the handler has been held all along by a peer that does not
       // read its output (events may wait behind that: they do not make it any less stuck).
-      if (this.#head === this.#queue.length || this.#at === HandlerAt.AwaitingDrain) {
+      if (this.#head === this.#tail || this.#at === HandlerAt.AwaitingDrain) {
         this.shutdown("idle");
       }
       return;
     }
     // An event already waits in the mailbox (the handler is held back, by a slow peer say):
     // it came in time, and taking it cancels the timeout.
-    if (this.#head < this.#queue.length) return;
+    if (this.#head < this.#tail) return;
     this.#push({ type: "timeout" });
   }
 

@@ -290,8 +290,10 @@ export class Outbox {
 
   #drainedNow(): void {
     const drained = this.#drainWaiters;
-    this.#drainWaiters = NO_WAITERS;
-    for (const resolve of drained) resolve();
+    if (drained.length > 0) {
+      this.#drainWaiters = NO_WAITERS;
+      for (const resolve of drained) resolve();
+    }
     this.#owner.outboxDrained();
   }
 
@@ -303,6 +305,7 @@ export class Outbox {
 
   #settleSyncWaiters(): void {
     const waiters = this.#syncWaiters;
+    if (waiters.length === 0) return;
     let i = 0;
     while (i < waiters.length && waiters[i].at <= this.#bytesWritten) waiters[i++].resolve();
     if (i > 0) waiters.splice(0, i);

@@ -16,6 +16,23 @@ export function stamp(): number {
   return Math.floor(Date.now() - EPOCH);
 }
 
+// The stamp of the work under way: read once, and reused by everything that runs before the
+// microtasks already queued have run (the reads one event-loop turn completes, say), so that a
+// busy server reads the clock once a turn rather than once a read (~60 ns each).
+let stampOfTurn = -1;
+const forgetStampOfTurn = () => {
+  stampOfTurn = -1;
+};
+
+/** {@linkcode stamp}, read at most once per batch of microtasks. */
+export function turnStamp(): number {
+  if (stampOfTurn < 0) {
+    stampOfTurn = stamp();
+    queueMicrotask(forgetStampOfTurn);
+  }
+  return stampOfTurn;
+}
+
 /** A {@linkcode stamp} as milliseconds since the Unix epoch. */
 export function stampToEpoch(at: number): number {
   return EPOCH + at;

@@ -27,6 +27,7 @@ function allocate(size: number): Uint8Array {
 export class WriteBuffer implements FrameWriter {
   #buf: Uint8Array = EMPTY;
   #len = 0;
+  #view: Uint8Array = EMPTY; // the last bytes() (steady traffic writes the same length again)
 
   get length(): number {
     return this.#len;
@@ -34,7 +35,9 @@ export class WriteBuffer implements FrameWriter {
 
   /** The bytes written so far (a view: valid until the next write or reset). */
   bytes(): Uint8Array {
-    return this.#buf.subarray(0, this.#len);
+    const view = this.#view;
+    if (view.length === this.#len && view.buffer === this.#buf.buffer) return view;
+    return this.#view = this.#buf.subarray(0, this.#len);
   }
 
   /** Forget the contents; keep the memory unless it grew past `keep` bytes (then it is pooled). */
@@ -42,7 +45,7 @@ export class WriteBuffer implements FrameWriter {
     this.#len = 0;
     if (this.#buf.length > keep) {
       if (this.#buf.length >= 16 * 1024 && pool.length < POOL_SIZE) pool.push(this.#buf);
-      this.#buf = EMPTY;
+      this.#buf = this.#view = EMPTY;
     }
   }
 
