@@ -151,6 +151,37 @@ interface Passive<T> {
   readError: Error | undefined; // how the stream ended, for the next recv
 }
 
+// What few connections need, in one object made on first need (Driver.#rare): an idle
+// connection's memory is mostly its driver, and most connections never use these.
+class Rare<T> {
+  // The end.
+  closeReason: unknown = undefined; // fixed when the phase leaves Open
+  stopReason: unknown = "normal"; // given to stop()
+  endClock: EndClock | null = null; // made when an end or a shutdown is first asked for
+  shutdownReason: { reason: unknown } | null = null; // a shutdown event was sent
+  closed: Promise<unknown> | null = null; // made when first asked for
+  resolveClosed: ((reason: unknown) => void) | null = null;
+  starting: { resolve(): void; reject(err: Error): void } | null = null; // started() waits
+  // Switches.
+  upgrades: Array<{ handler: Handler<T>; codeChange?: CodeChange }> = NONE; // in order
+  tlsSwitch: { options: StartTlsOptions; plain: Outbox | null } | null = null; // until it runs
+  // Bad input, a broken write side.
+  inputError: Error | null = null; // the framing failed: delivered as frameError, then the end
+  frameError = FrameErrorAt.None;
+  writeEndReported = false;
+  // Timers, and calls to this connection.
+  eventDeadline = Infinity; // of the event timeout
+  eventTimer: ReturnType<typeof setTimeout> | undefined = undefined;
+  eventTimerAt = Infinity;
+  onEventTimer: (() => void) | null = null;
+  armedTimeout = false; // the current step armed the event timeout itself
+  idleArmed = false; // the armed event timeout is the idle timeout
+  named: Map<string, { timer: Timer; fired: TimeoutEvent | null }> | null = null;
+  callRefs: Set<number> | null = null; // calls to this connection awaiting a reply
+}
+// What a driver without its Rare reads (frozen: writing goes through #rareMade).
+const NO_RARE: Rare<never> = Object.freeze(new Rare<never>());
+
 const enum Run {
   Continue,
   Stop,
@@ -190,13 +221,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // ---- Lifecycle ---------------------------------------------------------------------------------
   #phase = Phase.Open;
-  #closeReason: unknown = undefined; // fixed when the phase leaves Open
   readonly #startedAt = turnStamp(); // (small integers: no heap number per connection)
   #lastEventAt = -1; // the stamp of the last read from the peer, or other event pushed
-  #endClock: EndClock | null = null; // made when an end or a shutdown is first asked for
-  #shutdownReason: { reason: unknown } | null = null; // a shutdown event was sent
-  #closed: Promise<unknown> | null = null; // made when first asked for
-  #resolveClosed: ((reason: unknown) => void) | null = null;
 
   // ---- Handler -----------------------------------------------------------------------------------
   #at = HandlerAt.NotStarted;
@@ -205,12 +231,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #async = false; // the handler is an async generator
   #state: unknown = undefined; // given to hibernate, passed to the next generator
   #wakeEvent: Event<T> | null = null; // the event that woke it from hibernation, until it hibernates
-  #upgrades: Array<{ handler: Handler<T>; codeChange?: CodeChange }> = NONE; // in order
-  #stopReason: unknown = "normal";
-  #tlsSwitch: { options: StartTlsOptions; plain: Outbox | null } | null = null; // startTls, until it runs
   #onStep: ((step: IteratorResult<Yielded, void>) => void) | null = null;
   #onStepError: ((err: unknown) => void) | null = null;
-  #starting: { resolve(): void; reject(err: Error): void } | null = null; // started() waits
 
   // ---- Mailbox -----------------------------------------------------------------------------------
   // Events from #head to #tail. The array keeps its length when emptied (a length of 0 would
@@ -236,13 +258,12 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #smallReads = 0; // consecutive reads that used little of a grown buffer
   #framesDecoded = 0;
   #bytesRead = 0;
-  #inputError: Error | null = null; // the framing failed: delivered as frameError, then the end
-  #frameError = FrameErrorAt.None;
   readonly #passive: Passive<T> | null; // passive mode only
   #readEndTaken = false; // the handler has had its read-side disconnect
   // The chunk last decoded, for setFraming to cut again what was decoded past its switch point:
   // the bytes, what the decoder held before them, and the frame count before them.
   #chunk: Uint8Array | null = null;
+  #chunkOf: Uint8Array | null = null; // the buffer #chunk is a view of (from its start)
   #chunkHeld = 0;
   #chunkFramesAt = 0;
 
@@ -250,18 +271,17 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #outbox: Outbox | null = null; // made on first send, dropped when hibernating with none pending
   #bytesWrittenBefore = 0; // by outboxes dropped since
   #framesDroppedBefore = 0;
-  #writeEndReported = false;
   #framesSent = 0; // send actions and sends from outside encoded
 
-  // ---- Timers ------------------------------------------------------------------------------------
-  #eventDeadline = Infinity; // of the event timeout
-  #eventTimer: ReturnType<typeof setTimeout> | undefined;
-  #eventTimerAt = Infinity;
-  #onEventTimer: (() => void) | null = null;
-  #armedTimeout = false; // the current step armed the event timeout itself
-  #idleArmed = false; // the armed event timeout is the idle timeout
-  #named: Map<string, { timer: Timer; fired: TimeoutEvent | null }> | null = null;
-  #callRefs: Set<number> | null = null; // calls to this connection awaiting a reply
+  // What few connections need (an end under way, timers, a TLS switch, code changes, calls to
+  // it, bad input): made on first need, so that a connection that needs none stays small.
+  #rare: Rare<T> | null = null;
+  get #rareMade(): Rare<T> {
+    return this.#rare ??= new Rare<T>();
+  }
+  get #rareOrNone(): Rare<T> {
+    return this.#rare ?? NO_RARE;
+  }
 
   // `handle`: a reconnecting client's, which outlives its drivers (client.ts); else a new one.
   constructor(socket: Conn, handler: Handler<T>, opts: DriverOptions<T>, handle?: Connection<T>) {
@@ -286,18 +306,18 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // ---- What the handle reads ---------------------------------------------------------------------
 
   get closed(): Promise<unknown> {
-    if (this.#closed === null) {
-      this.#closed = this.#phase === Phase.Closed
-        ? Promise.resolve(this.#closeReason)
-        : new Promise((resolve) => this.#resolveClosed = resolve);
-    }
-    return this.#closed;
+    const rare = this.#rareMade;
+    return rare.closed ??= this.#phase === Phase.Closed
+      ? Promise.resolve(rare.closeReason)
+      : new Promise((resolve) => rare.resolveClosed = resolve);
   }
 
   get closeReason(): unknown {
-    if (this.#phase !== Phase.Open) return this.#closeReason;
+    if (this.#phase !== Phase.Open) return this.#rareOrNone.closeReason;
     // Open, but past a frameError: that error is how it ends, even if the handler returns.
-    return this.#frameError === FrameErrorAt.Taken ? this.#inputError : undefined;
+    return this.#rareOrNone.frameError === FrameErrorAt.Taken
+      ? this.#rareOrNone.inputError
+      : undefined;
   }
 
   get hibernating(): boolean {
@@ -352,7 +372,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       framesDropped: dropped,
       bufferedAmount: this.bufferedAmount,
       mailbox: this.#tail - this.#head + (this.#passive?.framesHeld.length ?? 0),
-      callsPending: this.#callRefs?.size ?? 0,
+      callsPending: this.#rareOrNone.callRefs?.size ?? 0,
       startedAt: stampToEpoch(this.#startedAt),
       lastEventAt: this.#lastEventAt < 0 ? undefined : stampToEpoch(this.#lastEventAt),
       traced: this.#tracer !== null,
@@ -424,14 +444,14 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
    */
   started(): Promise<void> {
     const { promise, resolve, reject } = Promise.withResolvers<void>();
-    this.#starting = { resolve, reject };
+    this.#rareMade.starting = { resolve, reject };
     return promise;
   }
 
   // Settle what started() returned: the first step is done, or (`ended`) the connection ended.
   #settleStart(ended: boolean, reason?: unknown): void {
-    const starting = this.#starting!;
-    this.#starting = null;
+    const starting = this.#rareOrNone.starting!;
+    this.#rareMade.starting = null;
     if (!ended) return starting.resolve();
     starting.reject(
       reason instanceof Error ? reason : new ConnectionClosed(this.handle.id, reason),
@@ -441,7 +461,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   /** Give up a connection that never started (its name was taken): close, forget, no log. */
   discard(reason: unknown): Promise<void> {
     this.#phase = Phase.Ending;
-    this.#closeReason = reason;
+    this.#rareMade.closeReason = reason;
     this.#at = HandlerAt.Gone;
     return this.#finish(true, false);
   }
@@ -488,9 +508,9 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       this.#unshift(input!);
       if (this.#tracer !== null) this.#tracer.note("wake", "wake", input!.type);
       this.#wakeEvent = input!;
-      const upgrades = this.#upgrades;
+      const upgrades = this.#rareOrNone.upgrades;
       if (upgrades.length > 0) {
-        this.#upgrades = NONE;
+        this.#rareMade.upgrades = NONE;
         try {
           for (const { handler, codeChange } of upgrades) {
             this.#handler = handler;
@@ -549,7 +569,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       this.#gen = null;
       this.#at = HandlerAt.Gone;
       // (A framing error not yet taken still names the end: the input was bad.)
-      if (this.#phase === Phase.Open) this.#end(this.#inputError ?? "normal");
+      if (this.#phase === Phase.Open) this.#end(this.#rareOrNone.inputError ?? "normal");
       else this.#closeGenerator(); // ended meanwhile: nothing left to close but the rest
       return undefined;
     }
@@ -560,7 +580,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       this.#performClosing(step.value);
       return undefined;
     }
-    this.#armedTimeout = false;
+    if (this.#rare !== null) this.#rare.armedTimeout = false;
     let outcome: Run;
     try {
       outcome = this.#perform(step.value);
@@ -571,15 +591,16 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     }
     // The default event timeout: a connection that hears nothing for idleTimeout ms is asked
     // to shut down, unless its handler armed an event timeout of its own.
-    if (this.#opts.idleTimeout !== undefined && !this.#armedTimeout) this.#armIdle();
-    if (this.#tlsSwitch !== null && outcome === Run.Stop) {
+    const rare = this.#rare; // (made by the step's actions, if they needed it)
+    if (this.#opts.idleTimeout !== undefined && !rare?.armedTimeout) this.#armIdle();
+    if (rare !== null && rare.tlsSwitch !== null && outcome === Run.Stop) {
       this.#cancelTlsSwitch(); // stop wins: what was sent before goes out plain
     }
     if (outcome === Run.Stop) {
-      this.#end(this.#stopReason);
+      this.#end((rare ?? NO_RARE).stopReason);
       return undefined;
     }
-    if (this.#starting !== null) this.#settleStart(false); // its first step is done
+    if (rare !== null && rare.starting !== null) this.#settleStart(false); // its first step is done
     if (outcome === Run.StartTls) {
       this.#switchToTls();
       return undefined;
@@ -617,9 +638,9 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#resumeReader();
     const ev = this.#take();
     if (ev !== undefined) return ev;
-    if (this.#frameError === FrameErrorAt.Taken) {
+    if (this.#rareOrNone.frameError === FrameErrorAt.Taken) {
       // The handler has seen the frameError event and asks for more: there is no more.
-      this.#end(this.#inputError);
+      this.#end(this.#rareOrNone.inputError);
       return undefined;
     }
     if (this.#readEndTaken && this.#outbox?.writeClosed) {
@@ -645,7 +666,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // Hibernating: nothing but the decoder's state and the socket is kept (callbacks are made
   // again on the next use).
   #releaseBuffers(): void {
-    this.#readBuf = null;
+    this.#readBuf = this.#chunkOf = null;
     // (The last chunk is kept while frames cut from it wait: setFraming may cut them again.)
     if (this.#packetsQueued === 0 && !(this.#passive?.framesHeld.length)) {
       this.#chunk = null;
@@ -710,8 +731,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
           );
         }
         if (action.name === undefined) {
-          this.#armedTimeout = true;
-          this.#idleArmed = false;
+          this.#rareMade.armedTimeout = true;
+          this.#rareMade.idleArmed = false;
           this.#armEventTimeout(action.ms);
         } else this.#armNamed(action.name, action.ms);
         return Run.Continue;
@@ -728,13 +749,13 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
         this.#state = action.state;
         return Run.Hibernate;
       case "stop":
-        this.#stopReason = action.reason;
+        this.#rareMade.stopReason = action.reason;
         return Run.Stop;
       case "startTls":
-        if (this.#tlsSwitch !== null) throw new ProtocolError("one startTls per yield");
+        if (this.#rareOrNone.tlsSwitch !== null) throw new ProtocolError("one startTls per yield");
         this.#checkTlsSwitch();
         // Sends after it, even in the same yield, wait for the switch in an outbox of their own.
-        this.#tlsSwitch = { options: action.options ?? {}, plain: this.#outbox };
+        this.#rareMade.tlsSwitch = { options: action.options ?? {}, plain: this.#outbox };
         this.#outbox = new Outbox(null, this);
         return Run.StartTls;
       case "recv":
@@ -785,7 +806,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     const passive = this.#passive;
     const undelivered = passive === null ? this.#packetsQueued : passive.framesHeld.length;
     // After a frameError the handler has had, the input is over: only the output switches.
-    const inputOver = this.#frameError === FrameErrorAt.Taken;
+    const inputOver = this.#rareOrNone.frameError === FrameErrorAt.Taken;
     const rest = inputOver ? EMPTY : this.#bytesPastSwitch(undelivered);
     const decoder = framing.decoder();
     this.#framing = framing;
@@ -793,15 +814,16 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#decoder = decoder;
     // What was cut past the switch point is cut again, from `rest`, before the end of input.
     if (passive !== null) passive.framesHeld = NONE;
-    const readEnd = undelivered > 0 || rest.length > 0 || this.#inputError !== null
+    const readEnd = undelivered > 0 || rest.length > 0 || this.#rareOrNone.inputError !== null
       ? this.#dropQueued()
       : undefined;
-    if (this.#inputError !== null) {
-      this.#inputError = null;
-      this.#frameError = FrameErrorAt.None;
+    if (this.#rareOrNone.inputError !== null) {
+      this.#rareMade.inputError = null;
+      this.#rareMade.frameError = FrameErrorAt.None;
       this.#input = passive === null ? Input.Held : Input.Idle; // reading goes on
     }
     this.#chunk = rest;
+    this.#chunkOf = null; // (not a view from a read buffer's start)
     this.#chunkHeld = 0;
     this.#chunkFramesAt = this.#framesDecoded;
     if (rest.length > 0) {
@@ -819,7 +841,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #bytesPastSwitch(undelivered: number): Uint8Array {
     const old = this.#decoder;
     const name = this.#framing.name;
-    if (undelivered === 0 && this.#inputError === null) {
+    if (undelivered === 0 && this.#rareOrNone.inputError === null) {
       if (old.buffered === 0) return EMPTY;
       if (old.take === undefined) {
         throw new ProtocolError(
@@ -905,15 +927,15 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // A startTls yielded with stop, or with an action that failed: nothing switches, and what was
   // sent before it is written as it is.
   #cancelTlsSwitch(): void {
-    if (this.#tlsSwitch === null) return;
-    this.#outbox = this.#tlsSwitch.plain;
-    this.#tlsSwitch = null;
+    if (this.#rareOrNone.tlsSwitch === null) return;
+    this.#outbox = this.#rareOrNone.tlsSwitch.plain;
+    this.#rareMade.tlsSwitch = null;
   }
 
   #switchToTls(): void {
     this.#at = HandlerAt.SwitchingTls;
-    const { options, plain } = this.#tlsSwitch!;
-    this.#tlsSwitch = null;
+    const { options, plain } = this.#rareOrNone.tlsSwitch!;
+    this.#rareMade.tlsSwitch = null;
     const written = plain === null ? Promise.resolve() : plain.drained();
     written.then(() => {
       if (plain !== null) {
@@ -959,9 +981,11 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #end(reason: unknown): void {
     if (this.#phase !== Phase.Open) return;
     // Past a framing error, a normal end is still that error's: the input was bad.
-    if (reason === "normal" && this.#frameError === FrameErrorAt.Taken) reason = this.#inputError;
+    if (reason === "normal" && this.#rareOrNone.frameError === FrameErrorAt.Taken) {
+      reason = this.#rareOrNone.inputError;
+    }
     this.#phase = Phase.Ending;
-    this.#closeReason = reason;
+    this.#rareMade.closeReason = reason;
     this.#lowerEndBy(performance.now() + this.#opts.shutdownTimeout);
     this.#outbox?.flush(); // what was sent goes out while the finally runs, not after it
     if (this.#at === HandlerAt.Stepping) this.#armEndTimer(); // a stuck step is bounded too
@@ -1012,7 +1036,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       // once with a shutdown event carrying the close reason.
       this.#tracer?.actions(step.value);
       this.#performClosing(step.value);
-      const shutdown: Event<T> = { type: "shutdown", reason: this.#closeReason };
+      const shutdown: Event<T> = { type: "shutdown", reason: this.#rareOrNone.closeReason };
       this.#tracer?.event(shutdown);
       try {
         step = gen.next(shutdown);
@@ -1025,7 +1049,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #finallyThrew(err: unknown): void {
     this.#gen = null;
     this.#at = HandlerAt.Gone;
-    this.#closeReason = err;
+    this.#rareMade.closeReason = err;
     this.#finish(false, true);
   }
 
@@ -1052,7 +1076,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   }
 
   #lowerEndBy(at: number): void {
-    const clock = this.#endClock ??= {
+    const clock = this.#rareMade.endClock ??= {
       by: Infinity,
       timer: undefined,
       timerAt: Infinity,
@@ -1066,7 +1090,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // (Re)arm the end timer for the end deadline, unless it is armed for that already.
   #armEndTimer(): void {
-    const clock = this.#endClock;
+    const clock = this.#rareOrNone.endClock;
     if (clock === null || clock.by === Infinity || clock.timerAt === clock.by) return;
     clearTimer(clock.timer);
     clock.timerAt = clock.by;
@@ -1075,17 +1099,17 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // The end deadline passed: stop waiting for whatever is still going.
   #endDeadline(): void {
-    const clock = this.#endClock!;
+    const clock = this.#rareOrNone.endClock!;
     clock.timer = undefined;
     clock.timerAt = Infinity;
     const forced = this.#phase === Phase.Open;
     if (forced) {
       // Shut down and not ended in time: forced.
       this.#phase = Phase.Ending;
-      this.#closeReason = this.#shutdownReason?.reason ?? "shutdown";
+      this.#rareMade.closeReason = this.#rareOrNone.shutdownReason?.reason ?? "shutdown";
     }
     // Whatever output is still pending is dropped: the peer had until now to read it.
-    this.#outbox?.abort(new ConnectionClosed(this.handle.id, this.#closeReason));
+    this.#outbox?.abort(new ConnectionClosed(this.handle.id, this.#rareOrNone.closeReason));
     if (this.#phase === Phase.Finishing) return closeQuietly(this.socket); // was lingering
     if (forced && this.#at !== HandlerAt.Stepping) {
       // At a yield: its finally runs, with until the next macrotask to complete.
@@ -1117,28 +1141,28 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#phase = Phase.Finishing;
     this.#clearTimers();
     if (this.#opts.kind !== "server") clientEnded(this, this.socket);
-    const reason = this.#closeReason;
-    if (this.#starting !== null) this.#settleStart(true, reason); // ended before its first step
+    const reason = this.#rareOrNone.closeReason;
+    if (this.#rareOrNone.starting !== null) this.#settleStart(true, reason); // ended before its first step
     const outbox = this.#outbox;
     if (!forced && outbox !== null && outbox.broken === null && outbox.bytesPending > 0) {
       // Bounded: the end timer closes the socket at the end deadline, which ends the write.
       this.#armEndTimer();
       await outbox.drained();
     }
-    if (this.#endClock !== null) {
-      clearTimer(this.#endClock.timer);
-      this.#endClock.timer = undefined;
+    if (this.#rareOrNone.endClock !== null) {
+      clearTimer(this.#rareOrNone.endClock.timer);
+      this.#rareOrNone.endClock.timer = undefined;
     }
     closeQuietly(this.socket);
     const closedErr = new ConnectionClosed(this.handle.id, reason);
-    if (this.#callRefs !== null) {
-      for (const ref of this.#callRefs) {
+    if (this.#rareOrNone.callRefs !== null) {
+      for (const ref of this.#rareOrNone.callRefs) {
         const call = pendingCalls.get(ref)!;
         pendingCalls.delete(ref);
         clearTimer(call.timer);
         call.reject(closedErr);
       }
-      this.#callRefs = null;
+      this.#rare!.callRefs = null;
     }
     outbox?.abort(closedErr);
     this.#queue = NONE;
@@ -1152,7 +1176,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#tracer?.noteValue("close", reason);
     this.#opts.onClose?.(this.handle);
     this.#phase = Phase.Closed;
-    this.#resolveClosed?.(reason);
+    this.#rareOrNone.resolveClosed?.(reason);
   }
 
   // Abnormal ends are logged once: a peer's fault as one line at warn, a handler's crash with
@@ -1167,11 +1191,13 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   }
 
   #clearTimers(): void {
-    clearTimeout(this.#eventTimer);
-    this.#eventTimer = undefined;
-    this.#eventDeadline = Infinity;
-    for (const { timer } of this.#named?.values() ?? []) clearTimer(timer);
-    this.#named = null;
+    const rare = this.#rare;
+    if (rare === null) return;
+    clearTimeout(rare.eventTimer);
+    rare.eventTimer = undefined;
+    rare.eventDeadline = Infinity;
+    for (const { timer } of rare.named?.values() ?? []) clearTimer(timer);
+    rare.named = null;
     this.#clearRecv();
   }
 
@@ -1215,12 +1241,12 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     }
     if (ev.type === "packet") this.#packetsQueued--;
     else if (ev.type === "timeout") this.#timeoutTaken(ev);
-    else if (ev.type === "frameError") this.#frameError = FrameErrorAt.Taken;
+    else if (ev.type === "frameError") this.#rareMade.frameError = FrameErrorAt.Taken;
     else if (ev.type === "disconnect" && ev.side === "read") this.#readEndTaken = true;
     else if (this.#passive !== null && ev === this.#passive.timeoutQueued) {
       this.#passive.timeoutQueued = null;
     }
-    this.#eventDeadline = Infinity; // any event cancels the event timeout
+    if (this.#rare !== null) this.#rare.eventDeadline = Infinity; // any event cancels it
     return ev;
   }
 
@@ -1287,14 +1313,14 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     const buf = this.#readingInto!;
     this.#readingInto = null;
     const before = this.#framesDecoded;
-    // (The last chunk's view again when this read filled the same bytes: steady traffic.)
+    // (The last chunk's view again when this read filled as many bytes of the same buffer.)
     const last = this.#chunk;
     const chunk = n === buf.length
       ? buf
-      : last !== null && last.length === n && last.buffer === buf.buffer &&
-          last.byteOffset === buf.byteOffset
+      : last !== null && this.#chunkOf === buf && last.length === n
       ? last
       : buf.subarray(0, n);
+    this.#chunkOf = buf;
     this.#chunk = chunk; // (kept for setFraming; read into again only after the handler acts)
     this.#chunkHeld = this.#decoder.buffered;
     this.#chunkFramesAt = before;
@@ -1338,15 +1364,15 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // then a frameError event; the connection ends when the handler asks for more.
   #badInput(err: unknown): void {
     this.#input = Input.Ended;
-    this.#inputError = err instanceof Error ? err : new MalformedFrame(String(err));
+    this.#rareMade.inputError = err instanceof Error ? err : new MalformedFrame(String(err));
     if (this.#opts.mode === "active") this.#queueFrameError();
     else this.#deliverFrame(); // to a waiting recv
     if (this.#waitingForEvent) this.#continue();
   }
 
   #queueFrameError(): void {
-    this.#frameError = FrameErrorAt.Queued;
-    this.#push({ type: "frameError", error: this.#inputError! });
+    this.#rareMade.frameError = FrameErrorAt.Queued;
+    this.#push({ type: "frameError", error: this.#rareOrNone.inputError! });
   }
 
   #readFailed(err: unknown): void {
@@ -1422,8 +1448,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     let ev: Event<T>;
     if (passive.framesHeld.length > 0) ev = { type: "packet", data: passive.framesHeld.shift()! };
     else if (this.#input !== Input.Ended) return;
-    else if (this.#inputError !== null) {
-      if (this.#frameError !== FrameErrorAt.None) return;
+    else if (this.#rareOrNone.inputError !== null) {
+      if (this.#rareOrNone.frameError !== FrameErrorAt.None) return;
       passive.recvWanted = false;
       this.#clearRecv();
       return this.#queueFrameError();
@@ -1450,7 +1476,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   sendFromOutside(data: unknown, sync: boolean): Promise<void> | undefined {
     if (this.#phase !== Phase.Open) {
       if (!sync) return undefined;
-      return Promise.reject(new ConnectionClosed(this.handle.id, this.#closeReason));
+      return Promise.reject(new ConnectionClosed(this.handle.id, this.#rareOrNone.closeReason));
     }
     const outbox = this.#outbox ??= new Outbox(this.socket, this);
     if (outbox.broken !== null || outbox.writeClosed) {
@@ -1505,8 +1531,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // From the outbox: a write failed. Reading goes on; the handler hears of it once.
   outboxFailed(error: Error): void {
-    if (this.#writeEndReported || this.#phase !== Phase.Open) return;
-    this.#writeEndReported = true;
+    if (this.#rareOrNone.writeEndReported || this.#phase !== Phase.Open) return;
+    this.#rareMade.writeEndReported = true;
     this.#pushDisconnect("write", error);
   }
 
@@ -1514,36 +1540,39 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   #armEventTimeout(ms: number | null): void {
     if (ms === null || ms === Infinity) {
-      this.#eventDeadline = Infinity;
+      if (this.#rare !== null) this.#rare.eventDeadline = Infinity;
       return;
     }
     const at = performance.now() + ms;
-    this.#eventDeadline = at;
+    this.#rareMade.eventDeadline = at;
     // A timer already due no later than the new deadline is kept: it re-arms itself for the
     // rest when it fires. That makes re-arming per packet cost no timer call.
-    if (this.#eventTimer !== undefined && this.#eventTimerAt <= at) return;
-    clearTimeout(this.#eventTimer);
-    this.#eventTimerAt = at;
-    this.#eventTimer = setTimeout(
-      this.#onEventTimer ??= () => this.#eventTimerFired(),
+    if (this.#rareOrNone.eventTimer !== undefined && this.#rareOrNone.eventTimerAt <= at) return;
+    clearTimeout(this.#rareOrNone.eventTimer);
+    this.#rareMade.eventTimerAt = at;
+    this.#rareMade.eventTimer = setTimeout(
+      this.#rareMade.onEventTimer ??= () => this.#eventTimerFired(),
       Math.min(ms, MAX_DELAY),
     );
   }
 
   #eventTimerFired(): void {
-    this.#eventTimer = undefined;
-    this.#eventTimerAt = Infinity;
-    const deadline = this.#eventDeadline;
+    this.#rareMade.eventTimer = undefined;
+    this.#rareMade.eventTimerAt = Infinity;
+    const deadline = this.#rareOrNone.eventDeadline;
     if (deadline === Infinity || this.#phase !== Phase.Open) return;
     const left = deadline - performance.now();
     if (left > 1) {
-      this.#eventTimerAt = deadline;
-      this.#eventTimer = setTimeout(this.#onEventTimer!, Math.min(left, MAX_DELAY));
+      this.#rareMade.eventTimerAt = deadline;
+      this.#rareMade.eventTimer = setTimeout(
+        this.#rareOrNone.onEventTimer!,
+        Math.min(left, MAX_DELAY),
+      );
       return;
     }
-    this.#eventDeadline = Infinity;
-    if (this.#idleArmed) {
-      this.#idleArmed = false;
+    this.#rareMade.eventDeadline = Infinity;
+    if (this.#rareOrNone.idleArmed) {
+      this.#rareMade.idleArmed = false;
       // Idle: nothing came, or the handler has been held all along by a peer that does not
       // read its output (events may wait behind that: they do not make it any less stuck).
       if (this.#head === this.#tail || this.#at === HandlerAt.AwaitingDrain) {
@@ -1558,17 +1587,17 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   }
 
   #armIdle(): void {
-    this.#idleArmed = true;
+    this.#rareMade.idleArmed = true;
     this.#armEventTimeout(this.#opts.idleTimeout!);
   }
 
   #armNamed(name: string, ms: number | null): void {
-    const old = this.#named?.get(name);
+    const old = this.#rareOrNone.named?.get(name);
     if (old !== undefined) {
       clearTimer(old.timer);
       // Fired but not yet delivered: a cancel or a re-arm takes its event back.
       if (old.fired !== null) this.#withdraw(old.fired);
-      this.#named!.delete(name);
+      this.#rareOrNone.named!.delete(name);
     }
     if (ms === null || ms === Infinity) return;
     const entry: { timer: Timer; fired: TimeoutEvent | null } = { timer: undefined, fired: null };
@@ -1577,13 +1606,13 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       entry.fired = { type: "timeout", name };
       this.#push(entry.fired);
     }, ms);
-    (this.#named ??= new Map()).set(name, entry);
+    (this.#rareMade.named ??= new Map()).set(name, entry);
   }
 
   // A named timer's event is delivered: its entry goes (a cancel now has nothing to take back).
   #timeoutTaken(ev: TimeoutEvent): void {
-    if (ev.name !== undefined && this.#named?.get(ev.name)?.fired === ev) {
-      this.#named.delete(ev.name);
+    if (ev.name !== undefined && this.#rareOrNone.named?.get(ev.name)?.fired === ev) {
+      this.#rareOrNone.named.delete(ev.name);
     }
   }
 
@@ -1591,24 +1620,24 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // A call to this connection was answered (from any handler).
   forgetCall(ref: number): void {
-    this.#callRefs?.delete(ref);
+    this.#rareOrNone.callRefs?.delete(ref);
   }
 
   call(message: unknown, timeout: number): Promise<unknown> {
     if (this.#phase !== Phase.Open) {
-      return Promise.reject(new ConnectionClosed(this.handle.id, this.#closeReason));
+      return Promise.reject(new ConnectionClosed(this.handle.id, this.#rareOrNone.closeReason));
     }
     return new Promise((resolve, reject) => {
       const ref = ++nextCall;
       const timer = startTimer(() => {
         pendingCalls.delete(ref);
-        this.#callRefs?.delete(ref);
+        this.#rareOrNone.callRefs?.delete(ref);
         reject(
           new TimeoutError(`call to connection ${this.handle.id} timed out after ${timeout} ms`),
         );
       }, timeout);
       pendingCalls.set(ref, { resolve, reject, timer, callee: this as Driver<unknown> });
-      (this.#callRefs ??= new Set()).add(ref);
+      (this.#rareMade.callRefs ??= new Set()).add(ref);
       const from: From = { ref };
       this.#push({ type: "call", message, from });
     });
@@ -1627,8 +1656,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   upgrade(handler: Handler<T>, codeChange?: CodeChange): void {
     if (this.#phase !== Phase.Open) return;
-    if (this.#upgrades === NONE) this.#upgrades = [];
-    this.#upgrades.push({ handler, codeChange });
+    if (this.#rareOrNone.upgrades === NONE) this.#rareMade.upgrades = [];
+    this.#rareOrNone.upgrades.push({ handler, codeChange });
     if (this.#at !== HandlerAt.Hibernated) this.#push({ type: "upgrade", handler });
   }
 
@@ -1637,8 +1666,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
    * `timeout` ms, whatever phase the connection is in: the earliest deadline wins.
    */
   shutdown(reason: unknown, timeout = this.#opts.shutdownTimeout): Promise<void> {
-    if (this.#phase === Phase.Open && this.#shutdownReason === null) {
-      this.#shutdownReason = { reason };
+    if (this.#phase === Phase.Open && this.#rareOrNone.shutdownReason === null) {
+      this.#rareMade.shutdownReason = { reason };
       this.#push({ type: "shutdown", reason });
     }
     if (this.#phase < Phase.Closed) {
