@@ -96,6 +96,21 @@ type LentView = (frame: Uint8Array, encode: unknown) => Uint8Array | undefined;
 // never come, in a sync generator, would otherwise hold the thread).
 const MAX_CLOSING_STEPS = 1000;
 
+// A hibernated connection is parked on a one-byte read into a byte of a shared block, its own
+// for life: a Uint8Array(1) of its own would also cost an ArrayBuffer and a backing store
+// (~190 B, most of what a parked connection holds besides its socket). Small blocks, so that
+// a long-lived connection keeps little of one alive after the others have closed.
+const PARK_BLOCK = 64;
+let parkBlock = new Uint8Array(0);
+let parkNext = 0;
+function parkSlot(): Uint8Array {
+  if (parkNext === parkBlock.length) {
+    parkBlock = new Uint8Array(PARK_BLOCK);
+    parkNext = 0;
+  }
+  return parkBlock.subarray(parkNext, ++parkNext);
+}
+
 // Shared by every connection until it needs an array of its own, so that idle connections
 // stay small. Frozen: a push onto it would be a bug, and throws.
 const NONE: never[] = Object.freeze([]) as unknown as never[];
@@ -1291,7 +1306,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #issueRead(): void {
     const buf = this.#decoder.readInto?.() ?? // the rest of a large frame, read in place
       (this.#at === HandlerAt.Hibernated && this.#decoder.buffered === 0
-        ? this.#parkBuf ??= new Uint8Array(1) // parked on the smallest read
+        ? this.#parkBuf ??= parkSlot() // parked on the smallest read
         : this.#readBuf ??= new Uint8Array(MIN_READ));
     this.#readingInto = buf;
     this.socket.read(buf).then(

@@ -149,12 +149,12 @@ export function checkName(name: unknown): asserts name is string {
 export class MemoryRegistry implements Registry {
   /** This process's node name. */
   readonly node: string = localNode;
-  readonly #entries = new Map<string, { entry: RegistryEntry; conn: ConnectionRef }>();
+  readonly #entries = new Map<string, Registered>();
   readonly #names = new Map<string, string>();
 
   /** Record a starting connection. */
   add(entry: RegistryEntry, conn: ConnectionRef): void {
-    this.#entries.set(entry.id, { entry, conn });
+    this.#entries.set(entry.id, new Registered(entry, conn));
   }
 
   /** Forget a connection and free its name. */
@@ -162,7 +162,7 @@ export class MemoryRegistry implements Registry {
     const found = this.#entries.get(id);
     if (!found) return;
     this.#entries.delete(id);
-    const name = found.entry.name;
+    const name = found.name;
     if (name !== undefined && this.#names.get(name) === id) this.#names.delete(name);
   }
 
@@ -176,22 +176,22 @@ export class MemoryRegistry implements Registry {
     if (!found) return false;
     const holder = this.#names.get(name);
     if (holder !== undefined && holder !== id) return false;
-    const old = found.entry.name;
+    const old = found.name;
     if (old !== undefined && old !== name) this.#names.delete(old);
     this.#names.set(name, id);
-    found.entry.name = name;
+    found.name = name;
     return true;
   }
 
   /** The entries matching `filter` (copies). */
   list(filter: ListFilter = {}): Promise<RegistryEntry[]> {
     const out: RegistryEntry[] = [];
-    for (const { entry } of this.#entries.values()) {
+    for (const entry of this.#entries.values()) {
       if (filter.owner !== undefined && entry.owner !== filter.owner) continue;
       if (filter.node !== undefined && entry.node !== filter.node) continue;
       if (filter.kind !== undefined && entry.kind !== filter.kind) continue;
       if (filter.name !== undefined && entry.name !== filter.name) continue;
-      out.push({ ...entry });
+      out.push(entry.toEntry());
     }
     return Promise.resolve(out);
   }
@@ -205,6 +205,46 @@ export class MemoryRegistry implements Registry {
   /** How many connections are registered. */
   get size(): number {
     return this.#entries.size;
+  }
+}
+
+// A MemoryRegistry's record of one connection: the entry and the handle in one object, the
+// start time as a small integer (a time since 1970 in ms would take a heap number of its own):
+// every live connection has one, so it is kept small.
+const STARTED_BASE = Date.now();
+class Registered {
+  readonly id: string;
+  name: string | undefined;
+  readonly owner: string;
+  readonly node: string;
+  readonly kind: RegistryEntry["kind"];
+  readonly remoteAddr: RegistryEntry["remoteAddr"];
+  readonly localAddr: RegistryEntry["localAddr"];
+  readonly #startedAt: number; // ms since STARTED_BASE
+  readonly conn: ConnectionRef;
+  constructor(entry: RegistryEntry, conn: ConnectionRef) {
+    this.id = entry.id;
+    this.name = entry.name;
+    this.owner = entry.owner;
+    this.node = entry.node;
+    this.kind = entry.kind;
+    this.remoteAddr = entry.remoteAddr;
+    this.localAddr = entry.localAddr;
+    this.#startedAt = Math.floor(entry.startedAt - STARTED_BASE);
+    this.conn = conn;
+  }
+  toEntry(): RegistryEntry {
+    const entry: RegistryEntry = {
+      id: this.id,
+      owner: this.owner,
+      node: this.node,
+      kind: this.kind,
+      remoteAddr: this.remoteAddr,
+      localAddr: this.localAddr,
+      startedAt: STARTED_BASE + this.#startedAt,
+    };
+    if (this.name !== undefined) entry.name = this.name;
+    return entry;
   }
 }
 
