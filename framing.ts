@@ -157,7 +157,9 @@ class RawDecoder implements Decoder<Uint8Array> {
   }
   // As LengthPrefixedDecoder.lentView: a raw frame is its own encoding.
   lentView(frame: Uint8Array, encode: unknown): Uint8Array | undefined {
-    return encode === writeBytesLike && frame.buffer === this.#lastChunk?.buffer ? frame : undefined;
+    return encode === writeBytesLike && frame.buffer === this.#lastChunk?.buffer
+      ? frame
+      : undefined;
   }
   // As LengthPrefixedDecoder.release.
   release(): void {
