@@ -17,7 +17,8 @@ import { parseFlags, within } from "./_common.ts";
 import { killAll, runJson, spawn } from "./_children.ts";
 
 const USAGE = `usage: deno run -A bench/interleaved.ts [options]
-  --servers raw,etcp     among raw, node, etcp, etcp-sync, etcp-batch; the first is the baseline
+  --servers raw,etcp     among raw, node, etcp, etcp-sync, etcp-batch; the first is the baseline;
+                         NAME#2 runs NAME again as another server (raw,raw#2: the noise floor)
   --processes 2          times each server is started (a process round each)
   --windows 6            load windows per server per process
   --duration 1           seconds measured per window, after --warmup 0.3
@@ -108,7 +109,8 @@ interface Server {
 
 /** Starts server `name` on port 0 and waits for its `listening on HOST:PORT` line. */
 async function startServer(name: string): Promise<Server> {
-  const child = spawn([...SERVERS[name], "--port", "0", "--hostname", "127.0.0.1"], ROOT);
+  const cmd = SERVERS[name.split("#")[0]];
+  const child = spawn([...cmd, "--port", "0", "--hostname", "127.0.0.1"], ROOT);
   const line = await within(child.stdout.firstLine, LISTEN_TIMEOUT_MS, null);
   const m = line?.match(/^listening on .+:(\d+)\s*$/);
   if (!m) {
@@ -135,14 +137,15 @@ const si = (n: number) =>
 async function main(): Promise<boolean> {
   let names = opts.servers.split(",").map((s) => s.trim()).filter((s) => s);
   for (const name of names) {
-    if (!SERVERS[name]) {
+    if (!SERVERS[name.split("#")[0]]) {
       console.error(`unknown server ${name} (known: ${Object.keys(SERVERS)})\n\n${USAGE}`);
       Deno.exit(2);
     }
   }
-  if (names.includes("node") && !await nodeRuns()) {
+  const isNode = (n: string) => n.split("#")[0] === "node";
+  if (names.some(isNode) && !await nodeRuns()) {
     console.error(`"node --version" failed: node skipped`);
-    names = names.filter((n) => n !== "node");
+    names = names.filter((n) => !isNode(n));
   }
   if (!names.length) throw new Error("no server to measure");
   const load = await buildLoadClient();
