@@ -263,7 +263,10 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // ---- Reading -----------------------------------------------------------------------------------
   #input = Input.Idle;
   #framing: Framing<T>; // both ways; setFraming replaces it (and the decoder)
-  #decoder: Decoder<T>;
+  #decoder: Decoder<T> | null; // null: dropped while hibernated at a frame boundary (#dec)
+  get #dec(): Decoder<T> {
+    return this.#decoder ??= this.#framing.decoder();
+  }
   #emit: ((frame: T) => void) | null = null; // made on first use, dropped when hibernating
   #readBuf: Uint8Array | null = null;
   #parkBuf: Uint8Array | null = null;
@@ -686,8 +689,12 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     // (The last chunk is kept while frames cut from it wait: setFraming may cut them again.)
     if (this.#packetsQueued === 0 && !(this.#passive?.framesHeld.length)) {
       this.#chunk = null;
-      // A lending decoder keeps the read memory it lent from (framing.ts): let it go too.
-      (this.#decoder as { release?: () => void }).release?.();
+      // A lending decoder keeps the read memory it lent from (framing.ts): let it go too. A
+      // built-in one left holding nothing goes itself (#dec makes a new one when bytes come).
+      const decoder = this.#decoder;
+      if ((decoder as { release?: () => boolean } | null)?.release?.() === true) {
+        this.#decoder = null;
+      }
     }
     if (this.#head === this.#tail) this.#queue = NONE; // (an empty mailbox keeps no array)
     this.#outbox?.flush();
@@ -855,7 +862,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // The bytes past the switch point, or a ProtocolError saying why they cannot be had.
   #bytesPastSwitch(undelivered: number): Uint8Array {
-    const old = this.#decoder;
+    const old = this.#dec;
     const name = this.#framing.name;
     if (undelivered === 0 && this.#rareOrNone.inputError === null) {
       if (old.buffered === 0) return EMPTY;
@@ -912,7 +919,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // A large frame the decoder lent, sent back as it came: written from the read memory, with no
   // copy, when nothing else is queued (the next read waits until it is out). False: encode it.
   #sendLent(outbox: Outbox, data: unknown): boolean {
-    if (this.#decoder.lends !== true || !(data instanceof Uint8Array) || data.length < SEND_LENT) {
+    if (this.#decoder?.lends !== true || !(data instanceof Uint8Array) || data.length < SEND_LENT) {
       return false;
     }
     const view = (this.#decoder as { lentView?: LentView }).lentView?.(data, this.#framing.encode);
@@ -933,7 +940,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       );
     }
     if (
-      this.#decoder.buffered > 0 || this.#packetsQueued > 0 ||
+      (this.#decoder?.buffered ?? 0) > 0 || this.#packetsQueued > 0 ||
       (this.#passive !== null && this.#passive.framesHeld.length > 0)
     ) {
       throw new ProtocolError("startTls: bytes were read past the switch point");
@@ -1305,8 +1312,9 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   }
 
   #issueRead(): void {
-    const buf = this.#decoder.readInto?.() ?? // the rest of a large frame, read in place
-      (this.#at === HandlerAt.Hibernated && this.#decoder.buffered === 0
+    const decoder = this.#decoder; // (none: dropped while hibernated, holding nothing)
+    const buf = decoder?.readInto?.() ?? // the rest of a large frame, read in place
+      (this.#at === HandlerAt.Hibernated && (decoder?.buffered ?? 0) === 0
         ? this.#parkBuf ??= parkSlot() // parked on the smallest read
         : this.#readBuf ??= new Uint8Array(MIN_READ));
     this.#readingInto = buf;
@@ -1338,10 +1346,11 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       : buf.subarray(0, n);
     this.#chunkOf = buf;
     this.#chunk = chunk; // (kept for setFraming; read into again only after the handler acts)
-    this.#chunkHeld = this.#decoder.buffered;
+    const decoder = this.#dec;
+    this.#chunkHeld = decoder.buffered;
     this.#chunkFramesAt = before;
     try {
-      this.#decoder.decode(chunk, this.#emit ??= (frame: T) => this.#frameDecoded(frame));
+      decoder.decode(chunk, this.#emit ??= (frame: T) => this.#frameDecoded(frame));
     } catch (err) {
       return this.#badInput(err);
     }
@@ -1426,7 +1435,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     if (
       this.#input === Input.Held &&
       // Lent frames are valid until the next read: it waits until the handler has them all.
-      this.#packetsQueued < (this.#decoder.lends === true ? 1 : this.#opts.highWaterMark)
+      this.#packetsQueued < (this.#decoder?.lends === true ? 1 : this.#opts.highWaterMark)
     ) {
       this.#input = Input.Idle;
       this.#read();

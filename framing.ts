@@ -162,8 +162,9 @@ class RawDecoder implements Decoder<Uint8Array> {
       : undefined;
   }
   // As LengthPrefixedDecoder.release.
-  release(): void {
+  release(): boolean {
     this.#lastChunk = null;
+    return true;
   }
 }
 
@@ -301,11 +302,14 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
   /**
    * Forget the memory kept from one read to the next (the last chunk, and the spare unless a
    * frame is being filled in it): its connection hibernates, and an idle connection should hold
-   * no read memory. Nothing lent is in use then (a frame is lent for one step).
+   * no read memory. Nothing lent is in use then (a frame is lent for one step). True if the
+   * decoder now holds nothing a fresh one would not: the driver may drop it and make a new one
+   * when bytes come (an idle connection is then smaller by a decoder).
    */
-  release(): void {
+  release(): boolean {
     this.#lastChunk = null;
     if (this.#frame === null) this.#spare = null;
+    return this.#frame === null && this.#headerBytes === 0;
   }
 
   // Hand over a finished frame; a lent one in #spare keeps #spare busy for this call.

@@ -262,3 +262,49 @@ Deno.test("hibernate at the first yield after a wake, before the waking event is
   assert.ok(reason instanceof ProtocolError, String(reason));
   assert.equal(generators, 2, "the start, and one wake");
 });
+
+// A hibernated connection drops a built-in decoder that holds nothing (it is made again when
+// bytes come), and keeps one that holds part of a frame: the frame must come out whole.
+for (const lend of [false, true]) {
+  Deno.test(`hibernate: a frame begun before hibernating is completed after the wake (lengthPrefixed, lend: ${lend})`, async () => {
+    const { lengthPrefixed, serve } = await import("../../mod.ts");
+    const echoes: string[] = [];
+    const server = await serve(async function* (): HandlerGenerator<Uint8Array> {
+      const ev = yield;
+      if (ev.type !== "packet") return;
+      echoes.push(new TextDecoder().decode(ev.data));
+      yield [send(ev.data), hibernate()];
+    }, { hostname: "127.0.0.1", port: 0, framing: lengthPrefixed(4, { lend }) });
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    const frame = (text: string) => {
+      const body = new TextEncoder().encode(text);
+      const out = new Uint8Array(4 + body.length);
+      new DataView(out.buffer).setUint32(0, body.length);
+      out.set(body, 4);
+      return out;
+    };
+    const readEcho = async (length: number) => {
+      const got = new Uint8Array(length);
+      for (let at = 0; at < length;) {
+        const n = await within(2000, conn.read(got.subarray(at)), "the echo");
+        assert.notEqual(n, null, "the server closed early");
+        at += n!;
+      }
+      return new TextDecoder().decode(got.subarray(4));
+    };
+    const a = frame("first"), b = frame("second, split");
+    // A and B's first two header bytes in one write: A's handler hibernates with them held.
+    await conn.write(new Uint8Array([...a, ...b.subarray(0, 2)]));
+    assert.equal(await readEcho(a.length), "first");
+    await conn.write(b.subarray(2, 7)); // the rest of the header and one byte of the body
+    await conn.write(b.subarray(7));
+    assert.equal(await readEcho(b.length), "second, split");
+    // And a frame after a hibernation at a frame boundary (its decoder was dropped).
+    const c = frame("third");
+    await conn.write(c);
+    assert.equal(await readEcho(c.length), "third");
+    assert.deepEqual(echoes, ["first", "second, split", "third"]);
+    conn.close();
+    await server.stop();
+  });
+}
