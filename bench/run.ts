@@ -9,7 +9,8 @@
 //     [--connections 50] [--size 64] [--depth 16] [--bulk-size 65536]
 //     [--idle-connections 10000] [--idle-from 2000] [--idle-rounds 1]
 //     [--only SUBSTR[,SUBSTR]] [--groups tcp,tls,pool]
-//     [--servers raw,node,etcp,raw-tls,node-tls,etcp-tls[,etcp-sync,etcp-hibernate]]
+//     [--servers raw,node,etcp,etcp-sync,etcp-batch,etcp-trace,raw-tls,node-tls,etcp-tls
+//       [,etcp-hibernate]]
 //     [--node node] [--etcp-cmd CMD|raw] [--etcp-tls-cmd CMD] [--client c|deno]
 //     [--pool-connections 8] [--pool-callers 64] [--pool-strategy round-robin]
 //     [--pool-server raw] [--pool-spread rotate|fixed] [--json]
@@ -62,9 +63,9 @@ const USAGE = `usage: deno run -A bench/run.ts [options]
   --groups tcp,tls,pool  which tables: tcp (plain TCP rows), tls (TLS rows),
                          pool (pool.call against Connection.call); registry rows
                          (issue 12) are not built yet
-  --servers raw,node,etcp,etcp-batch,etcp-trace,raw-tls,node-tls,etcp-tls
-                         among raw, node, etcp, etcp-batch (batch() packets),
-                         etcp-sync, etcp-hibernate,
+  --servers raw,node,etcp,etcp-sync,etcp-batch,etcp-trace,raw-tls,node-tls,etcp-tls
+                         among raw, node, etcp, etcp-sync (a function* handler),
+                         etcp-batch (batch() packets), etcp-hibernate,
                          etcp-trace (tracing on: bench/trace_echo.ts) (plain
                          TCP: ratios against raw, etcp ones also against node) and
                          raw-tls, node-tls, etcp-tls (TLS: ratios against raw-tls)
@@ -107,7 +108,7 @@ const opts = parseFlags(Deno.args, {
   "idle-semi-space": 0,
   only: "",
   groups: "tcp,tls,pool",
-  servers: "raw,node,etcp,etcp-batch,etcp-trace,raw-tls,node-tls,etcp-tls",
+  servers: "raw,node,etcp,etcp-sync,etcp-batch,etcp-trace,raw-tls,node-tls,etcp-tls",
   node: Deno.env.get("NODE_CMD") ?? "node",
   "etcp-cmd": Deno.env.get("ETCP_CMD") ?? "",
   "etcp-tls-cmd": Deno.env.get("ETCP_TLS_CMD") ?? "",
