@@ -15,6 +15,7 @@
 // Needs cc (the C load client); node is skipped, with a line on stderr, if it does not run.
 import { parseFlags, within } from "./_common.ts";
 import { killAll, runJson, spawn } from "./_children.ts";
+import { compileLoadClient, removeLoadClients } from "./_load_client.ts";
 
 const USAGE = `usage: deno run -A bench/interleaved.ts [options]
   --servers raw,etcp     among raw, node, etcp, etcp-sync, etcp-batch; the first is the baseline;
@@ -55,40 +56,11 @@ const SERVERS: Record<string, string[]> = {
 const LISTEN_TIMEOUT_MS = 20_000; // a first run may compile the server
 const WINDOW_TIMEOUT_MS = (opts.warmup + opts.duration) * 1000 + 10_000; // load.c: + 5 s at most
 
-let tempDir: string | undefined;
-function removeTempDir() {
-  try {
-    if (tempDir) Deno.removeSync(tempDir, { recursive: true });
-  } catch { /* already gone */ }
-  tempDir = undefined;
-}
-globalThis.addEventListener("unload", removeTempDir);
-
-/** bench/load.c built with `cc -O2` into a temporary directory, or an error saying why not. */
+/** bench/load.c built with `cc -O2`, or an error saying why not. */
 async function buildLoadClient(): Promise<string> {
-  tempDir = await Deno.makeTempDir({ prefix: "etcp-interleaved-" });
-  const bin = `${tempDir}/etcp-load`;
-  let out;
-  try {
-    out = await new Deno.Command("cc", {
-      args: ["-O2", "-o", bin, `${ROOT}bench/load.c`],
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-  } catch (e) {
-    throw new Error(
-      `cannot build bench/load.c: ${e instanceof Deno.errors.NotFound ? "no cc" : e}`,
-    );
-  }
-  if (!out.success) {
-    throw new Error(
-      `cc -O2 bench/load.c failed (exit code ${out.code}):\n${
-        new TextDecoder().decode(out.stderr).trim()
-      }`,
-    );
-  }
-  return bin;
+  const built = await compileLoadClient(false);
+  if ("why" in built) throw new Error(`cannot build bench/load.c: ${built.why}`);
+  return built.bin;
 }
 
 async function nodeRuns(): Promise<boolean> {
@@ -237,5 +209,5 @@ try {
   Deno.exitCode = 1;
 } finally {
   killAll();
-  removeTempDir();
+  removeLoadClients();
 }

@@ -38,6 +38,7 @@
 // (progress on stderr) and, with --json, one JSON line after it.
 import { parseFlags, within } from "./_common.ts";
 import { killAll, runJson, spawn, withOpenFiles } from "./_children.ts";
+import { compileLoadClient, removeLoadClients } from "./_load_client.ts";
 
 const USAGE = `usage: deno run -A bench/run.ts [options]
   --duration 2           seconds measured per load run, after --warmup 0.5
@@ -166,8 +167,6 @@ const POOL_CLIENT: LoadClient = {
   name: "pool_load",
   cmd: [DENO, "run", "-A", `${BENCH}pool_load.ts`],
 };
-let tempDir: string | undefined;
-
 /** Compiles bench/load.c (once per run): plain, or with `-DETCP_TLS` and
  * OpenSSL for the TLS rows. Falls back to load.ts unless `--client c` insists;
  * the TLS build always falls back (to load.ts --tls), so that a machine
@@ -175,42 +174,15 @@ let tempDir: string | undefined;
 async function loadClient(kind: "plain" | "tls"): Promise<LoadClient> {
   if (opts.client === "deno") return DENO_CLIENT;
   const tls = kind === "tls";
-  let why: string;
-  try {
-    tempDir ??= await Deno.makeTempDir({ prefix: "etcp-bench-" });
-    const bin = `${tempDir}/etcp-load${tls ? "-tls" : ""}`;
-    const args = tls
-      ? ["-O2", "-DETCP_TLS", "-o", bin, `${BENCH}load.c`, "-lssl", "-lcrypto"]
-      : ["-O2", "-o", bin, `${BENCH}load.c`];
-    const out = await new Deno.Command("cc", {
-      args,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    if (out.success) return { name: tls ? "C+OpenSSL" : "C", cmd: [bin] };
-    why = `cc ${tls ? "with OpenSSL " : ""}failed (exit code ${out.code}):\n${
-      new TextDecoder().decode(out.stderr).trim()
-    }`;
-  } catch (e) {
-    why = e instanceof Deno.errors.NotFound ? "no cc found" : `cc: ${e}`;
-  }
+  const built = await compileLoadClient(tls);
+  if ("bin" in built) return { name: tls ? "C+OpenSSL" : "C", cmd: [built.bin] };
+  const { why } = built;
   if (opts.client === "c" && !tls) throw new Error(`--client c: ${why}`);
   console.error(
     `${why}\nfalling back to the Deno load client (bench/load.ts) for the ${kind} rows`,
   );
   return DENO_CLIENT;
 }
-
-function removeTempDir() {
-  if (!tempDir) return;
-  try {
-    Deno.removeSync(tempDir, { recursive: true });
-  } catch { /* already gone */ }
-  tempDir = undefined;
-}
-// Also on Deno.exit (the signal handlers of _children.ts).
-globalThis.addEventListener("unload", removeTempDir);
 
 // ------------------------------------------------------------------ servers
 
@@ -982,5 +954,5 @@ try {
   Deno.exitCode = 1;
 } finally {
   killAll();
-  removeTempDir();
+  removeLoadClients();
 }
