@@ -1,6 +1,6 @@
 // The library's own CPU per frame, without the kernel: the echo example's handler served over
 // sockets that are JavaScript objects (a read resolves at once with one 64-byte frame, a write
-// at once), against a hand-written read → write loop over the same sockets. Loopback benchmarks
+// at once), against bench/raw_echo.ts's read → writeAll loop over the same sockets. Loopback benchmarks
 // of ping-pong are mostly kernel time and swing by ±15% between runs here; this one isolates
 // the part a change to the driver can move, and repeats within a few percent.
 //
@@ -8,7 +8,7 @@
 //
 // Prints ns per frame for raw (the loop), etcp (async function* handler) and etcp-sync
 // (function* handler), the lowest of the rounds each, servers alternating.
-import { parseFlags } from "./_common.ts";
+import { parseFlags, writeAll } from "./_common.ts";
 import { type Conn, lengthPrefixed, serve, type Transport } from "../mod.ts";
 import { echo, echoSync } from "../examples/echo_server.ts";
 
@@ -43,12 +43,10 @@ function sockets(onAllClosed: () => void): () => Conn {
   };
 }
 
+// bench/raw_echo.ts's loop, over these sockets.
 async function rawEcho(conn: Conn): Promise<void> {
   const buf = new Uint8Array(64 * 1024);
-  for (let n; (n = await conn.read(buf)) !== null;) {
-    let rest = buf.subarray(0, n);
-    while (rest.length > 0) rest = rest.subarray(await conn.write(rest));
-  }
+  for (let n; (n = await conn.read(buf)) !== null;) await writeAll(conn, buf.subarray(0, n));
   conn.close();
 }
 
