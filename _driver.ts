@@ -435,7 +435,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
         node: registry.node,
         remoteAddr: socket.remoteAddr,
         localAddr: socket.localAddr,
-        startedAt: Date.now(),
+        startedAt: stampToEpoch(this.#startedAt), // (as stats() says)
       }, this.handle);
       if (isPromise(added)) {
         return added.catch((err) => this.#opts.logger.error("etcp: registry:", err));

@@ -38,6 +38,11 @@ export function stampToEpoch(at: number): number {
   return EPOCH + at;
 }
 
+/** Milliseconds since the Unix epoch as a {@linkcode stamp} (whole milliseconds). */
+export function epochToStamp(ms: number): number {
+  return Math.floor(ms - EPOCH);
+}
+
 /**
  * What a close reason is counted under (in `server.stats().closed` and the metrics'
  * `etcp.close.reason`): the reason itself for a string (cut to 40 characters), an error's

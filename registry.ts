@@ -7,6 +7,7 @@
 
 import type { Connection } from "./connection.ts";
 import type { Addr } from "./transport/transport.ts";
+import { epochToStamp, stampToEpoch } from "./_stats.ts";
 
 /** What a registry knows of one connection. */
 export interface RegistryEntry {
@@ -209,9 +210,8 @@ export class MemoryRegistry implements Registry {
 }
 
 // A MemoryRegistry's record of one connection: the entry and the handle in one object, the
-// start time as a small integer (a time since 1970 in ms would take a heap number of its own):
-// every live connection has one, so it is kept small.
-const STARTED_BASE = Date.now();
+// start time as a stamp (_stats.ts: a small integer, where a time since 1970 in ms would take a
+// heap number of its own): every live connection has one, so it is kept small.
 class Registered {
   readonly id: string;
   name: string | undefined;
@@ -220,7 +220,7 @@ class Registered {
   readonly kind: RegistryEntry["kind"];
   readonly remoteAddr: RegistryEntry["remoteAddr"];
   readonly localAddr: RegistryEntry["localAddr"];
-  readonly #startedAt: number; // ms since STARTED_BASE
+  readonly #startedAt: number; // a stamp
   readonly conn: ConnectionRef;
   constructor(entry: RegistryEntry, conn: ConnectionRef) {
     this.id = entry.id;
@@ -230,7 +230,7 @@ class Registered {
     this.kind = entry.kind;
     this.remoteAddr = entry.remoteAddr;
     this.localAddr = entry.localAddr;
-    this.#startedAt = Math.floor(entry.startedAt - STARTED_BASE);
+    this.#startedAt = epochToStamp(entry.startedAt);
     this.conn = conn;
   }
   toEntry(): RegistryEntry {
@@ -241,7 +241,7 @@ class Registered {
       kind: this.kind,
       remoteAddr: this.remoteAddr,
       localAddr: this.localAddr,
-      startedAt: STARTED_BASE + this.#startedAt,
+      startedAt: stampToEpoch(this.#startedAt),
     };
     if (this.name !== undefined) entry.name = this.name;
     return entry;
