@@ -469,8 +469,9 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // Settle what started() returned: the first step is done, or (`ended`) the connection ended.
   #settleStart(ended: boolean, reason?: unknown): void {
-    const starting = this.#rareOrNone.starting!;
-    this.#rareMade.starting = null;
+    const rare = this.#rare!; // (started() made it)
+    const starting = rare.starting!;
+    rare.starting = null;
     if (!ended) return starting.resolve();
     starting.reject(
       reason instanceof Error ? reason : new ConnectionClosed(this.handle.id, reason),
@@ -950,15 +951,17 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // A startTls yielded with stop, or with an action that failed: nothing switches, and what was
   // sent before it is written as it is.
   #cancelTlsSwitch(): void {
-    if (this.#rareOrNone.tlsSwitch === null) return;
-    this.#outbox = this.#rareOrNone.tlsSwitch.plain;
-    this.#rareMade.tlsSwitch = null;
+    const rare = this.#rare;
+    if (rare === null || rare.tlsSwitch === null) return;
+    this.#outbox = rare.tlsSwitch.plain;
+    rare.tlsSwitch = null;
   }
 
   #switchToTls(): void {
     this.#at = HandlerAt.SwitchingTls;
-    const { options, plain } = this.#rareOrNone.tlsSwitch!;
-    this.#rareMade.tlsSwitch = null;
+    const rare = this.#rare!; // (the startTls action made it)
+    const { options, plain } = rare.tlsSwitch!;
+    rare.tlsSwitch = null;
     const written = plain === null ? Promise.resolve() : plain.drained();
     written.then(() => {
       if (plain !== null) {
@@ -1164,28 +1167,29 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#phase = Phase.Finishing;
     this.#clearTimers();
     if (this.#opts.kind !== "server") clientEnded(this, this.socket);
-    const reason = this.#rareOrNone.closeReason;
-    if (this.#rareOrNone.starting !== null) this.#settleStart(true, reason); // ended before its first step
+    const rare = this.#rareMade; // (the end made it: its reason is there)
+    const reason = rare.closeReason;
+    if (rare.starting !== null) this.#settleStart(true, reason); // ended before its first step
     const outbox = this.#outbox;
     if (!forced && outbox !== null && outbox.broken === null && outbox.bytesPending > 0) {
       // Bounded: the end timer closes the socket at the end deadline, which ends the write.
       this.#armEndTimer();
       await outbox.drained();
     }
-    if (this.#rareOrNone.endClock !== null) {
-      clearTimer(this.#rareOrNone.endClock.timer);
-      this.#rareOrNone.endClock.timer = undefined;
+    if (rare.endClock !== null) {
+      clearTimer(rare.endClock.timer);
+      rare.endClock.timer = undefined;
     }
     closeQuietly(this.socket);
     const closedErr = new ConnectionClosed(this.handle.id, reason);
-    if (this.#rareOrNone.callRefs !== null) {
-      for (const ref of this.#rareOrNone.callRefs) {
+    if (rare.callRefs !== null) {
+      for (const ref of rare.callRefs) {
         const call = pendingCalls.get(ref)!;
         pendingCalls.delete(ref);
         clearTimer(call.timer);
         call.reject(closedErr);
       }
-      this.#rare!.callRefs = null;
+      rare.callRefs = null;
     }
     outbox?.abort(closedErr);
     this.#queue = NONE;
@@ -1199,7 +1203,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#tracer?.noteValue("close", reason);
     this.#opts.onClose?.(this.handle);
     this.#phase = Phase.Closed;
-    this.#rareOrNone.resolveClosed?.(reason);
+    rare.resolveClosed?.(reason);
   }
 
   // Abnormal ends are logged once: a peer's fault as one line at warn, a handler's crash with
@@ -1568,36 +1572,35 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       if (this.#rare !== null) this.#rare.eventDeadline = Infinity;
       return;
     }
+    const rare = this.#rareMade;
     const at = performance.now() + ms;
-    this.#rareMade.eventDeadline = at;
+    rare.eventDeadline = at;
     // A timer already due no later than the new deadline is kept: it re-arms itself for the
     // rest when it fires. That makes re-arming per packet cost no timer call.
-    if (this.#rareOrNone.eventTimer !== undefined && this.#rareOrNone.eventTimerAt <= at) return;
-    clearTimeout(this.#rareOrNone.eventTimer);
-    this.#rareMade.eventTimerAt = at;
-    this.#rareMade.eventTimer = setTimeout(
-      this.#rareMade.onEventTimer ??= () => this.#eventTimerFired(),
+    if (rare.eventTimer !== undefined && rare.eventTimerAt <= at) return;
+    clearTimeout(rare.eventTimer);
+    rare.eventTimerAt = at;
+    rare.eventTimer = setTimeout(
+      rare.onEventTimer ??= () => this.#eventTimerFired(),
       Math.min(ms, MAX_DELAY),
     );
   }
 
   #eventTimerFired(): void {
-    this.#rareMade.eventTimer = undefined;
-    this.#rareMade.eventTimerAt = Infinity;
-    const deadline = this.#rareOrNone.eventDeadline;
+    const rare = this.#rare!; // (#armEventTimeout made it)
+    rare.eventTimer = undefined;
+    rare.eventTimerAt = Infinity;
+    const deadline = rare.eventDeadline;
     if (deadline === Infinity || this.#phase !== Phase.Open) return;
     const left = deadline - performance.now();
     if (left > 1) {
-      this.#rareMade.eventTimerAt = deadline;
-      this.#rareMade.eventTimer = setTimeout(
-        this.#rareOrNone.onEventTimer!,
-        Math.min(left, MAX_DELAY),
-      );
+      rare.eventTimerAt = deadline;
+      rare.eventTimer = setTimeout(rare.onEventTimer!, Math.min(left, MAX_DELAY));
       return;
     }
-    this.#rareMade.eventDeadline = Infinity;
-    if (this.#rareOrNone.idleArmed) {
-      this.#rareMade.idleArmed = false;
+    rare.eventDeadline = Infinity;
+    if (rare.idleArmed) {
+      rare.idleArmed = false;
       // Idle: nothing came, or the handler has been held all along by a peer that does not
       // read its output (events may wait behind that: they do not make it any less stuck).
       if (this.#head === this.#tail || this.#at === HandlerAt.AwaitingDrain) {
@@ -1617,12 +1620,13 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   }
 
   #armNamed(name: string, ms: number | null): void {
-    const old = this.#rareOrNone.named?.get(name);
+    const named = this.#rare?.named;
+    const old = named?.get(name);
     if (old !== undefined) {
       clearTimer(old.timer);
       // Fired but not yet delivered: a cancel or a re-arm takes its event back.
       if (old.fired !== null) this.#withdraw(old.fired);
-      this.#rareOrNone.named!.delete(name);
+      named!.delete(name);
     }
     if (ms === null || ms === Infinity) return;
     const entry: { timer: Timer; fired: TimeoutEvent | null } = { timer: undefined, fired: null };
@@ -1636,9 +1640,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // A named timer's event is delivered: its entry goes (a cancel now has nothing to take back).
   #timeoutTaken(ev: TimeoutEvent): void {
-    if (ev.name !== undefined && this.#rareOrNone.named?.get(ev.name)?.fired === ev) {
-      this.#rareOrNone.named.delete(ev.name);
-    }
+    const named = this.#rare?.named;
+    if (ev.name !== undefined && named?.get(ev.name)?.fired === ev) named.delete(ev.name);
   }
 
   // ---- Messages from outside ---------------------------------------------------------------------
