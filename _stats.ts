@@ -12,7 +12,7 @@ const EPOCH = Date.now();
  * connection otherwise). `Math.floor` makes it one: a plain subtraction of two doubles would
  * not, even with an integral result.
  */
-export function stamp(): number {
+function stamp(): number {
   return Math.floor(Date.now() - EPOCH);
 }
 

@@ -7,9 +7,11 @@ import {
   type Event,
   type HandlerGenerator,
   hibernate,
+  lengthPrefixed,
   ProtocolError,
   reply,
   send,
+  serve,
   setTimeout as arm,
 } from "../../mod.ts";
 import {
@@ -267,7 +269,6 @@ Deno.test("hibernate at the first yield after a wake, before the waking event is
 // bytes come), and keeps one that holds part of a frame: the frame must come out whole.
 for (const lend of [false, true]) {
   Deno.test(`hibernate: a frame begun before hibernating is completed after the wake (lengthPrefixed, lend: ${lend})`, async () => {
-    const { lengthPrefixed, serve } = await import("../../mod.ts");
     const echoes: string[] = [];
     const server = await serve(async function* (): HandlerGenerator<Uint8Array> {
       const ev = yield;
