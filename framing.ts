@@ -187,7 +187,8 @@ export interface LendOptions {
    * next `yield`: the library then reads into that memory again. Whatever the step does with it
    * is fine (`send(ev.data)` copies it into the output); what must outlive the step, kept in a
    * variable or passed to another connection's `call`, `cast` or `info`, must be a
-   * `ev.data.slice()`. A frame kept without `slice()` is overwritten by later input. Reading
+   * `ev.data.slice()`. A frame kept without `slice()` is overwritten by later input (a later
+   * frame read into the same place may even be lent as the very same view). Reading
    * waits for the handler as if `highWaterMark` were 1 (passive mode is unaffected). This saves
    * an allocation and a copy per read, and for frames of 16 KiB and more an allocation per frame
    * (the frame's memory is reused for the next). Anything but a boolean throws a `TypeError`.
@@ -256,6 +257,11 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
   // Lending: the last chunk decoded (its memory is read only when a lent frame is sent back: a
   // typed array's .buffer costs ~20 ns, too much to read per chunk).
   #lastChunk: Uint8Array | null = null;
+  // Lending: the view last lent, made again only when a read puts a frame elsewhere (in
+  // ping-pong every read is one frame at the same place: a view allocation per frame saved).
+  #lentFrame: Uint8Array | null = null;
+  #lentFrameIn: Uint8Array | null = null; // the chunk it is a view of
+  #lentFrameAt = 0;
 
   constructor(size: 1 | 2 | 4, max: number, lends: boolean, encode: unknown) {
     this.#size = size;
@@ -307,7 +313,7 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
    * when bytes come (an idle connection is then smaller by a decoder).
    */
   release(): boolean {
-    this.#lastChunk = null;
+    this.#lastChunk = this.#lentFrame = this.#lentFrameIn = null;
     if (this.#frame === null) this.#spare = null;
     return this.#frame === null && this.#headerBytes === 0;
   }
@@ -420,7 +426,16 @@ class LengthPrefixedDecoder implements Decoder<Uint8Array> {
           held = false;
           this.#heldFrameEnd = i + length;
         }
-        emit(chunk.subarray(i, i + length));
+        let lent = this.#lentFrame;
+        if (
+          lent === null || this.#lentFrameIn !== chunk || this.#lentFrameAt !== i ||
+          lent.length !== length
+        ) {
+          this.#lentFrame = lent = chunk.subarray(i, i + length);
+          this.#lentFrameIn = chunk;
+          this.#lentFrameAt = i;
+        }
+        emit(lent);
         i += length;
       } else if (end - i >= length) {
         if (copy === null) {
