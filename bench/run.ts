@@ -40,9 +40,18 @@ import { parseFlags, within } from "./_common.ts";
 import { killAll, runJson, spawn, withOpenFiles } from "./_children.ts";
 import { compileLoadClient, removeLoadClients } from "./_load_client.ts";
 
+// Seconds of load before a server's later windows in a round: it is warm, only the load
+// client's connections start.
+const WARM_WARMUP = 0.1;
+
 const USAGE = `usage: deno run -A bench/run.ts [options]
-  --duration 2           seconds measured per load run, after --warmup 0.5
-  --rounds 3             runs per load scenario and server; the best counts
+  --duration 2           seconds measured per server in a round of a load row, in
+                         --windows 8 windows taken in turns with the other servers
+  --warmup 0.5           seconds of load before a server's first window of a round
+                         (before the others: ${WARM_WARMUP} s, the server being warm)
+  --windows 8            load windows per server per round
+  --rounds 3             rounds per load scenario (each: every server started
+                         anew, then the windows); the best window counts
   --connections 50       concurrent connections of the load client
   --size 64              frame payload bytes (ping-pong, pipelined, accept, pool)
   --depth 16             frames in flight per connection when pipelined
@@ -97,6 +106,7 @@ Subsets: --groups tcp (plain rows only), --groups pool, --only ping-pong,bulk,
 const opts = parseFlags(Deno.args, {
   duration: 2,
   warmup: 0.5,
+  windows: 8,
   rounds: 3,
   connections: 50,
   size: 64,
@@ -121,6 +131,10 @@ const opts = parseFlags(Deno.args, {
   "pool-spread": "rotate",
   json: false,
 }, USAGE);
+if (!Number.isInteger(opts.windows) || opts.windows < 1) {
+  console.error(`--windows must be a positive integer, not ${opts.windows}\n\n${USAGE}`);
+  Deno.exit(2);
+}
 if (!["auto", "c", "deno"].includes(opts.client)) {
   console.error(`--client must be c or deno, not ${opts.client}\n\n${USAGE}`);
   Deno.exit(2);
@@ -148,6 +162,7 @@ const NODE_ECHO = `${BENCH}node_echo.mjs`;
 const CA = `${ROOT}tests/fixtures/ca.crt`;
 // The load clients and idle.ts bound themselves; these are backstops (pool_load.ts
 // may take up to 10 s to connect).
+const WINDOW_SECONDS = opts.duration / opts.windows;
 const LOAD_TIMEOUT_MS = (opts.warmup + opts.duration) * 1000 + 25_000;
 const IDLE_TIMEOUT_MS = 160_000; // idle.ts gives up after 150 s
 const LISTEN_TIMEOUT_MS = 20_000; // a first run may compile the server
@@ -369,10 +384,10 @@ interface Scenario {
 
 const bytes = (n: number) => n >= 1024 && n % 1024 === 0 ? `${n / 1024} KiB` : `${n} B`;
 const timing = [`--duration`, `${opts.duration}`, "--warmup", `${opts.warmup}`];
+// (A load window's --duration and --warmup are added per window: measureInterleaved.)
 const load = (mode: string, size: number, depth: number, connections = opts.connections) => [
   ...["--mode", mode, "--size", `${size}`, "--depth", `${depth}`],
   ...["--connections", `${connections}`],
-  ...timing,
 ];
 const idle = [
   ...["--connections", `${opts["idle-connections"]}`, "--from", `${opts["idle-from"]}`],
@@ -479,6 +494,8 @@ interface Run {
   value: number;
   /** the JSON line of the load client, idle.ts or pool_load.ts */
   data: Record<string, number>;
+  /** the round it was measured in (load rows: the rounds of windows) */
+  round: number;
 }
 
 interface Result {
@@ -489,23 +506,67 @@ interface Result {
   failures: string[];
 }
 
-async function measure(s: Scenario, peer: Peer, client: LoadClient): Promise<Run> {
+/** An idle row's run against its own process of the peer's server. */
+async function measureIdle(s: Scenario, peer: Peer, round: number): Promise<Run> {
   const server = await startServer(peer.server, s.variant);
   try {
     const data = await runJson([
-      ...(s.tool === "idle"
-        ? withOpenFiles([DENO, "run", "-A", `${BENCH}idle.ts`], IDLE_FILES)
-        : client.cmd),
+      ...withOpenFiles([DENO, "run", "-A", `${BENCH}idle.ts`], IDLE_FILES),
       ...s.args,
-      ...["--host", server.host, "--port", `${server.port}`],
-      ...[s.tool === "idle" ? "--pid" : "--server-pid", `${server.pid}`],
-    ], s.tool === "idle" ? IDLE_TIMEOUT_MS : LOAD_TIMEOUT_MS);
-    const value = s.tool === "idle" ? data.slopeBytes ?? data.perConnBytes : data.framesPerSec;
-    return { value, data };
+      ...["--host", server.host, "--port", `${server.port}`, "--pid", `${server.pid}`],
+    ], IDLE_TIMEOUT_MS);
+    return { value: data.slopeBytes ?? data.perConnBytes, data, round };
   } finally {
     await server.stop();
   }
 }
+
+/**
+ * One round of a load row: every server of the group is started (a process each, alive
+ * together: a server with no load uses no CPU), then each gets --windows windows of load in
+ * turns, the order flipping every window. On this kind of machine the speed of the whole VM
+ * moves by ±15% from one second to the next: taking the servers in short turns spreads the
+ * slow spells over all of them alike, where a run per server (the way of this script until
+ * 30 Nov) gave one server a slow spell and the next a quick one. Yields each window as it
+ * is measured, or the reason a server could not start or a window failed.
+ */
+async function* measureInterleaved(
+  s: Scenario,
+  group: Group,
+  round: number,
+): AsyncGenerator<[number, Run | Error]> {
+  const servers: Array<Running | Error> = [];
+  try {
+    for (const peer of group.peers) {
+      servers.push(await startServer(peer.server, s.variant).catch(asError));
+    }
+    for (const [i, server] of servers.entries()) if (server instanceof Error) yield [i, server];
+    const order = [...group.peers.keys()];
+    if (round % 2) order.reverse();
+    for (let window = 0; window < opts.windows; window++, order.reverse()) {
+      for (const i of order) {
+        const server = servers[i];
+        if (server instanceof Error) continue;
+        const warmup = window === 0 ? opts.warmup : WARM_WARMUP;
+        try {
+          const data = await runJson([
+            ...group.client.cmd,
+            ...s.args,
+            ...["--duration", `${WINDOW_SECONDS}`, "--warmup", `${warmup}`],
+            ...["--host", server.host, "--port", `${server.port}`, "--server-pid", `${server.pid}`],
+          ], LOAD_TIMEOUT_MS);
+          yield [i, { value: data.framesPerSec, data, round }];
+        } catch (e) {
+          yield [i, asError(e)];
+        }
+      }
+    }
+  } finally {
+    await Promise.all(servers.map((server) => server instanceof Error ? null : server.stop()));
+  }
+}
+
+const asError = (e: unknown) => e instanceof Error ? e : new Error(String(e));
 
 /** The pool rows: one pool_load.ts process takes turns between the group's
  * ways (the first way flips every round), against one server; a run per peer. */
@@ -527,33 +588,33 @@ async function measureWays(s: Scenario, group: Group, round: number): Promise<Ru
   }
   return group.peers.map((p) => {
     const d = data.via[p.way!];
-    return { value: d.framesPerSec, data: d };
+    return { value: d.framesPerSec, data: d, round };
   });
 }
 
-/** One round of scenario `s`: a run (or the reason it failed) per peer, by
- * peer index, each as soon as it is known. */
+/** One round of scenario `s`: runs (or the reasons they failed) by peer
+ * index, each as soon as it is known. */
 async function* measureRound(
   s: Scenario,
   group: Group,
   round: number,
 ): AsyncGenerator<[number, Run | Error]> {
-  const failed = (e: unknown) => e instanceof Error ? e : new Error(String(e));
+  if (s.tool === "load") return yield* measureInterleaved(s, group, round);
   if (s.tool === "pool") {
     let runs: Run[] | Error;
     try {
       runs = await measureWays(s, group, round);
     } catch (e) {
-      runs = failed(e);
+      runs = asError(e);
     }
     for (const i of group.peers.keys()) yield [i, runs instanceof Error ? runs : runs[i]];
     return;
   }
   for (const [i, peer] of group.peers.entries()) {
     try {
-      yield [i, await measure(s, peer, group.client)];
+      yield [i, await measureIdle(s, peer, round)];
     } catch (e) {
-      yield [i, failed(e)];
+      yield [i, asError(e)];
     }
   }
 }
@@ -651,6 +712,33 @@ function table(group: Group, results: Result[]): string {
     .map((cells) => `| ${cells.join(" | ")} |`).join("\n");
 }
 
+/**
+ * The load rows' ratios to the baseline round by round (each server's best window in the
+ * round): how steady a ratio of the main table is. Empty if there is one round.
+ */
+function roundsTable(group: Group, results: Result[]): string {
+  const ratios = group.ratios.filter(([, q]) => q === group.baseline);
+  const scenarios = group.scenarios.filter((s) => s.tool === "load");
+  if (opts.rounds < 2 || !ratios.length || !scenarios.length) return "";
+  const bestIn = (r: Result | undefined, round: number) =>
+    r?.runs.reduce((best, run) => run.round === round ? Math.max(best, run.value) : best, 0) ?? 0;
+  const header = ["round by round", ...ratios.map(([p, q]) => `${p.name}/${q.name}`)];
+  const rows = scenarios.map((s) => {
+    const of = (p: Peer) => results.find((r) => r.scenario === s.name && r.server === p.name);
+    return [
+      s.name,
+      ...ratios.map(([p, q]) =>
+        Array.from({ length: opts.rounds }, (_, k) => {
+          const a = bestIn(of(p), k), b = bestIn(of(q), k);
+          return a && b ? (a / b).toFixed(2) : "–";
+        }).join(" ")
+      ),
+    ];
+  });
+  return [header, header.map(() => "---"), ...rows]
+    .map((cells) => `| ${cells.join(" | ")} |`).join("\n");
+}
+
 function machine(node: string | undefined) {
   const cpuinfo = Deno.readTextFileSync("/proc/cpuinfo");
   return {
@@ -733,9 +821,12 @@ limit (its CPU near 100%).`;
 function report(groups: Group[], results: Result[], node: string | undefined, skipped: string) {
   const m = machine(node);
   const tlsGroup = groups.find((g) => g.id === "tls");
-  const tables = groups.map((g) =>
-    `${g.title ? `${g.title}\n` : ""}${clientCpu(g, results)}\n\n${table(g, results)}`
-  );
+  const tables = groups.map((g) => {
+    const rounds = roundsTable(g, results);
+    return `${g.title ? `${g.title}\n` : ""}${clientCpu(g, results)}\n\n${table(g, results)}${
+      rounds ? `\n\n${rounds}` : ""
+    }`;
+  });
   const hasNode = groups.some((g) => g.peers.some((p) => p.server.node));
   const notes = [
     hasNode ? NODE_NOTE : "",
@@ -746,7 +837,11 @@ function report(groups: Group[], results: Result[], node: string | undefined, sk
   console.log(`## etcp bench, ${new Date().toISOString()}
 
 ${m.cpu}, ${m.cores} cores, ${m.os}, Deno ${m.deno}${node ? `, Node ${node}` : ""}
-load: ${opts.connections} connections, best of ${opts.rounds} runs of ${opts.warmup} s warmup + ${opts.duration} s; idle: ${
+load: ${opts.connections} connections; ${
+    plural(opts.rounds, "round")
+  }, each starting every server of a table anew, then ${
+    plural(opts.windows, "window")
+  } of ${WINDOW_SECONDS} s per server in turns (${opts.warmup} s warmup before a server's first, ${WARM_WARMUP} s before the others); the best window of all counts, and the ratios round by round (best window in the round) follow each table; pool rows: best of ${opts.rounds} runs of ${opts.warmup} s warmup + ${opts.duration} s; idle: ${
     opts["idle-from"]
       ? `slope of the server's RSS from ${opts["idle-from"]} to ${
         opts["idle-connections"]
@@ -891,8 +986,9 @@ async function plan(): Promise<{ groups: Group[]; node?: string; skipped: string
 async function main() {
   const { groups, node, skipped } = await plan();
   const rounds = (s: Scenario) => s.tool === "idle" ? opts["idle-rounds"] : opts.rounds;
+  const runsPerRound = (s: Scenario) => s.tool === "load" ? opts.windows : 1;
   const total = groups.reduce(
-    (n, g) => n + g.scenarios.reduce((m, s) => m + rounds(s) * g.peers.length, 0),
+    (n, g) => n + g.scenarios.reduce((m, s) => m + rounds(s) * runsPerRound(s) * g.peers.length, 0),
     0,
   );
   let step = 0;
@@ -910,7 +1006,9 @@ async function main() {
       // Peers alternate within a scenario, so drift hits them alike.
       for (let round = 0; round < rounds(s); round++) {
         for await (const [i, run] of measureRound(s, group, round)) {
-          const label = `[${++step}/${total}] ${s.name}, ${peers[i].name}`;
+          const label = `[${++step}/${total}] ${s.name}, ${peers[i].name}${
+            rounds(s) > 1 ? `, round ${round + 1}` : ""
+          }`;
           if (run instanceof Error) {
             rs[i].failures.push(run.message);
             console.error(`${label}: failed: ${run.message}`);
