@@ -2,6 +2,8 @@
 // (`-DETCP_TLS`), for bench/run.ts and bench/interleaved.ts. The directory goes at exit (also on
 // Deno.exit: the signal handlers of _children.ts), or with removeLoadClients().
 
+import { killAll } from "./_children.ts";
+
 const BENCH = new URL(".", import.meta.url).pathname;
 let tempDir: string | undefined;
 
@@ -39,3 +41,20 @@ export function removeLoadClients(): void {
   tempDir = undefined;
 }
 globalThis.addEventListener("unload", removeLoadClients);
+
+/**
+ * Run a load benchmark's `main` to its end: an error is one line on stderr and exit code 1, as
+ * is a `main` that returns false; the servers it started are killed and the clients it built
+ * removed either way.
+ */
+export async function runLoadBenchmark(main: () => Promise<boolean | void>): Promise<void> {
+  try {
+    if (await main() === false) Deno.exitCode = 1;
+  } catch (e) {
+    console.error(e instanceof Error ? e.message : e);
+    Deno.exitCode = 1;
+  } finally {
+    killAll();
+    removeLoadClients();
+  }
+}

@@ -14,8 +14,8 @@
 // all of them alive during a process round) so that the variance between processes counts too.
 // Needs cc (the C load client); node is skipped, with a line on stderr, if it does not run.
 import { parseFlags, within } from "./_common.ts";
-import { killAll, runJson, spawn } from "./_children.ts";
-import { compileLoadClient, removeLoadClients } from "./_load_client.ts";
+import { runJson, spawn } from "./_children.ts";
+import { compileLoadClient, runLoadBenchmark } from "./_load_client.ts";
 
 const USAGE = `usage: deno run -A bench/interleaved.ts [options]
   --servers raw,etcp     among raw, node, etcp, etcp-sync, etcp-batch; the first is the baseline;
@@ -202,12 +202,4 @@ command: deno run -A bench/interleaved.ts ${Deno.args.map(quote).join(" ")}`.tri
   return failures === 0;
 }
 
-try {
-  if (!await main()) Deno.exitCode = 1;
-} catch (e) {
-  console.error(e instanceof Error ? e.message : e);
-  Deno.exitCode = 1;
-} finally {
-  killAll();
-  removeLoadClients();
-}
+await runLoadBenchmark(main);

@@ -37,8 +37,8 @@
 // counts: the noise of a shared 2-core machine only ever slows a run down. Prints a markdown table on stdout
 // (progress on stderr) and, with --json, one JSON line after it.
 import { parseFlags, within } from "./_common.ts";
-import { killAll, runJson, spawn, withOpenFiles } from "./_children.ts";
-import { compileLoadClient, removeLoadClients } from "./_load_client.ts";
+import { runJson, spawn, withOpenFiles } from "./_children.ts";
+import { compileLoadClient, runLoadBenchmark } from "./_load_client.ts";
 
 // Seconds of load before a server's later windows in a round: it is warm, only the load
 // client's connections start.
@@ -1045,12 +1045,4 @@ async function main() {
   if (bad) Deno.exitCode = 1;
 }
 
-try {
-  await main();
-} catch (e) {
-  console.error(e instanceof Error ? e.message : e);
-  Deno.exitCode = 1;
-} finally {
-  killAll();
-  removeLoadClients();
-}
+await runLoadBenchmark(main);
