@@ -54,6 +54,17 @@ export function parseFlags<T extends Record<string, Flag>>(
   return out as T;
 }
 
+/**
+ * Whether an echo server's connection ended because its peer went: the load
+ * client ends by closing (or resetting) its sockets mid-stream, the normal end of
+ * a connection here; anything else is a bug to show.
+ */
+export function isPeerGone(e: unknown): boolean {
+  return e instanceof Deno.errors.ConnectionReset ||
+    e instanceof Deno.errors.BrokenPipe ||
+    e instanceof Deno.errors.ConnectionAborted;
+}
+
 /** `conn.write` may write less than asked; loop until all of `data` is out. */
 export async function writeAll(
   w: { write(p: Uint8Array): Promise<number> },

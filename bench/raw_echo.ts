@@ -10,7 +10,7 @@
 // read on a 64 KiB buffer borrowed from a small shared free list, and the
 // connection parks again. --park 1 is the idle-memory baseline for
 // hibernation.
-import { parseFlags, writeAll } from "./_common.ts";
+import { isPeerGone, parseFlags, writeAll } from "./_common.ts";
 
 const USAGE =
   "usage: deno run -A bench/raw_echo.ts [--port 0] [--hostname 127.0.0.1] [--park 65536|1]";
@@ -50,14 +50,6 @@ async function parkedEcho(conn: Deno.Conn) {
       if (freeBuffers.length < KEEP_FREE) freeBuffers.push(big);
     }
   }
-}
-
-// The load client ends by closing (or resetting) its sockets mid-stream: that
-// is the normal end of a connection here, anything else is a bug to show.
-function isPeerGone(e: unknown): boolean {
-  return e instanceof Deno.errors.ConnectionReset ||
-    e instanceof Deno.errors.BrokenPipe ||
-    e instanceof Deno.errors.ConnectionAborted;
 }
 
 const listener = Deno.listen({ port: opts.port, hostname: opts.hostname });

@@ -9,7 +9,7 @@
 // ::1, signed by tests/fixtures/ca.crt). The handshake happens on the first
 // read, per connection, off the accept loop. Deno's TLS connections have no
 // setNoDelay: Nagle stays on, as it does for every Deno TLS server.
-import { parseFlags, writeAll } from "./_common.ts";
+import { isPeerGone, parseFlags, writeAll } from "./_common.ts";
 
 const FIXTURES = new URL("../tests/fixtures/", import.meta.url).pathname;
 const USAGE = `usage: deno run -A bench/raw_tls_echo.ts [--port 0] [--hostname 127.0.0.1]
@@ -33,13 +33,9 @@ async function echo(conn: Deno.Conn) {
   }
 }
 
-// The load client ends by closing (or resetting) its sockets mid-stream, with
-// or without a close_notify: the normal end of a connection here.
-function isPeerGone(e: unknown): boolean {
-  return e instanceof Deno.errors.ConnectionReset ||
-    e instanceof Deno.errors.BrokenPipe ||
-    e instanceof Deno.errors.ConnectionAborted ||
-    e instanceof Deno.errors.UnexpectedEof ||
+// Over TLS the peer also goes with or without a close_notify.
+function isTlsPeerGone(e: unknown): boolean {
+  return isPeerGone(e) || e instanceof Deno.errors.UnexpectedEof ||
     (e instanceof Error && /peer closed connection|close_notify|unexpected eof/i.test(e.message));
 }
 
@@ -59,7 +55,7 @@ console.log(`listening on ${listener.addr.hostname}:${listener.addr.port}`);
 
 for await (const conn of listener) {
   echo(conn)
-    .catch((e) => isPeerGone(e) || console.error("raw_tls_echo:", e))
+    .catch((e) => isTlsPeerGone(e) || console.error("raw_tls_echo:", e))
     .finally(() => {
       try {
         conn.close();
