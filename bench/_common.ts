@@ -65,6 +65,36 @@ export function isPeerGone(e: unknown): boolean {
     e instanceof Deno.errors.ConnectionAborted;
 }
 
+/**
+ * The echo baselines' server: prints `listening on HOST:PORT` (what run.ts waits
+ * for), runs `echo` on every connection, and exits 0 on SIGTERM or SIGINT. A
+ * connection that ends otherwise than by its peer going (`isGone`) is printed,
+ * prefixed by `name`: a bug to show.
+ */
+export async function serveEchoes<C extends Deno.Conn>(
+  listener: Deno.Listener<C, Deno.NetAddr>,
+  name: string,
+  echo: (conn: C) => Promise<void>,
+  isGone: (e: unknown) => boolean = isPeerGone,
+): Promise<void> {
+  for (const sig of ["SIGTERM", "SIGINT"] as const) {
+    Deno.addSignalListener(sig, () => {
+      listener.close();
+      Deno.exit(0);
+    });
+  }
+  console.log(`listening on ${listener.addr.hostname}:${listener.addr.port}`);
+  for await (const conn of listener) {
+    echo(conn)
+      .catch((e) => isGone(e) || console.error(`${name}:`, e))
+      .finally(() => {
+        try {
+          conn.close();
+        } catch { /* already closed */ }
+      });
+  }
+}
+
 /** `conn.write` may write less than asked; loop until all of `data` is out. */
 export async function writeAll(
   w: { write(p: Uint8Array): Promise<number> },

@@ -10,7 +10,7 @@
 // read on a 64 KiB buffer borrowed from a small shared free list, and the
 // connection parks again. --park 1 is the idle-memory baseline for
 // hibernation.
-import { isPeerGone, parseFlags, writeAll } from "./_common.ts";
+import { parseFlags, serveEchoes, writeAll } from "./_common.ts";
 
 const USAGE =
   "usage: deno run -A bench/raw_echo.ts [--port 0] [--hostname 127.0.0.1] [--park 65536|1]";
@@ -52,18 +52,7 @@ async function parkedEcho(conn: Deno.Conn) {
   }
 }
 
-const listener = Deno.listen({ port: opts.port, hostname: opts.hostname });
-for (const sig of ["SIGTERM", "SIGINT"] as const) {
-  Deno.addSignalListener(sig, () => {
-    listener.close();
-    Deno.exit(0);
-  });
-}
-console.log(`listening on ${listener.addr.hostname}:${listener.addr.port}`);
-
-for await (const conn of listener) {
+await serveEchoes(Deno.listen({ port: opts.port, hostname: opts.hostname }), "raw_echo", (conn) => {
   conn.setNoDelay(true);
-  (opts.park >= BIG ? echo : parkedEcho)(conn)
-    .catch((e) => isPeerGone(e) || console.error("raw_echo:", e))
-    .finally(() => conn.close());
-}
+  return (opts.park >= BIG ? echo : parkedEcho)(conn);
+});

@@ -9,7 +9,7 @@
 // ::1, signed by tests/fixtures/ca.crt). The handshake happens on the first
 // read, per connection, off the accept loop. Deno's TLS connections have no
 // setNoDelay: Nagle stays on, as it does for every Deno TLS server.
-import { isPeerGone, parseFlags, writeAll } from "./_common.ts";
+import { isPeerGone, parseFlags, serveEchoes, writeAll } from "./_common.ts";
 
 const FIXTURES = new URL("../tests/fixtures/", import.meta.url).pathname;
 const USAGE = `usage: deno run -A bench/raw_tls_echo.ts [--port 0] [--hostname 127.0.0.1]
@@ -45,20 +45,4 @@ const listener = Deno.listenTls({
   cert: Deno.readTextFileSync(opts.cert),
   key: Deno.readTextFileSync(opts.key),
 });
-for (const sig of ["SIGTERM", "SIGINT"] as const) {
-  Deno.addSignalListener(sig, () => {
-    listener.close();
-    Deno.exit(0);
-  });
-}
-console.log(`listening on ${listener.addr.hostname}:${listener.addr.port}`);
-
-for await (const conn of listener) {
-  echo(conn)
-    .catch((e) => isTlsPeerGone(e) || console.error("raw_tls_echo:", e))
-    .finally(() => {
-      try {
-        conn.close();
-      } catch { /* already closed */ }
-    });
-}
+await serveEchoes(listener, "raw_tls_echo", echo, isTlsPeerGone);

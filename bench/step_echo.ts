@@ -12,7 +12,7 @@
 //
 //   deno run -A bench/run.ts --groups tcp --only ping-pong \
 //     --servers raw,etcp,etcp-sync --etcp-cmd "deno run -A bench/step_echo.ts"
-import { isPeerGone, parseFlags, writeAll } from "./_common.ts";
+import { parseFlags, serveEchoes, writeAll } from "./_common.ts";
 import { echo, echoSync } from "../examples/echo_server.ts";
 import type { Event, SendAction, Yielded } from "../mod.ts";
 
@@ -44,18 +44,11 @@ async function serve(conn: Deno.Conn) {
   }
 }
 
-const listener = Deno.listen({ port: opts.port, hostname: opts.hostname });
-for (const sig of ["SIGTERM", "SIGINT"] as const) {
-  Deno.addSignalListener(sig, () => {
-    listener.close();
-    Deno.exit(0);
-  });
-}
-console.log(`listening on ${listener.addr.hostname}:${listener.addr.port}`);
-
-for await (const conn of listener) {
-  conn.setNoDelay(true);
-  serve(conn)
-    .catch((e) => isPeerGone(e) || console.error("step_echo:", e))
-    .finally(() => conn.close());
-}
+await serveEchoes(
+  Deno.listen({ port: opts.port, hostname: opts.hostname }),
+  "step_echo",
+  (conn) => {
+    conn.setNoDelay(true);
+    return serve(conn);
+  },
+);
