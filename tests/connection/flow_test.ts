@@ -10,6 +10,8 @@ import {
   send,
   setTimeout as arm,
 } from "../../mod.ts";
+import type { Conn } from "../../transport/transport.ts";
+import { Outbox } from "../../_outbox.ts";
 import {
   capturingLogger,
   collector,
@@ -137,6 +139,56 @@ Deno.test("sends are written while the handler awaits something between events",
   });
   await within(2000, done.promise);
   assert.deepEqual(got, ["answer first", "answer second"]);
+});
+
+Deno.test("flushLater: outboxes share one timer; one giving up leaves the others' flush, the last no timer", async () => {
+  // The timers armed and not yet fired or cleared, counted around the real ones.
+  const armed = new Set<unknown>();
+  const g = globalThis as unknown as Record<string, unknown>;
+  const real = { setTimeout, clearTimeout };
+  g.setTimeout = (fn: () => void, ms?: number) => {
+    const id = real.setTimeout(() => (armed.delete(id), fn()), ms);
+    armed.add(id);
+    return id;
+  };
+  g.clearTimeout = (id?: number) => {
+    armed.delete(id);
+    real.clearTimeout(id);
+  };
+  try {
+    const written: string[] = [];
+    const drained = Promise.withResolvers<void>();
+    const socket = (name: string) =>
+      ({
+        write: (p: Uint8Array) => (written.push(`${name}:${p.length}`), Promise.resolve(p.length)),
+        closeWrite: () => Promise.resolve(),
+      }) as unknown as Conn;
+    const owner = (onDrained = () => {}) => ({ outboxDrained: onDrained, outboxFailed() {} });
+    const a = new Outbox(socket("a"), owner());
+    const b = new Outbox(socket("b"), owner(drained.resolve));
+    a.encode(lines(), "x");
+    b.encode(lines(), "yy");
+    a.flushLater();
+    b.flushLater();
+    a.flushLater();
+    assert.equal(armed.size, 1, "one timer for both");
+    a.abort(new Error("gone")); // a gives up; b still waits for the timer
+    assert.equal(armed.size, 1, "b still waits");
+    assert.deepEqual(written, [], "nothing is written before the next macrotask");
+    await within(1000, drained.promise, "b's flush");
+    assert.deepEqual(written, ["b:3"]);
+    // An outbox that gives up alone takes the timer with it.
+    const c = new Outbox(socket("c"), owner());
+    c.encode(lines(), "z");
+    c.flushLater();
+    assert.equal(armed.size, 1);
+    c.abort(new Error("gone"));
+    assert.equal(armed.size, 0, "no timer left behind");
+    assert.ok(c.idle);
+  } finally {
+    g.setTimeout = real.setTimeout;
+    g.clearTimeout = real.clearTimeout;
+  }
 });
 
 // ---- Flow control -------------------------------------------------------------------------
