@@ -62,9 +62,9 @@ export class Outbox {
 
   // The outboxes to flush at the next macrotask (flushLater), all by one timer: a timer of its
   // own per outbox and read cost a busy server a tenth of its pipelined rate (bench/run.ts's
-  // pipelined row, async handler: 1.30–1.34M frames/s with them, 1.41–1.42M without). The timer
-  // is cleared once every outbox waiting for it has given up (abort): a connection's end leaves
-  // no timer behind.
+  // pipelined row, async handler: 1.30–1.34M frames/s with a timer each, 1.41–1.42M with this
+  // one). The timer is cleared once every outbox waiting for it has given up (abort): a
+  // connection's end leaves no timer behind.
   static #dueLater: Outbox[] = [];
   static #dueLaterLive = 0; // how many of #dueLater still wait (#flushLaterQueued)
   static #laterTimer: ReturnType<typeof setTimeout> | undefined;
