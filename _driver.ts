@@ -332,11 +332,10 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   }
 
   get closeReason(): unknown {
-    if (this.#phase !== Phase.Open) return this.#rareOrNone.closeReason;
+    const rare = this.#rareOrNone;
+    if (this.#phase !== Phase.Open) return rare.closeReason;
     // Open, but past a frameError: that error is how it ends, even if the handler returns.
-    return this.#rareOrNone.frameError === FrameErrorAt.Taken
-      ? this.#rareOrNone.inputError
-      : undefined;
+    return rare.frameError === FrameErrorAt.Taken ? rare.inputError : undefined;
   }
 
   get hibernating(): boolean {
@@ -658,9 +657,10 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#resumeReader();
     const ev = this.#take();
     if (ev !== undefined) return ev;
-    if (this.#rareOrNone.frameError === FrameErrorAt.Taken) {
+    const rare = this.#rareOrNone;
+    if (rare.frameError === FrameErrorAt.Taken) {
       // The handler has seen the frameError event and asks for more: there is no more.
-      this.#end(this.#rareOrNone.inputError);
+      this.#end(rare.inputError);
       return undefined;
     }
     if (this.#readEndTaken && this.#outbox?.writeClosed) {
@@ -838,12 +838,14 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     this.#decoder = decoder;
     // What was cut past the switch point is cut again, from `rest`, before the end of input.
     if (passive !== null) passive.framesHeld = NONE;
-    const readEnd = undelivered > 0 || rest.length > 0 || this.#rareOrNone.inputError !== null
+    const rare = this.#rare; // (a framing error made it)
+    const hadInputError = rare !== null && rare.inputError !== null;
+    const readEnd = undelivered > 0 || rest.length > 0 || hadInputError
       ? this.#dropQueued()
       : undefined;
-    if (this.#rareOrNone.inputError !== null) {
-      this.#rareMade.inputError = null;
-      this.#rareMade.frameError = FrameErrorAt.None;
+    if (hadInputError) {
+      rare.inputError = null;
+      rare.frameError = FrameErrorAt.None;
       this.#input = passive === null ? Input.Held : Input.Idle; // reading goes on
     }
     this.#chunk = rest;
@@ -1007,9 +1009,8 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   #end(reason: unknown): void {
     if (this.#phase !== Phase.Open) return;
     // Past a framing error, a normal end is still that error's: the input was bad.
-    if (reason === "normal" && this.#rareOrNone.frameError === FrameErrorAt.Taken) {
-      reason = this.#rareOrNone.inputError;
-    }
+    const rare = this.#rareOrNone;
+    if (reason === "normal" && rare.frameError === FrameErrorAt.Taken) reason = rare.inputError;
     this.#phase = Phase.Ending;
     this.#rareMade.closeReason = reason;
     this.#lowerEndBy(performance.now() + this.#opts.shutdownTimeout);
@@ -1125,17 +1126,18 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
 
   // The end deadline passed: stop waiting for whatever is still going.
   #endDeadline(): void {
-    const clock = this.#rareOrNone.endClock!;
+    const rare = this.#rare!; // (its end clock is there)
+    const clock = rare.endClock!;
     clock.timer = undefined;
     clock.timerAt = Infinity;
     const forced = this.#phase === Phase.Open;
     if (forced) {
       // Shut down and not ended in time: forced.
       this.#phase = Phase.Ending;
-      this.#rareMade.closeReason = this.#rareOrNone.shutdownReason?.reason ?? "shutdown";
+      rare.closeReason = rare.shutdownReason?.reason ?? "shutdown";
     }
     // Whatever output is still pending is dropped: the peer had until now to read it.
-    this.#outbox?.abort(new ConnectionClosed(this.handle.id, this.#rareOrNone.closeReason));
+    this.#outbox?.abort(new ConnectionClosed(this.handle.id, rare.closeReason));
     if (this.#phase === Phase.Finishing) return closeQuietly(this.socket); // was lingering
     if (forced && this.#at !== HandlerAt.Stepping) {
       // At a yield: its finally runs, with until the next macrotask to complete.
@@ -1400,8 +1402,9 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   }
 
   #queueFrameError(): void {
-    this.#rareMade.frameError = FrameErrorAt.Queued;
-    this.#push({ type: "frameError", error: this.#rareOrNone.inputError! });
+    const rare = this.#rare!; // (the framing error is there)
+    rare.frameError = FrameErrorAt.Queued;
+    this.#push({ type: "frameError", error: rare.inputError! });
   }
 
   #readFailed(err: unknown): void {
@@ -1478,7 +1481,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     if (passive.framesHeld.length > 0) ev = { type: "packet", data: passive.framesHeld.shift()! };
     else if (this.#input !== Input.Ended) return;
     else if (this.#rareOrNone.inputError !== null) {
-      if (this.#rareOrNone.frameError !== FrameErrorAt.None) return;
+      if (this.#rare!.frameError !== FrameErrorAt.None) return;
       passive.recvWanted = false;
       this.#clearRecv();
       return this.#queueFrameError();
