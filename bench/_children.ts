@@ -76,6 +76,46 @@ export function spawn(cmd: string[], cwd?: string): Child {
   };
 }
 
+/** A server started by {@linkcode spawnListening}: where it listens, and how to stop it. */
+export interface Listening {
+  pid: number;
+  host: string;
+  port: number;
+  stop(): Promise<void>;
+}
+
+/**
+ * Spawns the server `cmd` and waits up to `timeoutMs` for the `listening on HOST:PORT` line
+ * every bench server prints first; without it (the server died, or printed something else) it
+ * is stopped, and the error says what `name` printed instead, with the tail of its stderr.
+ */
+export async function spawnListening(
+  cmd: string[],
+  name: string,
+  timeoutMs: number,
+  cwd?: string,
+): Promise<Listening> {
+  const child = spawn(cmd, cwd);
+  // null if stdout closed first: the server died.
+  const line = await within(child.stdout.firstLine, timeoutMs, null);
+  const m = line?.match(/^listening on (.+):(\d+)\s*$/);
+  if (!m) {
+    await child.stop();
+    await child.stderr.done;
+    throw new Error(
+      `${name}: no "listening on HOST:PORT" line (got ${
+        JSON.stringify(line)
+      })\n${child.stderr.tail()}`,
+    );
+  }
+  return {
+    pid: child.process.pid,
+    host: m[1].replace(/^\[(.*)\]$/, "$1"),
+    port: Number(m[2]),
+    stop: child.stop,
+  };
+}
+
 /** The soft and hard limits on open files of this process (what children inherit). */
 function openFilesLimits(): { soft: number; hard: number } {
   const limits = Deno.readTextFileSync("/proc/self/limits");

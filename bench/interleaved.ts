@@ -13,8 +13,8 @@
 // from one run to the next. Each server is started --processes times (one after the other,
 // all of them alive during a process round) so that the variance between processes counts too.
 // Needs cc (the C load client); node is skipped, with a line on stderr, if it does not run.
-import { parseFlags, within } from "./_common.ts";
-import { runJson, spawn } from "./_children.ts";
+import { parseFlags } from "./_common.ts";
+import { type Listening, runJson, spawnListening } from "./_children.ts";
 import { compileLoadClient, runLoadBenchmark } from "./_load_client.ts";
 
 const USAGE = `usage: deno run -A bench/interleaved.ts [options]
@@ -72,29 +72,14 @@ async function nodeRuns(): Promise<boolean> {
   }
 }
 
-interface Server {
+interface Server extends Listening {
   name: string;
-  pid: number;
-  port: number;
-  stop(): Promise<void>;
 }
 
-/** Starts server `name` on port 0 and waits for its `listening on HOST:PORT` line. */
+/** Starts server `name` on port 0 (see spawnListening). */
 async function startServer(name: string): Promise<Server> {
-  const cmd = SERVERS[name.split("#")[0]];
-  const child = spawn([...cmd, "--port", "0", "--hostname", "127.0.0.1"], ROOT);
-  const line = await within(child.stdout.firstLine, LISTEN_TIMEOUT_MS, null);
-  const m = line?.match(/^listening on .+:(\d+)\s*$/);
-  if (!m) {
-    await child.stop();
-    await child.stderr.done;
-    throw new Error(
-      `${name}: no "listening on HOST:PORT" line (got ${
-        JSON.stringify(line)
-      })\n${child.stderr.tail()}`,
-    );
-  }
-  return { name, pid: child.process.pid, port: Number(m[1]), stop: child.stop };
+  const cmd = [...SERVERS[name.split("#")[0]], "--port", "0", "--hostname", "127.0.0.1"];
+  return { name, ...await spawnListening(cmd, name, LISTEN_TIMEOUT_MS, ROOT) };
 }
 
 const median = (xs: number[]) => {

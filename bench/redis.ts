@@ -16,7 +16,7 @@
 // ever slows a run down). Prints a markdown table on stdout (progress on stderr) and, with
 // --json, one JSON line after it.
 import { cpuSeconds, parseFlags } from "./_common.ts";
-import { killAll, runJson, spawn } from "./_children.ts";
+import { killAll, runJson, spawn, spawnListening } from "./_children.ts";
 import { missing, startRedisServer, tools } from "../tests/_redis_tools.ts";
 
 const USAGE = `usage: deno run -A bench/redis.ts [options]
@@ -117,16 +117,9 @@ interface Started {
 // The redis-server the tests use too (a free port, no persistence, ready once it says so).
 const startRedis = (): Promise<Started> => startRedisServer();
 
-async function startExample(): Promise<Started> {
-  const child = spawn([DENO, "run", "-A", EXAMPLE, "--port", "0"]);
-  const line = await child.stdout.firstLine;
-  const port = Number(/listening on .*:(\d+)$/.exec(line ?? "")?.[1]);
-  if (!port) {
-    await child.stop();
-    throw new Error(`examples/redis_server.ts: ${line ?? child.stderr.tail()}`);
-  }
-  return { port, pid: child.process.pid, stop: () => child.stop() };
-}
+// (20 s: a first run may compile the example.)
+const startExample = (): Promise<Started> =>
+  spawnListening([DENO, "run", "-A", EXAMPLE, "--port", "0"], "examples/redis_server.ts", 20_000);
 
 interface BenchResult {
   rps: Record<string, number>;

@@ -36,8 +36,8 @@
 // Load scenarios run `rounds` times, servers alternating, and the best round
 // counts: the noise of a shared 2-core machine only ever slows a run down. Prints a markdown table on stdout
 // (progress on stderr) and, with --json, one JSON line after it.
-import { parseFlags, within } from "./_common.ts";
-import { runJson, spawn, withOpenFiles } from "./_children.ts";
+import { parseFlags } from "./_common.ts";
+import { type Listening, runJson, spawnListening, withOpenFiles } from "./_children.ts";
 import { compileLoadClient, runLoadBenchmark } from "./_load_client.ts";
 
 // Seconds of load before a server's later windows in a round: it is warm, only the load
@@ -298,13 +298,6 @@ async function nodeVersion(): Promise<{ version?: string; why?: string }> {
   }
 }
 
-interface Running {
-  pid: number;
-  host: string;
-  port: number;
-  stop(): Promise<void>;
-}
-
 /** `cmd` (deno run … or node …) with V8's young generation fixed at --idle-semi-space MB. */
 function withSemiSpace(cmd: string[]): string[] {
   const mb = opts["idle-semi-space"];
@@ -319,31 +312,18 @@ function withSemiSpace(cmd: string[]): string[] {
 // An idle run holds a descriptor per connection at both ends, plus a few of its own.
 const IDLE_FILES = opts["idle-connections"] + 256;
 
-async function startServer(def: ServerDef, variant: Variant): Promise<Running> {
+async function startServer(def: ServerDef, variant: Variant): Promise<Listening> {
   const cmd = [
     ...(variant === "load" ? def.cmd : withSemiSpace(def.cmd)),
     ...def.flags[variant],
     ...["--port", "0", "--hostname", "127.0.0.1"],
   ];
-  const child = spawn(variant === "load" ? cmd : withOpenFiles(cmd, IDLE_FILES), ROOT);
-  // null if stdout closed first: the server died.
-  const line = await within(child.stdout.firstLine, LISTEN_TIMEOUT_MS, null);
-  const m = line?.match(/^listening on (.+):(\d+)\s*$/);
-  if (!m) {
-    await child.stop();
-    await child.stderr.done;
-    throw new Error(
-      `${def.name}: no "listening on HOST:PORT" line (got ${
-        JSON.stringify(line)
-      })\n${child.stderr.tail()}`,
-    );
-  }
-  return {
-    pid: child.process.pid,
-    host: m[1].replace(/^\[(.*)\]$/, "$1"),
-    port: Number(m[2]),
-    stop: child.stop,
-  };
+  return await spawnListening(
+    variant === "load" ? cmd : withOpenFiles(cmd, IDLE_FILES),
+    def.name,
+    LISTEN_TIMEOUT_MS,
+    ROOT,
+  );
 }
 
 // -------------------------------------------------------------------- peers
@@ -535,7 +515,7 @@ async function* measureInterleaved(
   group: Group,
   round: number,
 ): AsyncGenerator<[number, Run | Error]> {
-  const servers: Array<Running | Error> = [];
+  const servers: Array<Listening | Error> = [];
   try {
     for (const peer of group.peers) {
       servers.push(await startServer(peer.server, s.variant).catch(asError));
