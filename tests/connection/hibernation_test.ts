@@ -17,11 +17,14 @@ import {
 import {
   capturingLogger,
   collector,
+  encoder,
   idle,
   label,
   lineClient,
   lineServer,
+  readExactly,
   transportFor,
+  wireOf,
   within,
 } from "./_support.ts";
 
@@ -277,22 +280,11 @@ for (const lend of [false, true]) {
       yield [send(ev.data), hibernate()];
     }, { hostname: "127.0.0.1", port: 0, framing: lengthPrefixed(4, { lend }) });
     const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
-    const frame = (text: string) => {
-      const body = new TextEncoder().encode(text);
-      const out = new Uint8Array(4 + body.length);
-      new DataView(out.buffer).setUint32(0, body.length);
-      out.set(body, 4);
-      return out;
-    };
-    const readEcho = async (length: number) => {
-      const got = new Uint8Array(length);
-      for (let at = 0; at < length;) {
-        const n = await within(2000, conn.read(got.subarray(at)), "the echo");
-        assert.notEqual(n, null, "the server closed early");
-        at += n!;
-      }
-      return new TextDecoder().decode(got.subarray(4));
-    };
+    const frame = (text: string) => wireOf([encoder.encode(text)]);
+    const readEcho = async (length: number) =>
+      new TextDecoder().decode(
+        (await within(2000, readExactly(conn, length), "the echo")).subarray(4),
+      );
     const a = frame("first"), b = frame("second, split");
     // A and B's first two header bytes in one write: A's handler hibernates with them held.
     await conn.write(new Uint8Array([...a, ...b.subarray(0, 2)]));
