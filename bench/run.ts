@@ -7,7 +7,7 @@
 //
 //   deno run -A bench/run.ts [--duration 2] [--warmup 0.5] [--rounds 3]
 //     [--connections 50] [--size 64] [--depth 16] [--bulk-size 65536]
-//     [--idle-connections 10000] [--idle-from 2000] [--idle-rounds 1]
+//     [--idle-connections 10000] [--idle-from 2000] [--idle-rounds 3]
 //     [--only SUBSTR[,SUBSTR]] [--groups tcp,tls,pool]
 //     [--servers raw,node,etcp,etcp-sync,etcp-batch,etcp-trace,raw-tls,node-tls,etcp-tls
 //       [,etcp-hibernate]]
@@ -63,7 +63,8 @@ const USAGE = `usage: deno run -A bench/run.ts [options]
                          many connections to --idle-connections (bytes per added
                          connection, without the runtime's fixed growth); 0: RSS
                          growth from none over all of them
-  --idle-rounds 1        runs per idle row and server; the lowest counts
+  --idle-rounds 3        runs per idle row and server, servers alternating; the
+                         median counts (one odd run, high or low, moves no ratio)
   --idle-semi-space 0    MB: idle servers (Deno and Node) start with V8's young
                          generation at this fixed size (--min/--max-semi-space-size),
                          so that its growth with the connections, a runtime cost
@@ -115,7 +116,7 @@ const opts = parseFlags(Deno.args, {
   "bulk-connections": 4,
   "idle-connections": 10_000,
   "idle-from": 2000,
-  "idle-rounds": 1,
+  "idle-rounds": 3,
   "idle-semi-space": 0,
   only: "",
   groups: "tcp,tls,pool",
@@ -481,7 +482,7 @@ interface Run {
 interface Result {
   scenario: string;
   server: string;
-  best?: Run;
+  best?: Run; // the run that counts: the best (load, pool) or the median (idle)
   runs: Run[];
   failures: string[];
 }
@@ -827,7 +828,7 @@ load: ${opts.connections} connections; ${
         opts["idle-connections"]
       } connections (least squares through 5 settled points), in bytes per added connection`
       : `server RSS growth over ${opts["idle-connections"]} connections`
-  }, one echoed frame each, lowest of ${opts["idle-rounds"]}${
+  }, one echoed frame each, median of ${opts["idle-rounds"]}${
     opts["idle-semi-space"]
       ? `, V8 young generation fixed at ${opts["idle-semi-space"]} MB semi-spaces`
       : ""
@@ -1004,10 +1005,14 @@ async function main() {
           console.error(`${label}: ${valueCell(s, run)}${other}`);
         }
       }
-      const better = s.tool === "idle"
-        ? (a: Run, b: Run) => a.value - b.value
-        : (a: Run, b: Run) => b.value - a.value;
-      for (const r of rs) r.best = r.runs.toSorted(better)[0];
+      // Load rows: the best run (a slow spell only ever slows a run down). Idle rows: the
+      // median, as a slope can come out low as well as high (raw parked read 7.7 KiB once,
+      // against 8.5–8.6 in twenty runs around it).
+      for (const r of rs) {
+        r.best = s.tool === "idle"
+          ? r.runs.toSorted((a, b) => a.value - b.value)[(r.runs.length - 1) >> 1]
+          : r.runs.toSorted((a, b) => b.value - a.value)[0];
+      }
       // The pool rows compare ways measured in one process: keep them paired,
       // from the round with the most calls in all (the least disturbed).
       if (s.tool === "pool" && rs.every((r) => r.runs.length === rs[0].runs.length)) {
