@@ -50,34 +50,44 @@ export async function main(args: string[], serve: typeof serveWorkers): Promise<
   if (workers === null) return usage("--workers: a number from 1 to 1024");
   const port = integer(values.port, 0, 65535);
   if (port === null) return usage("--port: a number from 0 to 65535");
-  let group;
-  try {
-    group = await serve(positionals[0], {
-      workers,
-      port,
-      hostname: values.hostname,
-      kv: values.kv,
-      namespace: values.namespace,
-      secret: Deno.env.get("ETCP_CLUSTER_SECRET") || undefined,
-    });
-  } catch (err) {
-    console.error(`workers: ${err instanceof Error ? `${err.name}: ${err.message}` : err}`);
-    return 1;
-  }
-  const { hostname, port: taken } = group.addr;
-  const count = group.workers().length;
-  console.log(`listening on ${hostname.includes(":") ? `[${hostname}]` : hostname}:${taken}`);
-  console.log(
-    `${count} worker${count === 1 ? "" : "s"} of ${positionals[0]} (nodes ${
-      group.workers().map((w) => w.node).join(", ")
-    }), registry "${group.namespace}" in ${group.kv}`,
-  );
+  // Listening for the signals before the Workers listen: a supervisor may send SIGTERM the
+  // moment "listening on" is printed, and a signal with no listener ends the process at once.
   const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
-  const stop = () => group.stop();
+  let group: Awaited<ReturnType<typeof serveWorkers>> | undefined;
+  let stopAsked = false;
+  const stop = () => {
+    stopAsked = true;
+    group?.stop();
+  };
   for (const signal of signals) Deno.addSignalListener(signal, stop);
-  await group.finished;
-  for (const signal of signals) Deno.removeSignalListener(signal, stop);
-  return 0;
+  try {
+    try {
+      group = await serve(positionals[0], {
+        workers,
+        port,
+        hostname: values.hostname,
+        kv: values.kv,
+        namespace: values.namespace,
+        secret: Deno.env.get("ETCP_CLUSTER_SECRET") || undefined,
+      });
+    } catch (err) {
+      console.error(`workers: ${err instanceof Error ? `${err.name}: ${err.message}` : err}`);
+      return 1;
+    }
+    const { hostname, port: taken } = group.addr;
+    const count = group.workers().length;
+    console.log(`listening on ${hostname.includes(":") ? `[${hostname}]` : hostname}:${taken}`);
+    console.log(
+      `${count} worker${count === 1 ? "" : "s"} of ${positionals[0]} (nodes ${
+        group.workers().map((w) => w.node).join(", ")
+      }), registry "${group.namespace}" in ${group.kv}`,
+    );
+    if (stopAsked) group.stop();
+    await group.finished;
+    return 0;
+  } finally {
+    for (const signal of signals) Deno.removeSignalListener(signal, stop);
+  }
 }
 
 function usage(error: string): number {

@@ -7,6 +7,7 @@
 
 import { lengthPrefixed, serve, type WorkerServeOptions } from "../mod.ts";
 import { echo } from "../examples/echo_server.ts";
+import { stopOnSignals } from "../examples/_stop_on_signals.ts";
 
 export const options: WorkerServeOptions<Uint8Array> = {
   framing: lengthPrefixed(4, { lend: true }),
@@ -20,6 +21,7 @@ if (import.meta.main) {
     const i = Deno.args.indexOf(flag);
     return i < 0 ? undefined : Deno.args[i + 1];
   };
+  const stop = stopOnSignals(); // before listening: a SIGTERM right after the line is a clean stop
   const server = await serve(echo, {
     ...options,
     port: Number(at("--port") ?? 0),
@@ -27,9 +29,6 @@ if (import.meta.main) {
   });
   const addr = server.addr as Deno.NetAddr;
   console.log(`listening on ${addr.hostname}:${addr.port}`);
-  const stop = () => server.stop();
-  Deno.addSignalListener("SIGTERM", stop);
-  Deno.addSignalListener("SIGINT", stop);
-  await server.finished;
+  await stop.until(server);
   Deno.exit(0);
 }

@@ -15,10 +15,12 @@ import {
   USAGE,
 } from "../examples/echo_server.ts";
 import { argsOrStatus } from "../examples/_command_line.ts";
+import { stopOnSignals } from "../examples/_stop_on_signals.ts";
 
 const args = argsOrStatus("trace_echo", parseEchoServerArgs(Deno.args), USAGE);
 if (typeof args === "number") Deno.exit(args);
 let entries = 0;
+const stop = stopOnSignals(); // before listening: a SIGTERM right after the line is a clean stop
 const server = await serve(args.hibernate ? echoHibernating : args.sync ? echoSync : echo, {
   port: args.port,
   hostname: args.hostname,
@@ -29,9 +31,6 @@ const server = await serve(args.hibernate ? echoHibernating : args.sync ? echoSy
     if (addr.transport === "tcp") console.log(`listening on ${addr.hostname}:${addr.port}`);
   },
 });
-const stop = () => server.stop();
-Deno.addSignalListener("SIGTERM", stop);
-Deno.addSignalListener("SIGINT", stop);
-await server.finished;
+await stop.until(server);
 console.error(`trace_echo: ${entries} trace entries`);
 Deno.exit(0);

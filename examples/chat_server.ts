@@ -218,6 +218,7 @@ export async function chatServer(options: ChatOptions = {}): Promise<Server<stri
 
 if (import.meta.main) {
   const port = Number(Deno.env.get("PORT") ?? 7000);
+  const stop = stopOnSignals(); // before listening: a SIGTERM right after the line is a clean stop
   const server = await chatServer({
     port,
     onListen: (addr) => {
@@ -228,5 +229,5 @@ if (import.meta.main) {
       }
     },
   });
-  await stopOnSignals(server);
+  await stop.until(server);
 }

@@ -75,6 +75,7 @@ async function runWorker(args: ClusterArgs & { worker: number }): Promise<void> 
       (await registry.lookup(entry.id))?.send(line);
     }
   };
+  const stop = stopOnSignals(); // before listening: a SIGTERM right after the line is a clean stop
   const server = await chatServer({
     port: args.port,
     reusePort: true,
@@ -86,7 +87,7 @@ async function runWorker(args: ClusterArgs & { worker: number }): Promise<void> 
       }
     },
   });
-  await stopOnSignals(server);
+  await stop.until(server);
   await registry.close();
 }
 

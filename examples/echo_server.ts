@@ -186,6 +186,7 @@ export async function runEchoServer(
 ): Promise<number> {
   const handler = args.hibernate ? echoHibernating : args.sync ? echoSync : echo;
   const framing = framings[args.framing]();
+  const stop = stopOnSignals(); // before listening: a SIGTERM right after the line is a clean stop
   let server;
   try {
     // (The echo handlers send back whatever came: a batch goes back as a batch.)
@@ -201,9 +202,10 @@ export async function runEchoServer(
     });
   } catch (err) {
     console.error(`${name}: cannot listen on ${args.hostname}:${args.port}: ${oneLine(err)}`);
+    stop.remove();
     return 1;
   }
-  await stopOnSignals(server);
+  await stop.until(server);
   return 0;
 }
 

@@ -1093,6 +1093,7 @@ export function parseRedisServerArgs(argv: string[]): Parsed<RedisServerArgs> {
 async function main(argv: string[]): Promise<number> {
   const args = argsOrStatus("redis_server", parseRedisServerArgs(argv), USAGE);
   if (typeof args === "number") return args;
+  const stop = stopOnSignals(); // before listening: a SIGTERM right after the line is a clean stop
   let server;
   try {
     server = await redisServer({
@@ -1104,9 +1105,10 @@ async function main(argv: string[]): Promise<number> {
     });
   } catch (err) {
     console.error(`redis_server: cannot listen on ${args.hostname}:${args.port}: ${oneLine(err)}`);
+    stop.remove();
     return 1;
   }
-  await stopOnSignals(server);
+  await stop.until(server);
   return 0;
 }
 
