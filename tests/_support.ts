@@ -1,6 +1,7 @@
 // Test helpers shared by every suite (tests/reliability/_support.ts re-exports them and adds its
-// own): bounded waits, raw-socket I/O, an independent length-prefix encoder, seeded randomness
-// and checksummed frames for raw echo clients, a transport wrapping another's accepted sockets.
+// own): bounded waits, child processes that print when they are ready, raw-socket I/O, an
+// independent length-prefix encoder, seeded randomness and checksummed frames for raw echo
+// clients, a transport wrapping another's accepted sockets.
 
 import assert from "node:assert/strict";
 import type { Addr, Conn, Logger, Transport } from "../mod.ts";
@@ -26,6 +27,75 @@ export async function within<V>(ms: number, promise: Promise<V>, what = "operati
     ]);
   } finally {
     clearTimeout(timer);
+  }
+}
+
+/** A child process started by {@linkcode startProcess}, up and ready. */
+export interface StartedProcess {
+  readonly child: Deno.ChildProcess;
+  /** The match of the ready pattern in its output. */
+  readonly match: RegExpMatchArray;
+  /** Its whole stderr, once it has exited. */
+  readonly stderr: Promise<string>;
+  /** Read its stdout to the end (it ends when the process does); resolves with all of it. */
+  readAll(): Promise<string>;
+  /** For a `finally`: SIGKILL it if it still runs, wait for it and read its output to the end. */
+  end(): Promise<void>;
+}
+
+/**
+ * Start `deno ...args` (stdin closed, output piped) and read its stdout until `ready` matches
+ * (a server's "listening on" line, say): at most `timeoutMs`, and it must not end first, else
+ * it is killed and this fails with what it printed.
+ */
+export async function startProcess(
+  args: string[],
+  ready: RegExp,
+  options: { cwd?: string | URL; env?: Record<string, string>; timeoutMs?: number } = {},
+): Promise<StartedProcess> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args,
+    cwd: options.cwd,
+    env: options.env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let stdout = "";
+  const readAll = async () => {
+    for (let r = await reader.read(); !r.done; r = await reader.read()) stdout += r.value;
+    return stdout;
+  };
+  let ended: Promise<void> | undefined;
+  const end = () =>
+    ended ??= (async () => {
+      try {
+        child.kill("SIGKILL");
+      } catch { /* exited already */ }
+      await child.status;
+      await readAll();
+      await stderr;
+    })();
+  try {
+    const match = await within(
+      options.timeoutMs ?? 20_000,
+      (async () => {
+        for (;;) {
+          const match = stdout.match(ready);
+          if (match) return match;
+          const { value, done } = await reader.read();
+          if (done) throw new Error(`it ended before printing ${ready}: ${stdout}${await stderr}`);
+          stdout += value;
+        }
+      })(),
+      `${args.join(" ")}: ${ready}`,
+    );
+    return { child, match, stderr, readAll, end };
+  } catch (err) {
+    await end();
+    throw err;
   }
 }
 

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { type ChatOptions, chatServer } from "../examples/chat_server.ts";
 import { FrameTooLarge, MemoryRegistry, type Server } from "../mod.ts";
-import { closeQuietly, HOST, pause, portOf, tracked, writeAll } from "./_support.ts";
+import { closeQuietly, HOST, pause, portOf, startProcess, tracked, writeAll } from "./_support.ts";
 
 const WELCOME =
   "* welcome! choose a name with /nick NAME; /who lists people, /msg NAME TEXT whispers";
@@ -508,36 +508,14 @@ Deno.test("chat: server.stop() tells everyone the server is shutting down and cl
 });
 
 Deno.test("chat: the example runs as a process with PORT=0, serves clients, and exits 0 on SIGTERM", async () => {
-  const root = new URL("..", import.meta.url);
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-net", "--allow-env", "examples/chat_server.ts"],
-    cwd: root,
-    env: { PORT: "0", NO_COLOR: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdoutLines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let stdout = "";
+  const chat = await startProcess(
+    ["run", "--allow-net", "--allow-env", "examples/chat_server.ts"],
+    /^chat server listening on (\S+):(\d+)$/m,
+    { cwd: new URL("..", import.meta.url), env: { PORT: "0", NO_COLOR: "1" }, timeoutMs: 15_000 },
+  );
   const clients: LineClient[] = [];
-  let killed = false;
   try {
-    // Wait (bounded) for the line that gives the real port.
-    const deadline = setTimeout(() => stdoutLines.cancel("no listening line in time"), 15_000);
-    let match: RegExpMatchArray | null = null;
-    while (!(match = stdout.match(/^chat server listening on (\S+):(\d+)$/m))) {
-      const { value, done } = await stdoutLines.read();
-      if (done) break;
-      stdout += value;
-    }
-    clearTimeout(deadline);
-    if (!match) {
-      child.kill("SIGKILL"); // before reading stderr, which ends only with the child
-      killed = true;
-      assert.fail(`no listening line; stdout: ${stdout}\nstderr: ${await stderr}`);
-    }
-    const port = Number(match[2]);
+    const port = Number(chat.match[2]);
     assert.ok(port > 0, `listening on port ${port}`);
 
     for (const name of ["ann", "ben"]) {
@@ -555,8 +533,7 @@ Deno.test("chat: the example runs as a process with PORT=0, serves clients, and 
     await ann.expect("-> ben: hi back");
     await ben.expect("*ann* hi back");
 
-    child.kill("SIGTERM");
-    killed = true;
+    chat.child.kill("SIGTERM");
     for (const client of clients) {
       const lines: string[] = [];
       for (let line = await client.readLine(); line !== null; line = await client.readLine()) {
@@ -564,25 +541,13 @@ Deno.test("chat: the example runs as a process with PORT=0, serves clients, and 
       }
       assert.ok(lines.includes(SHUTTING_DOWN), JSON.stringify(lines));
     }
-    const status = await child.status;
+    const status = await chat.child.status;
     assert.equal(status.code, 0);
     assert.equal(status.signal, null);
-    for (;;) {
-      const { value, done } = await stdoutLines.read();
-      if (done) break;
-      stdout += value;
-    }
-    assert.match(stdout, /^talk to it with: nc localhost \d+$/m);
-    assert.equal(await stderr, "");
+    assert.match(await chat.readAll(), /^talk to it with: nc localhost \d+$/m);
+    assert.equal(await chat.stderr, "");
   } finally {
     for (const client of clients) client.close();
-    if (!killed) {
-      try {
-        child.kill("SIGKILL");
-      } catch { /* already gone */ }
-    }
-    await child.status;
-    await stdoutLines.cancel().catch(() => {});
-    await stderr;
+    await chat.end();
   }
 });

@@ -9,7 +9,7 @@
 
 import assert from "node:assert/strict";
 import type { RegistryEntry } from "../mod.ts";
-import { within } from "./_support.ts";
+import { type StartedProcess, startProcess, within } from "./_support.ts";
 
 const NODE_SCRIPT = new URL("./peers/cluster_node.ts", import.meta.url).pathname;
 const HEARTBEAT_MS = 50;
@@ -307,38 +307,19 @@ class ChatUser {
 
 Deno.test("cluster: the chat example on 2 worker processes sharing a port: /msg, /who and lines for everyone cross workers", async () => {
   const dir = await Deno.makeTempDir({ prefix: "etcp-chat-cluster-" });
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      "--unstable-kv",
-      "--unstable-net",
-      new URL("../examples/cluster.ts", import.meta.url).pathname,
-      ...["--workers", "2", "--port", "0", "--data", dir],
-    ],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
   const users: ChatUser[] = [];
   let kv: Deno.Kv | undefined;
+  let cluster: StartedProcess | undefined;
   try {
-    let text = "";
-    const port = await within(
-      20_000,
-      (async () => {
-        for (;;) {
-          const match = text.match(/^chat cluster of 2 workers on port (\d+)$/m);
-          if (match) return Number(match[1]);
-          const { value, done } = await stdout.read();
-          if (done) throw new Error(`the cluster exited: ${text} ${await stderr}`);
-          text += value;
-        }
-      })(),
-      "the cluster listens",
+    cluster = await startProcess(
+      [
+        ...["run", "-A", "--unstable-kv", "--unstable-net"],
+        new URL("../examples/cluster.ts", import.meta.url).pathname,
+        ...["--workers", "2", "--port", "0", "--data", dir],
+      ],
+      /^chat cluster of 2 workers on port (\d+)$/m,
     );
+    const port = Number(cluster.match[1]);
     // Users join until both workers have one; the registry's KV file says who landed where.
     kv = await Deno.openKv(`${dir}/cluster.sqlite`);
     const on = new Map<string, { user: ChatUser; name: string }>();
@@ -363,18 +344,13 @@ Deno.test("cluster: the chat example on 2 worker processes sharing a port: /msg,
     assert.deepEqual(names, Array.from({ length: users.length }, (_, i) => `u${i}`).sort());
     await b.user.send("a line for everyone");
     await a.user.waitFor((l) => l === `<${b.name}> a line for everyone`, "the relayed line");
-    child.kill("SIGTERM");
-    const status = await within(15_000, child.status, "the cluster stops");
-    assert.equal(status.code, 0, await stderr);
+    cluster.child.kill("SIGTERM");
+    const status = await within(15_000, cluster.child.status, "the cluster stops");
+    assert.equal(status.code, 0, await cluster.stderr);
   } finally {
     kv?.close();
     await Promise.all(users.map((u) => u.close()));
-    try {
-      child.kill("SIGKILL");
-    } catch { /* stopped already */ }
-    await child.status;
-    await stdout.cancel().catch(() => {});
-    await stderr;
+    await cluster?.end();
     await Deno.remove(dir, { recursive: true });
   }
 });

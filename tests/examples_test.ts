@@ -11,7 +11,7 @@ import { echo, parseEchoServerArgs } from "../examples/echo_server.ts";
 import { parseEchoClientArgs } from "../examples/echo_client.ts";
 import { tls as tlsTransport } from "../mod.ts";
 import { parseTlsEchoServerArgs } from "../examples/tls_echo_server.ts";
-import { capturingLogger, HOST, portOf } from "./_support.ts";
+import { capturingLogger, HOST, portOf, startProcess, within } from "./_support.ts";
 
 const CLIENT = new URL("../examples/echo_client.ts", import.meta.url).pathname;
 const SERVER = new URL("../examples/echo_server.ts", import.meta.url).pathname;
@@ -125,45 +125,18 @@ async function withServerProcess(
   args: string[],
   body: (port: string) => Promise<void>,
 ): Promise<void> {
-  const server = spawn(script, args);
-  const stderr = new Response(server.stderr).text();
-  const reader = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let exited = false;
-  let timer: ReturnType<typeof setTimeout> | undefined;
+  const server = await startProcess(["run", "-A", script, ...args], /^(.*)\n/, {
+    timeoutMs: 10_000,
+  });
   try {
-    let out = "";
-    const expired = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`no listening line within 10 s: ${out}`)), 10_000);
-    });
-    while (!out.includes("\n")) {
-      const { value, done } = await Promise.race([reader.read(), expired]);
-      if (done) throw new Error(`${nameOf(script)} ended before listening: ${out}`);
-      out += value;
-    }
-    clearTimeout(timer);
-    const match = /^listening on 127\.0\.0\.1:(\d+)\n/.exec(out);
-    assert.ok(match, `unexpected first line: ${JSON.stringify(out)}`);
+    const match = /^listening on 127\.0\.0\.1:(\d+)$/.exec(server.match[1]);
+    assert.ok(match, `unexpected first line: ${JSON.stringify(server.match[1])}`);
     await body(match[1]);
-
-    server.kill("SIGTERM");
-    const status = await Promise.race([
-      server.status,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error("no exit within 5 s of SIGTERM")), 5000);
-      }),
-    ]);
-    exited = true;
-    assert.equal(status.code, 0, await stderr);
+    server.child.kill("SIGTERM");
+    const status = await within(5000, server.child.status, "the exit after SIGTERM");
+    assert.equal(status.code, 0, await server.stderr);
   } finally {
-    clearTimeout(timer);
-    if (!exited) {
-      try {
-        server.kill("SIGKILL");
-      } catch { /* already gone */ }
-      await server.status;
-    }
-    for (;;) if ((await reader.read()).done) break;
-    await stderr;
+    await server.end();
   }
 }
 

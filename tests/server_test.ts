@@ -29,6 +29,7 @@ import {
   prng,
   randomFrame,
   readExactly,
+  startProcess,
   tracked,
   wireOf,
   within,
@@ -701,50 +702,25 @@ async function withEchoProcess(
   args: string[],
   exchange: (port: number) => Promise<void>,
 ): Promise<void> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", echoExample, "--port", "0", "--hostname", HOST, ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let out = "";
-  const firstLine = (async () => {
-    while (!out.includes("\n")) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error(`the example ended before listening:\n${out}`);
-      out += value;
-    }
-    return out.slice(0, out.indexOf("\n"));
-  })();
-  let exited = false;
+  const example = await startProcess(
+    ["run", "-A", echoExample, "--port", "0", "--hostname", HOST, ...args],
+    /^(.*)\n/, // its first line
+    { timeoutMs: 10_000 },
+  );
   try {
-    const line = await within(10_000, firstLine, "the example's first line");
+    const line = example.match[1];
     const match = /^listening on 127\.0\.0\.1:(\d+)$/.exec(line);
     assert.ok(match, `unexpected first line: ${JSON.stringify(line)}`);
     const port = Number(match[1]);
     assert.ok(port > 0);
     await within(5000, exchange(port), "the exchange");
-    child.kill("SIGTERM");
-    const status = await within(5000, child.status, "the graceful exit");
-    exited = true;
-    assert.equal(status.code, 0, `exit code (stderr: ${await stderr})`);
+    example.child.kill("SIGTERM");
+    const status = await within(5000, example.child.status, "the graceful exit");
+    assert.equal(status.code, 0, `exit code (stderr: ${await example.stderr})`);
     assert.equal(status.signal, null);
     await assertRefused(port);
   } finally {
-    if (!exited) {
-      try {
-        child.kill("SIGKILL");
-      } catch { /* already gone */ }
-      await child.status;
-    }
-    await firstLine.catch(() => {});
-    for (;;) {
-      const { done } = await reader.read();
-      if (done) break;
-    }
-    await stderr;
+    await example.end();
   }
 }
 

@@ -8,7 +8,7 @@
 // its signals before it listens at all) is started and stopped three times here, the SIGTERM sent
 // as soon as its line is read.
 import assert from "node:assert/strict";
-import { within } from "./_support.ts";
+import { startProcess, within } from "./_support.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 const TRIES = 3;
@@ -21,22 +21,17 @@ interface CommandLine {
   ready: RegExp;
 }
 
+// A script that takes --port and --hostname and prints `listening on HOST:PORT`.
+const listening = (script: string): CommandLine => ({
+  name: script,
+  args: [script, "--port", "0", "--hostname", "127.0.0.1"],
+  ready: /^listening on /m,
+});
+
 const COMMAND_LINES: CommandLine[] = [
-  {
-    name: "echo_server",
-    args: ["examples/echo_server.ts", "--port", "0", "--hostname", "127.0.0.1"],
-    ready: /^listening on /m,
-  },
-  {
-    name: "tls_echo_server",
-    args: ["examples/tls_echo_server.ts", "--port", "0", "--hostname", "127.0.0.1"],
-    ready: /^listening on /m,
-  },
-  {
-    name: "redis_server",
-    args: ["examples/redis_server.ts", "--port", "0", "--hostname", "127.0.0.1"],
-    ready: /^listening on /m,
-  },
+  listening("examples/echo_server.ts"),
+  listening("examples/tls_echo_server.ts"),
+  listening("examples/redis_server.ts"),
   {
     name: "chat_server",
     args: ["examples/chat_server.ts"],
@@ -51,63 +46,24 @@ const COMMAND_LINES: CommandLine[] = [
     ],
     ready: /^listening on /m,
   },
-  {
-    name: "bench/raw_echo.ts",
-    args: ["bench/raw_echo.ts", "--port", "0", "--hostname", "127.0.0.1"],
-    ready: /^listening on /m,
-  },
-  {
-    name: "bench/step_echo.ts",
-    args: ["bench/step_echo.ts", "--port", "0", "--hostname", "127.0.0.1"],
-    ready: /^listening on /m,
-  },
-  {
-    name: "bench/trace_echo.ts",
-    args: ["bench/trace_echo.ts", "--port", "0", "--hostname", "127.0.0.1"],
-    ready: /^listening on /m,
-  },
-  {
-    name: "bench/_workers_echo.ts",
-    args: ["bench/_workers_echo.ts", "--port", "0", "--hostname", "127.0.0.1"],
-    ready: /^listening on /m,
-  },
+  listening("bench/raw_echo.ts"),
+  listening("bench/step_echo.ts"),
+  listening("bench/trace_echo.ts"),
+  listening("bench/_workers_echo.ts"),
 ];
 
 /** Start it, SIGTERM it as soon as its ready line is read; its exit code and stderr. */
 async function stopAtOnce(line: CommandLine): Promise<{ code: number; stderr: string }> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", ...line.args],
+  const server = await startProcess(["run", "-A", ...line.args], line.ready, {
     cwd: ROOT,
     env: line.env,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  });
   try {
-    let out = "";
-    await within(
-      20_000,
-      (async () => {
-        while (!line.ready.test(out)) {
-          const { value, done } = await reader.read();
-          if (done) throw new Error(`${line.name} ended before listening: ${out} ${await stderr}`);
-          out += value;
-        }
-      })(),
-      `${line.name}'s listening line`,
-    );
-    child.kill("SIGTERM");
-    const { code } = await within(10_000, child.status, `${line.name}'s exit`);
-    return { code, stderr: await stderr };
+    server.child.kill("SIGTERM");
+    const { code } = await within(10_000, server.child.status, `${line.name}'s exit`);
+    return { code, stderr: await server.stderr };
   } finally {
-    try {
-      child.kill("SIGKILL");
-    } catch { /* exited */ }
-    await child.status;
-    for (;;) if ((await reader.read()).done) break;
-    await stderr;
+    await server.end();
   }
 }
 

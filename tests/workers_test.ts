@@ -7,7 +7,7 @@
 
 import assert from "node:assert/strict";
 import { KvRegistry, type RegistryEntry, serveWorkers } from "../mod.ts";
-import { capturingLogger, HOST, pause, within } from "./_support.ts";
+import { capturingLogger, HOST, pause, startProcess, within } from "./_support.ts";
 
 const CHAT = new URL("../examples/chat_workers.ts", import.meta.url);
 const PROBE = new URL("./peers/worker_handler.ts", import.meta.url);
@@ -269,52 +269,27 @@ Deno.test("workers: a module that cannot serve rejects serveWorkers, with nothin
 });
 
 Deno.test("workers: the command line serves a module on N Workers until SIGTERM", async () => {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      "--unstable-kv",
-      "--unstable-net",
+  const server = await startProcess(
+    [
+      ...["run", "-A", "--unstable-kv", "--unstable-net"],
       new URL("../workers.ts", import.meta.url).pathname,
       PROBE.pathname,
       ...["--workers", "2", "--port", "0", "--hostname", HOST],
     ],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    /^listening on \S+:(\d+)\n2 workers /m,
+  );
   let user: LineUser | undefined;
   try {
-    let text = "";
-    const port = await within(
-      20_000,
-      (async () => {
-        for (;;) {
-          const match = text.match(/^listening on \S+:(\d+)$/m);
-          if (match && text.includes("2 workers")) return Number(match[1]);
-          const { value, done } = await stdout.read();
-          if (done) throw new Error(`it exited: ${text} ${await stderr}`);
-          text += value;
-        }
-      })(),
-      "listening",
-    );
+    const port = Number(server.match[1]);
     user = await LineUser.open(port);
     await user.send("node");
     assert.match((await user.waitFor(() => true, "the node"))!, /-w[01]$/);
-    child.kill("SIGTERM");
+    server.child.kill("SIGTERM");
     assert.equal(await user.waitFor(() => false, "the end"), null);
-    const status = await within(15_000, child.status, "the exit");
-    assert.equal(status.code, 0, await stderr);
+    const status = await within(15_000, server.child.status, "the exit");
+    assert.equal(status.code, 0, await server.stderr);
   } finally {
     await user?.close();
-    try {
-      child.kill("SIGKILL");
-    } catch { /* exited */ }
-    await child.status;
-    await stdout.cancel().catch(() => {});
-    await stderr;
+    await server.end();
   }
 });
