@@ -1,6 +1,7 @@
 // bench/load.c compiled with `cc -O2` into a temporary directory, plain or with OpenSSL
-// (`-DETCP_TLS`), for bench/run.ts and bench/interleaved.ts. The directory goes at exit (also on
-// Deno.exit: the signal handlers of _children.ts), or with removeLoadClients().
+// (`-DETCP_TLS`), for bench/run.ts, bench/interleaved.ts and bench/workers.ts. The directory
+// goes at exit (also on Deno.exit: the signal handlers of _children.ts), or with
+// removeLoadClients().
 
 import { killAll } from "./_children.ts";
 

@@ -17,8 +17,9 @@
 // rate, the ratio against 1 Worker, and the server process's CPU (all its threads) in % of one
 // core and per frame.
 
-import { parseFlags, within } from "./_common.ts";
-import { runJson, spawn } from "./_children.ts";
+import { parseFlags } from "./_common.ts";
+import { type Listening, runJson, spawnListening } from "./_children.ts";
+import { compileLoadClient } from "./_load_client.ts";
 
 const USAGE = `usage: deno run -A bench/workers.ts [options]
   --workers 1,2,4        the Worker counts to run (each against the main-thread row)
@@ -85,51 +86,21 @@ const BASELINE = SERVERS.find((s) => s.name === "1 worker") ?? SERVERS[0];
 
 // ------------------------------------------------------------------ load client
 
-let tempDir: string | undefined;
-
 async function loadClient(): Promise<{ name: string; cmd: string[] }> {
   const deno = { name: "Deno", cmd: [DENO, "run", "-A", `${BENCH}load.ts`] };
   if (opts.client === "deno") return deno;
-  tempDir = await Deno.makeTempDir({ prefix: "etcp-bench-workers-" });
-  const bin = `${tempDir}/etcp-load`;
-  try {
-    const out = await new Deno.Command("cc", {
-      args: ["-O2", "-o", bin, `${BENCH}load.c`],
-      stdout: "null",
-      stderr: "piped",
-    }).output();
-    if (out.success) return { name: "C", cmd: [bin] };
-    console.error(new TextDecoder().decode(out.stderr));
-  } catch (err) {
-    console.error(`cc: ${err}`);
-  }
-  if (opts.client === "c") throw new Error("--client c: cc could not compile bench/load.c");
-  console.error("falling back to the Deno load client (bench/load.ts)");
+  const built = await compileLoadClient(false);
+  if ("bin" in built) return { name: "C", cmd: [built.bin] };
+  if (opts.client === "c") throw new Error(`--client c: ${built.why}`);
+  console.error(`${built.why}\nfalling back to the Deno load client (bench/load.ts)`);
   return deno;
 }
 
-globalThis.addEventListener("unload", () => {
-  if (tempDir) Deno.removeSync(tempDir, { recursive: true });
-});
-
 // ------------------------------------------------------------------ runs
 
-interface Running {
-  pid: number;
-  port: number;
-  stop(): Promise<void>;
-}
-
-async function start(def: ServerDef): Promise<Running> {
-  const child = spawn([...def.cmd, "--port", "0", "--hostname", "127.0.0.1"], ROOT);
-  const line = await within(child.stdout.firstLine, LISTEN_TIMEOUT_MS, null);
-  const m = line?.match(/^listening on (.+):(\d+)\s*$/);
-  if (!m) {
-    await child.stop();
-    await child.stderr.done;
-    throw new Error(`${def.name}: no "listening on" line (${line})\n${child.stderr.tail()}`);
-  }
-  return { pid: child.process.pid, port: Number(m[2]), stop: child.stop };
+function start(def: ServerDef): Promise<Listening> {
+  const cmd = [...def.cmd, "--port", "0", "--hostname", "127.0.0.1"];
+  return spawnListening(cmd, def.name, LISTEN_TIMEOUT_MS, ROOT);
 }
 
 type Result = Record<string, number>;
@@ -137,7 +108,7 @@ type Result = Record<string, number>;
 async function measure(
   client: { cmd: string[] },
   s: Scenario,
-  server: Running,
+  server: Listening,
 ): Promise<Result> {
   return await runJson([
     ...client.cmd,
