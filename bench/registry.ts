@@ -23,6 +23,7 @@
 // Prints a markdown table (progress on stderr) and, with --json, one JSON line.
 
 import { parseFlags } from "./_common.ts";
+import { spawnListening } from "./_children.ts";
 import {
   type ConnectionRef,
   KvRegistry,
@@ -133,32 +134,17 @@ async function acceptRate(
   which: "memory" | "kv",
   kvPath: string,
 ): Promise<{ rate: number; cpuUs: number }> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "-A",
-      "--unstable-kv",
-      new URL(import.meta.url).pathname,
-      "--serve",
-      which,
-      "--kv",
-      kvPath,
+  const server = await spawnListening(
+    [
+      ...[Deno.execPath(), "run", "-A", "--unstable-kv", new URL(import.meta.url).pathname],
+      ...["--serve", which, "--kv", kvPath],
     ],
-    stdout: "piped",
-    stderr: "inherit",
-  }).spawn();
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let text = "";
-  let match: RegExpMatchArray | null = null;
-  while (!(match = text.match(/listening on [\d.]+:(\d+)/))) {
-    const { value, done } = await reader.read();
-    if (done) throw new Error("accept server exited");
-    text += value;
-  }
-  const port = Number(match[1]);
+    `accept server (${which})`,
+    20_000, // a first run may compile it
+  );
   const buffer = new Uint8Array(16);
   const once = async () => {
-    const socket = await Deno.connect({ hostname: "127.0.0.1", port });
+    const socket = await Deno.connect({ hostname: server.host, port: server.port });
     try {
       while (await socket.read(buffer) !== null); // until the server has accepted and closed it
     } finally {
@@ -166,19 +152,17 @@ async function acceptRate(
     }
   };
   await rateIn(0.3, flags.connections, once); // warm up
-  const before = cpuMs(child.pid);
+  const before = cpuMs(server.pid);
   const overflowsBefore = listenOverflows();
   const result = await rateIn(flags.duration, flags.connections, once);
-  const used = cpuMs(child.pid) - before;
+  const used = cpuMs(server.pid) - before;
   const overflows = listenOverflows() - overflowsBefore;
   if (overflows > 0) {
     console.error(
       `accept (${which}): ${overflows} listen overflows: connects stalled, rate too low`,
     );
   }
-  child.kill("SIGKILL");
-  await child.status;
-  await reader.cancel();
+  await server.stop();
   return { rate: result, cpuUs: used * 1000 / (result * flags.duration) };
 }
 
