@@ -27,7 +27,7 @@ import {
   redisServer,
 } from "../examples/redis_server.ts";
 import { RedisClient } from "../examples/redis_client.ts";
-import { closeQuietly, HOST, portOf, within } from "./_support.ts";
+import { closeQuietly, HOST, portOf, startProcess, within } from "./_support.ts";
 import {
   missing,
   type RedisServerProcess,
@@ -874,17 +874,15 @@ Deno.test("redis examples: command lines; the server prints where it listens and
   assert.equal(bad.code, 2);
   assert.match(bad.stderr, /^redis_server: --port must be an integer/);
 
-  const server = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", SERVER_SCRIPT, "--port", "0"],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const out = server.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const server = await startProcess(
+    ["run", "-A", SERVER_SCRIPT, "--port", "0"],
+    /^(.*)\n/, // its first line
+    { timeoutMs: 10_000 },
+  );
   try {
-    const first = await within(10_000, out.read(), "listening line");
-    const port = Number(/^listening on 127\.0\.0\.1:(\d+)\n/.exec(first.value ?? "")?.[1]);
-    assert.ok(port > 0, `first line: ${first.value}`);
+    const first = server.match[1];
+    const port = Number(/^listening on 127\.0\.0\.1:(\d+)$/.exec(first)?.[1]);
+    assert.ok(port > 0, `first line: ${first}`);
     const client = (...args: string[]) =>
       runTool([Deno.execPath(), "run", "-A", CLIENT_SCRIPT, "--port", String(port), ...args]);
     const set = await client("SET", "k", "hello");
@@ -901,11 +899,10 @@ Deno.test("redis examples: command lines; the server prints where it listens and
     );
     assert.equal(typed.code, 1, "a failed command: exit 1");
   } finally {
-    server.kill("SIGTERM");
-    const status = await within(10_000, server.status, "the server exits on SIGTERM");
+    server.child.kill("SIGTERM");
+    const status = await within(10_000, server.child.status, "the server exits on SIGTERM");
     assert.equal(status.code, 0);
-    await out.cancel();
-    await server.stderr.cancel();
+    await server.end();
   }
   const refused = await runTool([
     Deno.execPath(),

@@ -13,7 +13,7 @@ import {
   unix,
   UnixPathTooLong,
 } from "../mod.ts";
-import { Inbox, readExactly, within } from "./_support.ts";
+import { Inbox, readExactly, startProcess, within } from "./_support.ts";
 
 const WAIT_MS = 5000;
 
@@ -140,25 +140,20 @@ Deno.test("unix: a stale socket file left by a killed process is replaced", asyn
   await inTempDir(async (dir) => {
     const path = `${dir}/stale.sock`;
     // A child process binds the path and is killed with SIGKILL: nothing removes the file.
-    const child = new Deno.Command(Deno.execPath(), {
-      args: [
+    const child = await startProcess(
+      [
         "eval",
         `Deno.listen({ transport: "unix", path: ${JSON.stringify(path)} });` +
         `console.log("listening"); setInterval(() => {}, 60_000);`,
       ],
-      cwd: dir,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "null",
-    }).spawn();
-    const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+      /listening/,
+      { cwd: dir, timeoutMs: 10_000 },
+    );
     try {
-      const first = await within(10_000, reader.read(), "the child listens");
-      assert.match(first.value ?? "", /listening/);
+      child.child.kill("SIGKILL");
+      await within(WAIT_MS, child.child.status, "the child exits");
     } finally {
-      child.kill("SIGKILL");
-      await within(WAIT_MS, child.status, "the child exits");
-      await reader.cancel();
+      await child.end();
     }
     assert.equal((await Deno.lstat(path)).isSocket, true, "the stale file is left behind");
     await assert.rejects(
