@@ -2,7 +2,7 @@
 // serves MODULE on N Workers until SIGINT or SIGTERM, then stops them cleanly.
 
 import { parseArgs } from "node:util";
-import type { serveWorkers } from "./workers.ts";
+import type { serveWorkers, WorkerGroup } from "./workers.ts";
 
 /** The usage text. */
 export const USAGE = `usage: deno run -A --unstable-kv --unstable-net workers.ts MODULE [options]
@@ -53,7 +53,7 @@ export async function main(args: string[], serve: typeof serveWorkers): Promise<
   // Listening for the signals before the Workers listen: a supervisor may send SIGTERM the
   // moment "listening on" is printed, and a signal with no listener ends the process at once.
   const signals: Deno.Signal[] = Deno.build.os === "windows" ? ["SIGINT"] : ["SIGINT", "SIGTERM"];
-  let group: Awaited<ReturnType<typeof serveWorkers>> | undefined;
+  let group: WorkerGroup | undefined;
   let stopAsked = false;
   const stop = () => {
     stopAsked = true;
