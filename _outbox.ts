@@ -160,15 +160,24 @@ export class Outbox {
     if (this.#inFlight === null) this.#closeSocketWrite();
   }
 
-  /** Encode `frame` (throws what the framing throws); dropped and counted once broken or closed. */
+  /**
+   * Encode `frame`; dropped and counted once broken or closed. Throws what the framing throws,
+   * having queued nothing of it (a framing may throw part-way: `batch()` at its second frame).
+   */
   encode<T>(framing: Framing<T>, frame: T): void {
     if (this.#broken !== null || this.#writeEnd !== WriteEnd.Open) {
       this.#framesDropped++;
       return;
     }
-    const before = this.#out.length;
-    framing.encode(frame, this.#out);
-    this.#bytesQueued += this.#out.length - before;
+    const out = this.#out;
+    const before = out.length;
+    try {
+      framing.encode(frame, out);
+    } catch (err) {
+      out.truncate(before);
+      throw err;
+    }
+    this.#bytesQueued += out.length - before;
   }
 
   /** Start writing what is encoded, unless a write is under way (it goes on with the rest). */

@@ -43,6 +43,11 @@ export class WriteBuffer implements FrameWriter {
     return this.#view = this.#buf.subarray(0, this.#len);
   }
 
+  /** Forget what was written after the first `length` bytes (an encode that threw part-way). */
+  truncate(length: number): void {
+    if (length < this.#len) this.#len = length;
+  }
+
   /** Forget the contents; keep the memory unless it grew past `keep` bytes (then it is pooled). */
   reset(keep = Infinity): void {
     this.#len = 0;

@@ -200,8 +200,21 @@ function hostForUrl(hostname: string): string {
   return hostname.includes(":") ? `[${hostname}]` : hostname;
 }
 
+// A 127/8 address, written as one: "127.evil.example" is a name (DNS rebinding), not loopback.
+const LOOPBACK_V4 = /^127(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+
 function isLoopback(hostname: string): boolean {
-  return hostname === "localhost" || hostname === "::1" || hostname.startsWith("127.");
+  return hostname === "localhost" || hostname === "::1" || LOOPBACK_V4.test(hostname);
+}
+
+// Whether the path's %-escapes decode; then each segment's do too (the ids and names in it).
+function decodes(path: string): boolean {
+  try {
+    decodeURIComponent(path);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function json(status: number, body: unknown): Response {
@@ -253,6 +266,10 @@ class View {
     }
     const url = new URL(req.url);
     const path = url.pathname;
+    if (!decodes(path)) {
+      await req.body?.cancel();
+      return json(400, { error: "malformed %-escape in the path" });
+    }
     if (req.method === "GET" || req.method === "HEAD") {
       if (path === "/") {
         return new Response(observerHtml(this.#refresh), {
@@ -414,11 +431,10 @@ class View {
 }
 
 function isLoopbackHost(host: string, port: number): boolean {
-  const at = host.lastIndexOf(":");
-  const name = at > 0 && !host.endsWith("]") ? host.slice(0, at) : host;
-  const hostPort = at > 0 && !host.endsWith("]") ? Number(host.slice(at + 1)) : NaN;
-  const bare = name.replace(/^\[|\]$/g, "");
-  return isLoopback(bare) && (Number.isNaN(hostPort) || hostPort === port);
+  const parts = /^(\[::1\]|[^:[\]]+)(?::(\d{1,5}))?$/.exec(host);
+  if (parts === null) return false;
+  const name = parts[1] === "[::1]" ? "::1" : parts[1];
+  return isLoopback(name) && (parts[2] === undefined || Number(parts[2]) === port);
 }
 
 function addrText(addr: Addr | undefined): string {

@@ -264,7 +264,7 @@ class RespDecoder implements Decoder<RespValue> {
   #bulkLength = 0;
   #bulk: Uint8Array | null = null; // a bulk string filled across reads
   #bulkFilled = 0;
-  #crlfSeen = 0; // of the \r\n after a bulk string
+  #crlfSeen = 0; // of the \r\n after a bulk string (0 outside BulkEnd)
   readonly #levels: Level[] = [];
   #depth = 0;
   // With lends: pairs (array, index) of the views of the current chunk put in arrays of the
@@ -409,10 +409,7 @@ class RespDecoder implements Decoder<RespValue> {
           body.set(chunk.subarray(i, i + take), this.#bulkFilled);
           this.#bulkFilled += take;
           i += take;
-          if (this.#bulkFilled === body.length) {
-            this.#reading = Reading.BulkEnd;
-            this.#crlfSeen = 0;
-          }
+          if (this.#bulkFilled === body.length) this.#reading = Reading.BulkEnd;
           continue;
         }
         default: { // Reading.BulkEnd
@@ -420,6 +417,8 @@ class RespDecoder implements Decoder<RespValue> {
             throw new MalformedFrame(`${bulkName(this.#bulkType)} not ended by \\r\\n`);
           }
           if (++this.#crlfSeen < 2) continue;
+          // Reset on the way out: BulkEnd is entered from here and from a read in place.
+          this.#crlfSeen = 0;
           value = this.#bulkValue(this.#bulk!);
           this.#bulk = null;
           this.#bulkFilled = 0;
@@ -539,6 +538,8 @@ class RespDecoder implements Decoder<RespValue> {
       throw new FrameTooLarge(size + 3 * elements, this.#max);
     }
     if (elements === Infinity) throw new MalformedFrame(`invalid ${lengthName(type)} length`);
+    // (An empty aggregate holds no level open, so it does not count towards maxDepth; nor does
+    // it when sent: what is decoded can be sent back.)
     if (elements === 0) return type === PIPE ? PENDING : emptyAggregate(type);
     if (this.#depth === this.#maxDepth) {
       throw new MalformedFrame(`aggregates nested deeper than maxDepth ${this.#maxDepth}`);
@@ -994,7 +995,10 @@ function checkAggregate(value: unknown, depth: number, maxDepth: number): void {
     ? [...value.keys(), ...value.values()]
     : undefined;
   if (items === undefined) throw notEncodable(value);
-  if (depth > maxDepth) {
+  // (An empty one is no level deeper, as the decoder counts: see #startAggregate.)
+  if (
+    depth > maxDepth && (Array.isArray(items) ? items.length > 0 : (items as Set<unknown>).size > 0)
+  ) {
     throw new TypeError(`cannot send RESP aggregates nested deeper than maxDepth ${maxDepth}`);
   }
   for (const item of items) {

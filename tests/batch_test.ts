@@ -2,14 +2,17 @@
 // once, in order, in non-empty batches (several per batch when they come in one write); sending an
 // array writes each frame; bad input gives the batch of good frames before it, then frameError;
 // lent frames stay valid for the step of their batch; sending something else than an array is a
-// TypeError.
+// TypeError; a send that throws part-way (a bad frame in the array) queues nothing of it.
 
 import assert from "node:assert/strict";
 import {
   batch,
+  connect,
   decodeFrames,
   type Event,
   FrameTooLarge,
+  type FrameWriter,
+  type Framing,
   type HandlerGenerator,
   lengthPrefixed,
   lines,
@@ -100,4 +103,36 @@ Deno.test("batch() refuses to send something else than an array", () => {
       framing.encode("x" as unknown as string[], { write() {}, writeString() {}, writeUint() {} }),
     TypeError,
   );
+});
+
+Deno.test("a send that throws part-way queues nothing of it: batch(), or a framing that writes a header first", async () => {
+  // A framing that writes its header, then finds it cannot encode the body.
+  const headerFirst = {
+    name: "header-first",
+    decoder: () => lines().decoder(),
+    encode(frame: string, out: FrameWriter) {
+      out.writeString("HEADER ");
+      if (frame === "bad") throw new TypeError("cannot encode bad");
+      out.writeString(`${frame}\n`);
+    },
+  } as Framing<string>;
+  const cases: Array<[string, Framing<unknown>, unknown, unknown]> = [
+    ["batch(lines())", batch(lines()) as Framing<unknown>, ["good", "bad\nline"], ["next"]],
+    ["a framing that writes a header first", headerFirst as Framing<unknown>, "bad", "next"],
+  ];
+  for (const [what, framing, bad, good] of cases) {
+    const got = new Inbox<string>();
+    const server = await serve(async function* (): HandlerGenerator<string> {
+      for (let ev = yield; ev.type === "packet"; ev = yield) got.push(ev.data);
+    }, { hostname: HOST, port: 0, framing: lines() });
+    const client = await connect(async function* () {
+      for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect"; ev = yield);
+    }, { port: portOf(server.addr), framing });
+    assert.throws(() => client.send(bad), TypeError, what);
+    client.send(good);
+    // The first line the server reads is the good send's: nothing of the bad one went out.
+    assert.match(await got.next(), /next$/, what);
+    await client.stop();
+    await server.stop();
+  }
 });

@@ -145,14 +145,33 @@ Deno.test("observer: the page's security headers, a foreign Host refused, bad ta
     assert.equal(res.status, 200);
     assert.ok((await res.text()).length > 100);
   }
-  // DNS rebinding: a page elsewhere reaching 127.0.0.1 under its own name.
-  // (fetch sets Host itself: written by hand.)
-  const raw = await Deno.connect({ hostname: HOST, port: observer.addr.port });
-  await raw.write(new TextEncoder().encode(
-    `GET /api/overview HTTP/1.1\r\nHost: evil.example:${observer.addr.port}\r\nConnection: close\r\n\r\n`,
-  ));
-  const answer = new TextDecoder().decode(await readAll(raw));
-  assert.match(answer, /^HTTP\/1\.1 403 /);
+  // DNS rebinding: a page elsewhere reaching 127.0.0.1 under its own name, among them names
+  // that start like a loopback address. (fetch sets Host itself: written by hand.)
+  const port = observer.addr.port;
+  const statusFor = async (host: string, path = "/api/overview") => {
+    const raw = await Deno.connect({ hostname: HOST, port });
+    await raw.write(new TextEncoder().encode(
+      `GET ${path} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`,
+    ));
+    return new TextDecoder().decode(await readAll(raw)).slice(9, 12);
+  };
+  for (
+    const host of [
+      `evil.example:${port}`,
+      `127.evil.example:${port}`,
+      `127.0.0.1.nip.io:${port}`,
+      `127.0.0.1:${port + 1}`,
+      `127.0.0.1:x${port}`,
+      `127.0.0.256:${port}`,
+    ]
+  ) {
+    assert.equal(await statusFor(host), "403", host);
+  }
+  for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, "127.1.2.3", `[::1]:${port}`]) {
+    assert.equal(await statusFor(host), "200", host);
+  }
+  // A malformed %-escape in an id is the request's fault: 400, not a 500.
+  assert.equal(await statusFor(`127.0.0.1:${port}`, "/api/connections/%E0%A4%A"), "400");
   const put = await fetch(new URL("/api/overview", observer.url), { method: "PUT" });
   assert.equal(put.status, 405);
   await put.body?.cancel();
@@ -218,6 +237,36 @@ Deno.test("observer: a KvRegistry target lists the connections of every node, an
   await serverB.stop();
 });
 
+Deno.test("observer: deno task observe --once prints the table", async () => {
+  const server = await echoServer("cli-echo");
+  const { conn } = await client(portOf(server.addr));
+  await using observer = await serveObserver(server);
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-net",
+      new URL("../examples/observe.ts", import.meta.url).pathname,
+      observer.url,
+      "--once",
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  assert.match(text, /^etcp observer: node /);
+  assert.match(text, /cli-echo\s+running\s+1\s+1\s+0\s+0/);
+  assert.ok(text.includes(server.connections()[0].id), text);
+  const bad = await new Deno.Command(Deno.execPath(), {
+    args: ["run", new URL("../examples/observe.ts", import.meta.url).pathname, "--rows", "0"],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(bad.code, 2);
+  await conn.stop();
+  await server.stop();
+});
+
 // Debian's chromium, where it is installed (.ci/run installs it where missing).
 async function findChromium(): Promise<string | undefined> {
   for (const path of ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]) {
@@ -236,6 +285,11 @@ Deno.test({
       chromium ? "" : " (skipped: no chromium; apt-get install chromium)"
     }`,
   ignore: chromium === undefined,
+  // Once in some full runs under load, a timer of puppeteer-core's outlived browser.close()
+  // (never reproduced with --trace-leaks). The observer's own timers are checked by the tests
+  // above, with the sanitizers on; this one is last in the file, so a late timer of the
+  // browser driver cannot spill into another test.
+  sanitizeOps: false,
   fn: async () => {
     // deno-lint-ignore no-import-prefix
     const { default: puppeteer } = await import("npm:puppeteer-core@24.43.1");
@@ -364,33 +418,3 @@ async function exists(path: URL): Promise<boolean> {
     return false;
   }
 }
-
-Deno.test("observer: deno task observe --once prints the table", async () => {
-  const server = await echoServer("cli-echo");
-  const { conn } = await client(portOf(server.addr));
-  await using observer = await serveObserver(server);
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-net",
-      new URL("../examples/observe.ts", import.meta.url).pathname,
-      observer.url,
-      "--once",
-    ],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = new TextDecoder().decode(out.stdout);
-  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
-  assert.match(text, /^etcp observer: node /);
-  assert.match(text, /cli-echo\s+running\s+1\s+1\s+0\s+0/);
-  assert.ok(text.includes(server.connections()[0].id), text);
-  const bad = await new Deno.Command(Deno.execPath(), {
-    args: ["run", new URL("../examples/observe.ts", import.meta.url).pathname, "--rows", "0"],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  assert.equal(bad.code, 2);
-  await conn.stop();
-  await server.stop();
-});

@@ -305,6 +305,14 @@ Deno.test("proxy parse: v2 TCP4, TCP6, UDP, UNIX, LOCAL, UNSPEC and TLVs", () =>
       command: "LOCAL",
       tlvs: [{ type: 0xe1, value: new Uint8Array([9]) }],
     }],
+    // LOCAL with a family that does not fit its block, or one unknown: the spec says the family is
+    // ignored and the block discarded (a health check is accepted whatever it says there).
+    ["LOCAL, TCP4 and no block", v2(0x20, 0x11, []), { version: 2, command: "LOCAL", tlvs: [] }],
+    ["LOCAL, unknown family", v2(0x20, 0x41, [1, 2, 3]), {
+      version: 2,
+      command: "LOCAL",
+      tlvs: [],
+    }],
     ["PROXY UNSPEC", v2(0x21, 0x00, tlv(0x02, ascii("h"))), {
       version: 2,
       command: "PROXY",

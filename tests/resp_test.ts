@@ -465,8 +465,13 @@ Deno.test("resp: maxDepth bounds nesting; exactly maxDepth is accepted", () => {
   // Maps, sets, pushes and attributes nest too.
   assertRefused(resp({ maxDepth: 2 }), "%1\r\n+k\r\n~1\r\n>1\r\n:1\r\n", MalformedFrame);
   assertRefused(resp({ maxDepth: 1 }), "*1\r\n|1\r\n+a\r\n+b\r\n:1\r\n", MalformedFrame);
-  // Empty aggregates are values, not levels.
-  assert.deepEqual(decodeFrames(resp({ maxDepth: 1 }), bytes("*1\r\n*0\r\n")), [[[]]]);
+  // Empty aggregates are values, not levels: decoded, and sent back, at one level past maxDepth.
+  for (const wire of ["*1\r\n*0\r\n", "*1\r\n%0\r\n", "*1\r\n~0\r\n", "*1\r\n>0\r\n"]) {
+    const framing = resp({ maxDepth: 1 });
+    const frames = decodeFrames(framing, bytes(wire));
+    assert.equal(frames.length, 1, wire);
+    assert.deepEqual(encodeFrames(framing, frames), bytes(wire), wire);
+  }
 });
 
 Deno.test("resp: options are checked at once, naming the option and the value", () => {
@@ -1171,6 +1176,8 @@ for (const o of noiseCases) {
         }
         assert.equal((got.error as Error | undefined)?.name, expected.error);
         assert.deepEqual(got.frames, expected.frames);
+        // What was decoded can be sent back with the same options (an echo cannot fail on it).
+        if (expected.error === undefined) encodeFrames(framing, decodeFrames(framing, input));
       }),
       { numRuns: NUM_RUNS * 2 },
     );

@@ -86,6 +86,26 @@ Deno.test("connect: bad options are refused before anything connects", async () 
   }
 });
 
+Deno.test("transports: bad options are refused when the transport is made, naming the option", () => {
+  const cases: Array<[() => unknown, ErrorConstructor, RegExp]> = [
+    // (0 or less would hold every write for ever; NaN would never hold one.)
+    [() => memory("m", { bufferSize: 0 }), RangeError, /memory: option bufferSize .* not 0/],
+    [() => memory("m", { bufferSize: -1 }), RangeError, /option bufferSize .* not -1/],
+    [() => memory("m", { bufferSize: NaN }), RangeError, /option bufferSize .* not NaN/],
+    [() => memory("m", { bufferSize: "64" as never }), TypeError, /option bufferSize/],
+    [() => tcp({ noDelay: "no" as never }), TypeError, /tcp: option noDelay must be true or false/],
+    [() => tcp({ keepAlive: 1 as never }), TypeError, /tcp: option keepAlive/],
+    [() => tcp({ backlog: 0 }), RangeError, /tcp: backlog/],
+  ];
+  for (const [make, type, message] of cases) {
+    assert.throws(make, (err: Error) => err instanceof type && message.test(err.message));
+  }
+  // Good ones are taken.
+  memory("m", { bufferSize: 1 });
+  memory("m", { bufferSize: Infinity });
+  tcp({ noDelay: false, keepAlive: true, backlog: 16 });
+});
+
 Deno.test("server.maxConnections: the live setter and the option agree on what is valid", async () => {
   const server = await serve(noop, { hostname: HOST, port: 0 });
   try {

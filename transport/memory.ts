@@ -17,6 +17,7 @@
  */
 
 import type { Conn, Listener, MemoryAddr, Transport } from "./transport.ts";
+import { OptionCheck } from "../_options.ts";
 
 /** Options of {@linkcode memory}. */
 export interface MemoryOptions {
@@ -217,6 +218,8 @@ let pairs = 0;
  * ```
  */
 export function memory(name = "default", options: MemoryOptions = {}): Transport<MemoryAddr> {
+  // (0 or less would hold every write for ever; NaN would never hold one.)
+  new OptionCheck("memory", options).number("bufferSize", 1, { integer: true, infinite: true });
   const limit = options.bufferSize ?? 64 * 1024;
   return {
     name: "memory",

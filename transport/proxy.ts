@@ -230,14 +230,17 @@ function parseV2(bytes: Uint8Array): ParsedProxyHeader | null {
     throw malformed(2, `unknown command ${command} in byte 13 (${hex2(verCmd)}): 0 LOCAL, 1 PROXY`);
   }
   if (n < 14) return null;
+  // A LOCAL header's family is ignored and its block discarded (the spec: a health check must
+  // be accepted whatever it says there); TLVs are read only after addresses of a family known to fit.
+  const local = command === 0;
   const famByte = bytes[13];
   const family = FAMILIES.get(famByte);
-  if (family === undefined) {
+  if (family === undefined && !local) {
     throw malformed(2, `unknown address family and protocol ${hex2(famByte)} in byte 14`);
   }
   if (n < V2_FIXED) return null;
   const length = (bytes[14] << 8) | bytes[15];
-  if (length < family.blockLength) {
+  if (family !== undefined && length < family.blockLength && !local) {
     throw malformed(
       2,
       `family ${hex2(famByte)} (${family.name}) needs ${family.blockLength} address bytes, ` +
@@ -246,6 +249,9 @@ function parseV2(bytes: Uint8Array): ParsedProxyHeader | null {
   }
   const total = V2_FIXED + length;
   if (n < total) return null;
+  if (family === undefined || length < family.blockLength) {
+    return { header: { version: 2, command: "LOCAL", tlvs: [] }, length: total };
+  }
   const tlvs = parseTlvs(bytes, V2_FIXED + family.blockLength, total);
   const header: ProxyHeader = command === 1 && family.kind !== "none"
     ? { version: 2, command: "PROXY", ...v2Addresses(bytes, family), tlvs }

@@ -6,6 +6,7 @@
 
 import type { ConnectOptions, Listener, ListenOptions, Transport } from "./transport.ts";
 import { checkBacklog, checkReusePort, type DualStack, listenEveryAddress } from "./_listen_any.ts";
+import { OptionCheck } from "../_options.ts";
 
 /** Options of {@linkcode tcp}. */
 export interface TcpOptions {
@@ -47,6 +48,9 @@ export interface TcpOptions {
  * ```
  */
 export function tcp(options: TcpOptions = {}): Transport<Deno.NetAddr> {
+  const check = new OptionCheck("tcp", options);
+  check.boolean("noDelay");
+  check.boolean("keepAlive");
   const noDelay = options.noDelay ?? true;
   const keepAlive = options.keepAlive ?? false;
   const tcpBacklog = options.backlog;

@@ -28,8 +28,10 @@ import assert from "node:assert/strict";
 // deno-lint-ignore no-import-prefix
 import fc from "npm:fast-check@3.23.2";
 import { setImmediate } from "node:timers";
+import { isDeepStrictEqual } from "node:util";
 import {
   type Action,
+  batch,
   type Connection,
   ConnectionClosed,
   type Decoder,
@@ -45,6 +47,7 @@ import {
   memory,
   raw,
   reply,
+  resp,
   send,
   serve,
   setTimeout as arm,
@@ -243,6 +246,66 @@ for (const max of [64 * 1024, 16, 3, 0]) {
         }
       }),
       { numRuns: NUM_RUNS },
+    );
+  });
+}
+
+// ---- Framings: read as the driver reads ---------------------------------------------------------
+
+/**
+ * Decode `bytes` as the driver does: into the buffer `readInto()` offers (a large frame's rest,
+ * read in place) when there is one, else into one reused read buffer, scribbled over after each
+ * call; `sizes` are the reads' sizes in turn. Frames are cloned as they come (a lent one is valid
+ * for that call only).
+ */
+function decodeLikeDriver<T>(framing: Framing<T>, bytes: Uint8Array, sizes: number[]): unknown[] {
+  const decoder = framing.decoder();
+  const readBuf = new Uint8Array(64 * 1024);
+  const frames: unknown[] = [];
+  for (let at = 0, k = 0; at < bytes.length; k++) {
+    const into = decoder.readInto?.();
+    const buf = into ?? readBuf;
+    const n = Math.min(buf.length, bytes.length - at, sizes[k % sizes.length]);
+    buf.set(bytes.subarray(at, at + n));
+    at += n;
+    decoder.decode(buf.subarray(0, n), (frame) => frames.push(structuredClone(frame)));
+    if (into === undefined) readBuf.fill(0xa5, 0, n);
+  }
+  return frames;
+}
+
+// Frames from a few bytes to past the in-place threshold (16 KiB), so that reads in place follow
+// one another on one decoder.
+const sized = fc.oneof(
+  fc.integer({ min: 0, max: 60 }),
+  fc.integer({ min: 16 * 1024 - 8, max: 70 * 1024 }),
+).map((n) => new Uint8Array(n).fill(n & 0xff));
+const readSizes = fc.array(fc.integer({ min: 1, max: 80 * 1024 }), { minLength: 1, maxLength: 8 });
+
+const inPlaceCases: Array<[string, Framing<unknown>, (frames: Uint8Array[]) => unknown[]]> = [
+  ["lengthPrefixed(4)", lengthPrefixed(4) as Framing<unknown>, (f) => f],
+  ["lengthPrefixed(4, lend)", lengthPrefixed(4, { lend: true }) as Framing<unknown>, (f) => f],
+  ["resp()", resp() as Framing<unknown>, (f) => f],
+  ["resp(lend)", resp({ lend: true }) as Framing<unknown>, (f) => f],
+  ["resp() arrays", resp() as Framing<unknown>, (f) => [f]],
+  ["batch(lengthPrefixed(4))", batch(lengthPrefixed(4)) as Framing<unknown>, (f) => [f]],
+];
+
+for (const [name, framing, frameOf] of inPlaceCases) {
+  Deno.test(`fuzz: ${name}: large frames one after another, read as the driver reads, decode whole`, () => {
+    fc.assert(
+      fc.property(fc.array(sized, { minLength: 1, maxLength: 6 }), readSizes, (frames, sizes) => {
+        const sent = frameOf(frames);
+        const got = decodeLikeDriver(framing, encode(framing, sent), sizes);
+        // (batch() hands over each read's frames together: compare the frames, not the batches.)
+        const [want, have] = name.startsWith("batch") ? [frames, got.flat()] : [sent, got];
+        // (A boolean, not deepEqual: a diff of frames this large would swamp the output.)
+        assert.ok(
+          isDeepStrictEqual(have, want),
+          `sizes ${frames.map((f) => f.length)}, reads ${sizes}: decoded differently`,
+        );
+      }),
+      { numRuns: 60 },
     );
   });
 }
