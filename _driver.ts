@@ -3,11 +3,12 @@
 //
 // Its state is two numbers. `#phase` says how far the connection's life has gone:
 //
-//   Open ──(return, throw, stop, bad input, forced)──▶ Ending ──(finally done)──▶ Finishing ──▶ Closed
+//   Open ──(return, throw, stop, bad input, forced)──▶ Ending ──(finally done)──▶ Finishing ──▶
 //                                                       │ handler's finally runs  │ output lingers,
-//                                                       │ (its yields performed)  │ socket closes,
-//                                                       ▼                         ▼ entry removed
+//                                                       │ (its yields performed)  │ socket closes
+//                                                       ▼                         ▼
 //                                          both bounded by one deadline (#endClock)
+//   ──▶ Releasing (calls rejected, entry removed, onClose: no deadline left) ──▶ Closed
 //
 // `#at` says where the handler is: not started, running a step (Running: synchronous, Stepping:
 // an async step pending), waiting at a yield for an event (AwaitingEvent) or for its output to
@@ -55,6 +56,7 @@ import {
   clientEnded,
   clientStarted,
   type FairShareMember,
+  leaveFairShare,
   mustWait,
   serverHeard,
 } from "./_fair_share.ts";
@@ -120,7 +122,8 @@ const EMPTY = new Uint8Array(0);
 const enum Phase {
   Open,
   Ending,
-  Finishing,
+  Finishing, // the handler is done; pending output may still be going out (lingering)
+  Releasing, // the socket is closed; the registry and hooks are being told
   Closed,
 }
 
@@ -194,6 +197,7 @@ class Rare<T> {
   idleArmed = false; // the armed event timeout is the idle timeout
   named: Map<string, { timer: Timer; fired: TimeoutEvent | null }> | null = null;
   callRefs: Set<number> | null = null; // calls to this connection awaiting a reply
+  unreferenced = false; // unref() was called: the STARTTLS socket is unref'd too
 }
 // What a driver without its Rare reads (frozen: writing goes through #rareMade).
 const NO_RARE: Rare<never> = Object.freeze(new Rare<never>());
@@ -219,9 +223,18 @@ function isPromise<V>(value: V | Promise<V>): value is Promise<V> {
   return typeof (value as { then?: unknown })?.then === "function";
 }
 
+// What a handler's next() gave that is no step ({ value, done }): ends its connection.
+function notAStep(step: unknown): ProtocolError {
+  return new ProtocolError(`handler's next() gave ${describeReason(step)}, not { value, done }`);
+}
+
 // Ends caused by the peer, not by the code: one short line at warn, no stack trace.
+// Errors of other kinds that the peer caused (a STARTTLS handshake's, say).
+const peerCaused = new WeakSet<Error>();
+
 function isPeerFault(reason: unknown): boolean {
   return reason instanceof FrameTooLarge || reason instanceof MalformedFrame ||
+    (reason instanceof Error && peerCaused.has(reason)) ||
     reason instanceof BufferFull || reason instanceof Deno.errors.ConnectionReset ||
     reason instanceof Deno.errors.BrokenPipe || reason instanceof Deno.errors.ConnectionAborted ||
     reason instanceof Deno.errors.UnexpectedEof || reason instanceof Deno.errors.TimedOut;
@@ -549,7 +562,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       this.#handlerThrew(err);
       return false;
     }
-    if (typeof gen?.next !== "function") {
+    if (typeof gen?.next !== "function" || typeof gen.return !== "function") {
       const got = isPromise(gen)
         ? "a Promise (an async function?): a handler is a generator function, async function*"
         : describeReason(gen);
@@ -584,6 +597,11 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   // Perform a step's actions; return the next event, or undefined when the handler must wait
   // (or the connection ends).
   #afterStep(step: IteratorResult<Yielded, void>): Event<T> | undefined {
+    if (typeof step !== "object" || step === null) {
+      // (Only a hand-made iterator's next() gives anything but { value, done }.)
+      this.#handlerThrew(notAStep(step));
+      return undefined;
+    }
     if (step.done) {
       this.#gen = null;
       this.#at = HandlerAt.Gone;
@@ -972,26 +990,37 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       }
       if (this.#phase !== Phase.Open) return undefined;
       const role = this.#opts.kind === "server" ? "server" : "client";
-      const switching = upgradeTls(this.socket, { ...options, role }).then((tls) =>
-        tls.handshake().then(() => tls)
-      );
-      // Bounded as any handshake: a peer that stalls it costs only its connection.
+      let upgraded: Conn | null = null; // the TLS socket, once made: its handshake may fail
+      const switching = upgradeTls(this.socket, { ...options, role }).then((tls) => {
+        upgraded = tls;
+        return tls.handshake().then(() => tls);
+      });
+      // Bounded as any handshake: a peer that stalls it costs only its connection. The TLS
+      // socket took the plain one's place: if its handshake fails or times out, it is what
+      // must be closed.
       return withTimeout(
         switching,
         this.#opts.handshakeTimeout,
         "STARTTLS handshake",
         (late) => closeQuietly(late),
-      );
+      ).catch((err) => {
+        if (upgraded !== null) closeQuietly(upgraded);
+        throw err;
+      });
     }).then((tls) => {
       if (tls === undefined) return;
       if (this.#phase !== Phase.Open) return closeQuietly(tls);
       this.socket = tls;
+      if (this.#rareOrNone.unreferenced) tls.unref?.();
       this.#outbox!.attach(tls);
       this.#at = HandlerAt.AwaitingEvent;
       this.#continue();
     }).catch((err) => {
       if (this.#phase !== Phase.Open) return;
       this.#at = HandlerAt.AwaitingEvent;
+      // A refused, garbled or stalled handshake (or a write that broke before it) is the peer's
+      // doing: one line at warn, as a bad frame is, not a crash's stack at error.
+      if (err instanceof Error) peerCaused.add(err);
       this.#end(err);
     });
   }
@@ -1053,6 +1082,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
         );
         return;
       }
+      if (typeof step !== "object" || step === null) return this.#finallyThrew(notAStep(step));
       if (step.done || ++steps > MAX_CLOSING_STEPS) {
         this.#gen = null;
         this.#at = HandlerAt.Gone;
@@ -1168,6 +1198,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     if (this.#phase >= Phase.Finishing) return;
     this.#phase = Phase.Finishing;
     this.#clearTimers();
+    if (this.fairWindow >= 0) leaveFairShare(this); // a read it held back will never be issued
     if (this.#opts.kind !== "server") clientEnded(this, this.socket);
     const rare = this.#rareMade; // (the end made it: its reason is there)
     const reason = rare.closeReason;
@@ -1183,6 +1214,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       rare.endClock.timer = undefined;
     }
     closeQuietly(this.socket);
+    this.#phase = Phase.Releasing; // no deadline left to keep: a later stop() arms no timer
     const closedErr = new ConnectionClosed(this.handle.id, reason);
     if (rare.callRefs !== null) {
       for (const ref of rare.callRefs) {
@@ -1201,11 +1233,16 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       const removed = this.#opts.registry.remove(this.handle.id);
       if (isPromise(removed)) await removed.catch(() => {});
     } catch { /* the registry logs its own trouble */ }
-    if (log) this.#report(reason);
-    this.#tracer?.noteValue("close", reason);
-    this.#opts.onClose?.(this.handle);
-    this.#phase = Phase.Closed;
-    rare.resolveClosed?.(reason);
+    try {
+      if (log) this.#report(reason);
+      this.#tracer?.noteValue("close", reason);
+      this.#opts.onClose?.(this.handle);
+    } finally {
+      // (A throw above would be our bug, and surface as an unhandled rejection; closed resolves
+      // all the same, so no stop() waits for ever on this connection.)
+      this.#phase = Phase.Closed;
+      rare.resolveClosed?.(reason);
+    }
   }
 
   // Abnormal ends are logged once: a peer's fault as one line at warn, a handler's crash with
@@ -1696,12 +1733,20 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
    * Ask the handler to finish (a `shutdown` event, once), and bring the end deadline to within
    * `timeout` ms, whatever phase the connection is in: the earliest deadline wins.
    */
+  /** Whether the socket keeps the process alive (`conn.ref()`, `conn.unref()`), kept for the
+   * socket a STARTTLS switch puts in its place. */
+  setReferenced(on: boolean): void {
+    if (!on || this.#rare !== null) this.#rareMade.unreferenced = !on;
+    if (on) this.socket.ref?.();
+    else this.socket.unref?.();
+  }
+
   shutdown(reason: unknown, timeout = this.#opts.shutdownTimeout): Promise<void> {
     if (this.#phase === Phase.Open && this.#rareOrNone.shutdownReason === null) {
       this.#rareMade.shutdownReason = { reason };
       this.#push({ type: "shutdown", reason });
     }
-    if (this.#phase < Phase.Closed) {
+    if (this.#phase < Phase.Releasing) {
       this.#lowerEndBy(performance.now() + timeout);
       this.#armEndTimer();
     }

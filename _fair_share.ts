@@ -52,6 +52,7 @@ let engaged = false;
 let letThrough = 0; // reads let through since the last turn
 let waiting: Array<FairShareMember | undefined> = []; // in the order they came
 let head = 0; // the next to take its turn
+let stillWaiting = 0; // members in `waiting` that have not left
 let turnTimer: ReturnType<typeof setTimeout> | undefined;
 
 // Clients connected over loopback, by their two ports: a server connection whose ports are the
@@ -97,8 +98,10 @@ function turn(): void {
   turnTimer = undefined;
   letThrough = 0;
   while (head < waiting.length && letThrough < QUOTA) {
-    const member = waiting[head]!;
+    const member = waiting[head];
     waiting[head++] = undefined;
+    if (member === undefined) continue; // it left
+    stillWaiting--;
     letThrough++;
     member.takeTurn();
   }
@@ -126,8 +129,24 @@ export function mustWait(member: FairShareMember): boolean {
   }
   if (!engaged || (turnTimer === undefined && ++letThrough <= QUOTA)) return false;
   waiting.push(member);
+  stillWaiting++;
   turnTimer ??= setTimeout(turn, 0);
   return true;
+}
+
+/**
+ * A member closed: if it waits for a turn, it leaves the queue, and the last to leave takes the
+ * turn timer with it (a stopped server leaves no timer behind).
+ */
+export function leaveFairShare(member: FairShareMember): void {
+  const at = waiting.indexOf(member, head);
+  if (at < 0) return;
+  waiting[at] = undefined;
+  if (--stillWaiting > 0) return;
+  clearTimeout(turnTimer);
+  turnTimer = undefined;
+  waiting = [];
+  head = 0;
 }
 
 /** Turn the gate off (`false`) or back on: for a comparison (bench/busy_sockets.ts). */

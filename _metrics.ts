@@ -6,6 +6,7 @@
 //
 // The names and attributes are listed in the README ("Metrics").
 
+import { loggerOf } from "./_logger.ts";
 import type { Logger } from "./connection.ts";
 import { ConnectionClosed, describeReason, TimeoutError } from "./errors.ts";
 import { reasonLabel } from "./_stats.ts";
@@ -116,7 +117,7 @@ export async function metricsOn(option: boolean | undefined, logger?: Logger): P
     return true;
   } catch (err) {
     if (option) throw err;
-    (logger ?? console).warn(`etcp: OTEL_DENO=true, but no metrics: ${describeReason(err)}`);
+    loggerOf(logger).warn(`etcp: OTEL_DENO=true, but no metrics: ${describeReason(err)}`);
     return false;
   }
 }

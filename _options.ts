@@ -7,6 +7,7 @@ import { raw } from "./framing.ts";
 import type { Framing } from "./framing.ts";
 import { describeValue } from "./errors.ts";
 import { isDelay } from "./_timer.ts";
+import { loggerOf } from "./_logger.ts";
 import type { TraceOption } from "./_trace.ts";
 
 /** The per-connection settings a server or client takes from its options. */
@@ -137,6 +138,24 @@ export class OptionCheck {
   }
 }
 
+/**
+ * The `timeout` option of a method that returns a promise: `fallback` if unset, the value if it
+ * is a delay (ms >= 0, or Infinity), else the TypeError or RangeError naming it, for the method to
+ * reject with (a bad argument rejects: it never throws, and never waits for ever on NaN).
+ */
+export function timeoutOption<F extends number | undefined>(
+  where: string,
+  options: unknown,
+  fallback: F,
+): number | F | Error {
+  try {
+    new OptionCheck(where, options).delay("timeout");
+  } catch (err) {
+    return err as Error;
+  }
+  return (options as { timeout?: number }).timeout ?? fallback;
+}
+
 /** Checks a handler: a generator function (`function*` or `async function*`). */
 export function checkHandler(where: string, handler: unknown): void {
   if (typeof handler !== "function") {
@@ -146,6 +165,12 @@ export function checkHandler(where: string, handler: unknown): void {
       }`,
     );
   }
+}
+
+/** Checks `upgrade(handler, options)`'s arguments: a handler, and a function as `codeChange`. */
+export function checkUpgrade(where: string, handler: unknown, options: unknown): void {
+  checkHandler(where, handler);
+  new OptionCheck(where, options).function("codeChange");
 }
 
 /** Checks the settings serve() and connect() share. */
@@ -177,7 +202,7 @@ export function driverOptions<T>(
     highWaterMark: settings.highWaterMark ?? 1,
     maxBuffered: settings.maxBuffered ?? DEFAULT_MAX_BUFFERED,
     onBufferFull: settings.onBufferFull ?? "stop",
-    logger: settings.logger ?? console,
+    logger: loggerOf(settings.logger),
     shutdownTimeout: settings.shutdownTimeout ?? 5000,
     idleTimeout: settings.idleTimeout === Infinity ? undefined : settings.idleTimeout,
     trace: settings.trace || undefined,

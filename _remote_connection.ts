@@ -5,7 +5,7 @@ import type { CallOptions, StopOptions } from "./connection.ts";
 import type { ConnectionRef } from "./registry.ts";
 import { Kind } from "./_link_codec.ts";
 import type { NodeLinks } from "./_node_link.ts";
-import { isDelay } from "./_timer.ts";
+import { timeoutOption } from "./_options.ts";
 
 /** A handle on a connection of another node. */
 export class RemoteConnection implements ConnectionRef {
@@ -29,10 +29,8 @@ export class RemoteConnection implements ConnectionRef {
    * after `timeout` ms, `ConnectionClosed`, or `NodeDown` if its node cannot be reached.
    */
   call<R = unknown>(message: unknown, options: CallOptions = {}): Promise<R> {
-    const timeout = options.timeout ?? 5000;
-    if (!isDelay(timeout)) {
-      return Promise.reject(new RangeError(`call: timeout must be a number >= 0, not ${timeout}`));
-    }
+    const timeout = timeoutOption("call", options, 5000);
+    if (timeout instanceof Error) return Promise.reject(timeout);
     return this.#links.request(this.node, Kind.Call, this.id, message, timeout) as Promise<R>;
   }
 
@@ -53,10 +51,8 @@ export class RemoteConnection implements ConnectionRef {
 
   /** Stop the remote connection; resolves once it has closed, rejects with `NodeDown`. */
   stop(reason: unknown = "normal", options: StopOptions = {}): Promise<void> {
-    const timeout = options.timeout;
-    if (timeout !== undefined && !isDelay(timeout)) {
-      return Promise.reject(new RangeError(`stop: timeout must be a number >= 0, not ${timeout}`));
-    }
+    const timeout = timeoutOption("stop", options, undefined);
+    if (timeout instanceof Error) return Promise.reject(timeout);
     return this.#links.request(this.node, Kind.Stop, this.id, reason, timeout ?? NaN).then(
       () => {},
     );

@@ -5,6 +5,7 @@
  * @module
  */
 
+import { loggerOf } from "./_logger.ts";
 import type { Event, FrameOf, Handler } from "./actions.ts";
 import {
   type CodeChange,
@@ -279,6 +280,7 @@ class ReconnectingClient<T> {
   #timer: Timer; // the backoff under way
   #stop: { reason: unknown; timeout?: number } | null = null; // stop() was called
   #lastReason: unknown = undefined; // why the last socket closed, or the last connect failed
+  #unreferenced = false; // unref() was called: every socket from now on is unref'd
   #name: string | undefined; // claimed on each new socket: the option's, or the last registered
   #finalReason: unknown = undefined;
   readonly #closed = Promise.withResolvers<unknown>();
@@ -308,7 +310,10 @@ class ReconnectingClient<T> {
       this.#handler,
       this.#options,
       this.handle,
-      (driver) => this.#driver = driver,
+      (driver) => {
+        this.#driver = driver;
+        if (this.#unreferenced) driver.setReferenced(false);
+      },
       this.#name,
     );
   }
@@ -374,7 +379,7 @@ class ReconnectingClient<T> {
   }
 
   get #logger(): Logger {
-    return this.#options.logger ?? console;
+    return loggerOf(this.#options.logger);
   }
 
   // Whether there is an open socket to forward to.
@@ -388,7 +393,9 @@ class ReconnectingClient<T> {
       return new ConnectionClosed(this.handle.id, this.#finalReason);
     }
     if (this.#stop !== null) return new ConnectionClosed(this.handle.id, this.#stop.reason);
-    return new ConnectionDown(this.handle.id, this.#lastReason);
+    // (Live but closing: the socket's end is under way, and its reason already fixed.)
+    const last = this.#phase === Phase.Live ? this.#driver.closeReason : this.#lastReason;
+    return new ConnectionDown(this.handle.id, last);
   }
 
   // ---- What the handle reads (see Connection) -------------------------------------------------
@@ -447,6 +454,11 @@ class ReconnectingClient<T> {
 
   register(name: string): Promise<boolean> {
     return this.#driver.register(name);
+  }
+
+  setReferenced(on: boolean): void {
+    this.#unreferenced = !on;
+    this.#driver.setReferenced(on);
   }
 
   // New code for this socket's handler, and the handler of every socket after it.

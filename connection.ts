@@ -13,7 +13,7 @@ import { ConnectionClosed, describeValue, isNormalReason } from "./errors.ts";
 import { newConnectionId } from "./registry.ts";
 import type { Addr, ProxyHeader } from "./transport/transport.ts";
 import type { TlsPeerCertificate } from "./transport/tls.ts";
-import { isDelay } from "./_timer.ts";
+import { checkUpgrade, timeoutOption } from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
 import type { TraceEntry, TraceOption } from "./_trace.ts";
 
@@ -129,6 +129,7 @@ type Target<T> =
     | "register"
     | "upgrade"
     | "metrics"
+    | "setReferenced"
   >
   & {
     readonly current: Pick<
@@ -321,12 +322,8 @@ export class Connection<T = unknown> {
    * ```
    */
   whenUp(options: WhenUpOptions = {}): Promise<void> {
-    const timeout = options.timeout ?? Infinity;
-    if (!isDelay(timeout)) {
-      return Promise.reject(
-        new RangeError(`whenUp: timeout must be a number >= 0, not ${timeout}`),
-      );
-    }
+    const timeout = timeoutOption("whenUp", options, Infinity);
+    if (timeout instanceof Error) return Promise.reject(timeout);
     const target = this.#driver;
     if (target.whenUp !== undefined) return target.whenUp(timeout);
     return target.state === "up"
@@ -397,12 +394,8 @@ export class Connection<T = unknown> {
    * ```
    */
   sendSync(data: T | Uint8Array | string, options: SendSyncOptions = {}): Promise<void> {
-    const timeout = options.timeout ?? Infinity;
-    if (!isDelay(timeout)) {
-      return Promise.reject(
-        new RangeError(`sendSync: timeout must be a number >= 0, not ${timeout}`),
-      );
-    }
+    const timeout = timeoutOption("sendSync", options, Infinity);
+    if (timeout instanceof Error) return Promise.reject(timeout);
     const sent = this.#driver.sendFromOutside(data, true)!;
     return timeout === Infinity
       ? sent
@@ -420,10 +413,8 @@ export class Connection<T = unknown> {
    * once with `ConnectionDown` if a reconnecting client has no socket).
    */
   call<R = unknown>(message: unknown, options: CallOptions = {}): Promise<R> {
-    const timeout = options.timeout ?? 5000;
-    if (!isDelay(timeout)) {
-      return Promise.reject(new RangeError(`call: timeout must be a number >= 0, not ${timeout}`));
-    }
+    const timeout = timeoutOption("call", options, 5000);
+    if (timeout instanceof Error) return Promise.reject(timeout);
     const calling = this.#driver.call(message, timeout) as Promise<R>;
     const metrics = this.#driver.metrics; // a server's with metrics on: the call is timed
     return metrics === undefined ? calling : metrics.timeCall(calling);
@@ -566,6 +557,7 @@ export class Connection<T = unknown> {
    * ```
    */
   upgrade(handler: Handler<T>, options: UpgradeOptions = {}): void {
+    checkUpgrade("upgrade", handler, options);
     this.#driver.upgrade(handler, options.codeChange);
   }
 
@@ -586,10 +578,8 @@ export class Connection<T = unknown> {
    * backoff under way ends at once, a reconnect under way is stopped once it settles.
    */
   stop(reason: unknown = "normal", options: StopOptions = {}): Promise<void> {
-    const timeout = options.timeout;
-    if (timeout !== undefined && !isDelay(timeout)) {
-      return Promise.reject(new RangeError(`stop: timeout must be a number >= 0, not ${timeout}`));
-    }
+    const timeout = timeoutOption("stop", options, undefined);
+    if (timeout instanceof Error) return Promise.reject(timeout);
     return this.#driver.shutdown(reason, timeout);
   }
 
@@ -603,15 +593,17 @@ export class Connection<T = unknown> {
 
   /** Let this connection's socket keep the process alive (the default), after `unref()`. */
   ref(): void {
-    this.#driver.current.socket.ref?.();
+    this.#driver.setReferenced(true);
   }
 
   /**
    * Let the process exit while this connection is open and idle (Node's `socket.unref()`): its
-   * pending read no longer keeps the process alive. Timers a handler arms still do.
+   * pending read no longer keeps the process alive. Timers a handler arms still do. It holds for
+   * the sockets that take this one's place: a reconnecting client's next ones, and the TLS socket
+   * of a STARTTLS switch (until `ref()`).
    */
   unref(): void {
-    this.#driver.current.socket.unref?.();
+    this.#driver.setReferenced(false);
   }
 
   /** Stops the connection (`await using conn = await connect(…)`). */

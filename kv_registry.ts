@@ -6,6 +6,7 @@
  * @module
  */
 
+import { loggerOf } from "./_logger.ts";
 import type { Logger } from "./connection.ts";
 import { describeValue, RegistryUnavailable } from "./errors.ts";
 import {
@@ -222,7 +223,7 @@ export class KvRegistry implements Registry, AsyncDisposable {
     this.#prefix = ["etcp", options.namespace];
     this.#heartbeatMs = options.heartbeatMs ?? 1000;
     this.#ttlMs = options.nodeTtlMs ?? Math.max(5000, 2 * this.#heartbeatMs);
-    this.#logger = options.logger ?? console;
+    this.#logger = loggerOf(options.logger);
     this.#batchMs = options.batchMs ?? 50;
     // About every ten node TTLs, at a different beat on each node.
     this.#orphansEvery = Math.ceil(10 * this.#ttlMs / this.#heartbeatMs) +

@@ -5,6 +5,7 @@
  * @module
  */
 
+import { loggerOf } from "./_logger.ts";
 import type { FrameOf, Handler } from "./actions.ts";
 import { connect, type ConnectOptions } from "./client.ts";
 import type { CallOptions, Connection, Logger, Mode, SendSyncOptions } from "./connection.ts";
@@ -14,7 +15,13 @@ import type { Framing, FramingFor } from "./framing.ts";
 import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import type { Transport } from "./transport/transport.ts";
-import { checkConnectionSettings, checkHandler, OptionCheck } from "./_options.ts";
+import {
+  checkConnectionSettings,
+  checkHandler,
+  checkUpgrade,
+  OptionCheck,
+  timeoutOption,
+} from "./_options.ts";
 import { clearTimer, isDelay, startTimer, type Timer } from "./_timer.ts";
 import { withTimeout } from "./_with_timeout.ts";
 import type { TraceOption } from "./_trace.ts";
@@ -294,7 +301,9 @@ interface Slot<T> {
   state: PoolConnectionState;
   conn?: Connection<T>;
   inFlight: number;
-  checkedOut: boolean;
+  // The connection checked out of this slot (withConnection), if any: routed nothing until it
+  // comes back. If it dies meanwhile, the slot's next connection is free.
+  checkedOut: Connection<T> | undefined;
   drained?: () => void; // called once inFlight is 0 and not checked out, while draining
   // A request's settling, made once per slot so that a request allocates no closure: each
   // takes the request off the slot's count and passes its outcome on.
@@ -329,9 +338,15 @@ function isFiniteDelay(value: unknown): boolean {
   return isDelay(value) && value !== Infinity;
 }
 
-// Whether `slot` may take a request: up and not checked out.
-function isFree(slot: { state: PoolConnectionState; checkedOut: boolean }): boolean {
-  return slot.state === "up" && !slot.checkedOut;
+// Whether `slot`'s connection is up and not ending (one whose handler stopped is closing while
+// its finally runs and its output goes out: a request sent there would fail).
+function isLive<T>(slot: Slot<T>): boolean {
+  return slot.state === "up" && slot.conn!.state === "up";
+}
+
+// Whether `slot` may take a request: live and not checked out.
+function isFree<T>(slot: Slot<T>): boolean {
+  return isLive(slot) && slot.checkedOut !== slot.conn;
 }
 
 let pools = 0;
@@ -582,6 +597,7 @@ export class Pool<T = Uint8Array> {
    * event and switches when it hibernates).
    */
   upgrade(handler: Handler<T>, options: UpgradeOptions = {}): void {
+    checkUpgrade("upgrade", handler, options);
     this.#handler = handler;
     for (const slot of this.#slots) slot.conn?.upgrade(handler, options);
   }
@@ -635,7 +651,7 @@ export class Pool<T = Uint8Array> {
       site,
       state: "connecting",
       inFlight: 0,
-      checkedOut: false,
+      checkedOut: undefined,
       fulfilled: (value) => {
         this.#settled(slot);
         return value;
@@ -744,7 +760,7 @@ export class Pool<T = Uint8Array> {
   ): PoolExitDecision {
     const onExit = this.#options.onExit;
     if (onExit === undefined) return undefined;
-    const logger = this.#options.logger ?? console;
+    const logger = loggerOf(this.#options.logger);
     let decision: unknown;
     try {
       decision = onExit({ address: slot.site.label, connection, reason, delay });
@@ -842,12 +858,14 @@ export class Pool<T = Uint8Array> {
    * flight and checkouts (up to `timeout`), then stop. Resolves once they have closed.
    */
   async removeAddress(address: PoolAddress, options: PoolStopOptions = {}): Promise<void> {
+    const timeout = timeoutOption("removeAddress", options, 5000);
+    if (timeout instanceof Error) throw timeout; // (an async method: it rejects)
     const site = this.#find(address);
     if (!site) return;
     site.removed = true;
     this.#sites.delete(site.key);
     const slots = this.#slots.filter((s) => s.site === site);
-    await this.#drain(slots, "shutdown", options.timeout ?? 5000);
+    await this.#drain(slots, "shutdown", timeout);
     for (const s of slots) this.#forget(s);
     this.#checkReady();
   }
@@ -862,7 +880,9 @@ export class Pool<T = Uint8Array> {
       }
       const { promise, resolve } = Promise.withResolvers<void>();
       slot.drained = () => {
-        if (slot.state === "down" || (slot.inFlight === 0 && !slot.checkedOut)) resolve();
+        if (slot.state === "down" || (slot.inFlight === 0 && slot.checkedOut === undefined)) {
+          resolve();
+        }
       };
       return promise;
     });
@@ -974,9 +994,7 @@ export class Pool<T = Uint8Array> {
 
   #unavailableNow(): PoolUnavailable {
     if (this.#stopping) return this.unavailable("stopped");
-    return this.#slots.some((s) => s.state === "up")
-      ? this.unavailable("busy")
-      : this.unavailable("down");
+    return this.#slots.some(isLive) ? this.unavailable("busy") : this.unavailable("down");
   }
 
   // A connection for a request: at once, or after waiting in the queue if the pool allows it.
@@ -984,7 +1002,7 @@ export class Pool<T = Uint8Array> {
     if (this.#stopping) return Promise.reject(this.unavailable("stopped"));
     const slot = this.#choose(key, exclusive);
     if (slot) return Promise.resolve(this.#take(slot, exclusive));
-    const anyUp = this.#slots.some((s) => s.state === "up");
+    const anyUp = this.#slots.some(isLive);
     // A checkout waits for a busy connection by default; nothing waits for a pool that is down
     // unless queueing was asked for.
     const timeout = wait ?? this.#acquireTimeout;
@@ -1007,7 +1025,7 @@ export class Pool<T = Uint8Array> {
 
   // Mark `slot` as taken by a request (in flight) or a checkout, before anyone else can choose.
   #take(slot: Slot<T>, exclusive: boolean): Slot<T> {
-    if (exclusive) slot.checkedOut = true;
+    if (exclusive) slot.checkedOut = slot.conn;
     else slot.inFlight++;
     return slot;
   }
@@ -1126,15 +1144,15 @@ export class Pool<T = Uint8Array> {
     fn: (conn: Connection<T>) => R | Promise<R>,
     options: CheckoutOptions = {},
   ): Promise<R> {
-    const timeout = options.timeout ?? (this.#acquireTimeout || 5000);
-    if (!isDelay(timeout)) {
-      throw new RangeError(`withConnection: timeout must be a number >= 0, not ${timeout}`);
-    }
+    const timeout = timeoutOption("withConnection", options, this.#acquireTimeout || 5000);
+    if (timeout instanceof Error) throw timeout; // (an async method: it rejects)
     const slot = await this.#acquire(undefined, true, timeout);
+    const conn = slot.conn!;
     try {
-      return await fn(slot.conn!);
+      return await fn(conn);
     } finally {
-      slot.checkedOut = false;
+      // (If the slot has reconnected meanwhile, its new connection may be out with another.)
+      if (slot.checkedOut === conn) slot.checkedOut = undefined;
       this.#done(slot);
     }
   }
@@ -1159,7 +1177,7 @@ export class Pool<T = Uint8Array> {
         backingOff: count("backing-off"),
         down: count("down"),
         inFlight: slots.reduce((n, s) => n + s.inFlight, 0),
-        checkedOut: slots.filter((s) => s.checkedOut).length,
+        checkedOut: slots.filter((s) => s.checkedOut !== undefined).length,
         failures: site.failures,
         reconnects: site.reconnects,
       };
@@ -1197,10 +1215,8 @@ export class Pool<T = Uint8Array> {
    * once. Resolves once all are closed; no timer or socket is left.
    */
   stop(reason: unknown = "shutdown", options: PoolStopOptions = {}): Promise<void> {
-    const timeout = options.timeout ?? 5000;
-    if (!isDelay(timeout)) {
-      return Promise.reject(new RangeError(`stop: timeout must be a number >= 0, not ${timeout}`));
-    }
+    const timeout = timeoutOption("stop", options, 5000);
+    if (timeout instanceof Error) return Promise.reject(timeout);
     this.#stopping ??= (async () => {
       for (const waiter of this.#waiters.splice(0)) {
         clearTimer(waiter.timer);

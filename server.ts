@@ -17,7 +17,14 @@ import { withProxyProtocol } from "./transport/proxy.ts";
 import type { Addr, Conn, Listener, ListenOptions, Transport } from "./transport/transport.ts";
 import { type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
 import { closeQuietly } from "./_socket.ts";
-import { checkConnectionSettings, checkHandler, driverOptions, OptionCheck } from "./_options.ts";
+import {
+  checkConnectionSettings,
+  checkHandler,
+  checkUpgrade,
+  driverOptions,
+  OptionCheck,
+  timeoutOption,
+} from "./_options.ts";
 import { withTimeout } from "./_with_timeout.ts";
 import { clearTimer, isDelay, startTimer, type Timer } from "./_timer.ts";
 
@@ -641,6 +648,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
    * next hibernate.
    */
   upgrade(handler: Handler<T>, options: UpgradeOptions = {}): void {
+    checkUpgrade("upgrade", handler, options);
     this.#handler = handler;
     for (const driver of this.#drivers.values()) driver.upgrade(handler, options.codeChange);
   }
@@ -650,15 +658,17 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
    * server's `shutdownTimeout`) for them to end, then force the rest. Resolves when all closed.
    */
   stop(reason: unknown = "shutdown", options: StopOptions = {}): Promise<void> {
+    const given = timeoutOption("stop", options, undefined);
+    if (given instanceof Error) return Promise.reject(given);
     if (this.#stopping) {
       // Already stopping: a shorter timeout given now still wins (the earliest deadline).
-      if (options.timeout !== undefined) {
-        for (const driver of this.#drivers.values()) driver.shutdown(reason, options.timeout);
+      if (given !== undefined) {
+        for (const driver of this.#drivers.values()) driver.shutdown(reason, given);
       }
       return this.#stopping;
     }
     this.#state = State.Stopping;
-    const timeout = options.timeout ?? this.#options.shutdownTimeout;
+    const timeout = given ?? this.#options.shutdownTimeout;
     for (const alarm of this.#alarms) clearTimer(alarm.cooling ?? undefined);
     // The acceptors' loops end once their pending accept has failed on the closed listener:
     // only then is the listening socket really gone (and new connects refused).
@@ -925,15 +935,22 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
   }
 
   get #logger(): Logger {
-    return this.#options.logger ?? console;
+    return this.#driverOptions.logger; // (the user's, guarded: see loggerOf)
   }
 
-  // Run a user's hook; what it throws is reported, never taken out on the server.
-  #callHook(name: string, hook: () => void): void {
-    try {
-      hook();
-    } catch (err) {
+  // Run a user's hook; what it throws, or the promise it returns rejects with (an async hook),
+  // is reported, never taken out on the server.
+  #callHook(name: string, hook: () => unknown): void {
+    const report = (err: unknown) => {
       this.#logger.error(`etcp: server ${this.name}: ${name} threw:`, err);
+    };
+    try {
+      const result = hook();
+      if (typeof (result as PromiseLike<unknown> | null)?.then === "function") {
+        Promise.resolve(result).catch(report);
+      }
+    } catch (err) {
+      report(err);
     }
   }
 

@@ -13,6 +13,7 @@
  * @module
  */
 
+import { loggerOf } from "./_logger.ts";
 import { pathToFileURL } from "node:url";
 import { resolve } from "node:path";
 import type { Logger } from "./connection.ts";
@@ -298,7 +299,7 @@ class Supervisor implements WorkerGroup {
     this.finished = this.#finished.promise;
     this.#heartbeatMs = options.registry?.heartbeatMs ?? 1000;
     this.#ttlMs = options.registry?.nodeTtlMs ?? Math.max(5000, 2 * this.#heartbeatMs);
-    this.#logger = options.logger ?? console;
+    this.#logger = loggerOf(options.logger);
     const count = options.workers ?? navigator.hardwareConcurrency;
     const prefix = options.nodePrefix ?? `${Deno.pid}${++groups > 1 ? `.${groups}` : ""}-w`;
     const backoff = backoffSettings(options.restart, true);

@@ -22,11 +22,12 @@ import {
   send,
   serve,
   type Server,
+  stop,
   tcp,
   TimeoutError,
   type Transport,
 } from "../mod.ts";
-import { capturingLogger, HOST, Inbox, pause, portOf, within } from "./_support.ts";
+import { capturingLogger, evalInChild, HOST, Inbox, pause, portOf, within } from "./_support.ts";
 import { echoClient } from "../examples/echo_client.ts";
 
 const quiet = { error() {}, warn() {}, debug() {} };
@@ -371,4 +372,63 @@ Deno.test("examples/echo_client.ts --reconnect goes on across dropped connection
   assert.ok(seconds > 0);
   assert.equal(connections, 4); // 50 echoes on each
   await server.stop();
+});
+
+Deno.test("reconnect: while a socket is closing, requests fail with ConnectionDown naming why it is ending", async () => {
+  const transport = memory("reconnect-closing-reason");
+  const server = await serve(async function* () {
+    for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) ev = yield;
+  }, { transport, logger: quiet });
+  const leaving = Promise.withResolvers<void>();
+  const client = await connect(async function* () {
+    try {
+      for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) {
+        if (ev.type === "cast") yield stop("server gone");
+        ev = yield;
+      }
+    } finally {
+      await leaving.promise; // a slow finally: the socket is closing meanwhile
+    }
+  }, { transport, reconnect: { initialDelay: 1, maxDelay: 1 }, logger: quiet });
+  client.cast("leave");
+  await within(
+    2000,
+    (async () => {
+      while (client.state !== "closing") await pause(1);
+    })(),
+    "closing",
+  );
+  await assert.rejects(
+    client.call("x"),
+    (err: Error) => err instanceof ConnectionDown && /last: server gone/.test(err.message),
+  );
+  leaving.resolve();
+  await client.stop();
+  await server.stop();
+});
+
+Deno.test("reconnect: unref() holds for the sockets after the first (the process can still exit)", async () => {
+  // The server ends each connection at its first frame: the child's client reconnects.
+  const server = await serve(async function* () {
+    const ev = yield;
+    if (ev.type === "packet") yield stop();
+  }, { hostname: HOST, port: 0, logger: quiet });
+  try {
+    const script = `
+      import { connect } from "./mod.ts";
+      const conn = await connect(async function* () {
+        for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect"; ev = yield);
+      }, { port: ${portOf(server.addr)}, reconnect: { initialDelay: 1, maxDelay: 1 } });
+      conn.unref();
+      conn.send("bye"); // the server ends this socket
+      while (conn.state === "up") await new Promise((r) => setTimeout(r, 1));
+      await conn.whenUp({ timeout: 5000 });
+      console.log("reconnected, unref'd");
+    `;
+    const out = await evalInChild(script, 10_000);
+    assert.equal(out.code, 0, out.stderr);
+    assert.equal(out.stdout.trim(), "reconnected, unref'd");
+  } finally {
+    await server.stop();
+  }
 });

@@ -20,6 +20,7 @@ import {
   send,
   serve,
   type Server,
+  stop,
   tcp,
   type Transport,
 } from "../mod.ts";
@@ -847,4 +848,71 @@ Deno.test("onExit: a failed connect is an exit too; a throw or a bad answer is l
   assert.match(String(logger.calls[1][0]), /onExit returned an object/);
   assert.match(String(logger.calls[2][0]), /onExit returned "later"/);
   await pool.stop();
+});
+
+Deno.test("a connection that is closing gets no requests, whatever the strategy", async () => {
+  for (const strategy of ["round-robin", "random", "least-busy", "hash"] as const) {
+    const { transport, server: s } = await server();
+    const leaving = Promise.withResolvers<void>();
+    // A handler that, told to leave, stops with a finally that takes its time: the connection
+    // is "closing" meanwhile, its socket still open.
+    const slowToLeave: Handler = async function* (conn) {
+      try {
+        for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) {
+          if (ev.type === "cast") yield stop();
+          ev = ev.type === "call" ? yield reply(ev.from, conn.id) : yield;
+        }
+      } finally {
+        await leaving.promise;
+      }
+    };
+    const pool = await createPool(slowToLeave, {
+      addresses: [{ transport }],
+      size: 2,
+      strategy,
+      key: strategy === "hash" ? (m: unknown) => String(m) : undefined,
+      reconnect: false,
+      logger: quiet,
+    });
+    await allUp(pool, 2);
+    const [gone, staying] = pool.connections();
+    gone.cast("leave");
+    await within(
+      2000,
+      (async () => {
+        while (gone.state !== "closing") await pause(1);
+      })(),
+      "closing",
+    );
+    for (let i = 0; i < 8; i++) {
+      assert.equal(await pool.call(`k${i}`), staying.id, `${strategy}: call ${i}`);
+    }
+    assert.equal(pool.pick("k0"), staying, strategy);
+    leaving.resolve();
+    await gone.closed;
+    await pool.stop();
+    await s.stop();
+  }
+});
+
+Deno.test("withConnection: if the connection checked out dies and its slot reconnects, the new one takes requests", async () => {
+  const { transport, server: s } = await server();
+  const pool = await createPool(handler, {
+    addresses: [{ transport }],
+    size: 1,
+    reconnect: { initialDelay: 1, maxDelay: 1 },
+    logger: quiet,
+  });
+  await allUp(pool, 1);
+  const result = await pool.withConnection(async (held: Connection) => {
+    await held.stop();
+    await allUp(pool, 1); // the slot is back, on a new connection
+    const answeredBy = await pool.call("who"); // not "busy": the new one is not checked out
+    assert.notEqual(answeredBy, held.id);
+    return answeredBy;
+  });
+  assert.equal(typeof result, "string");
+  assert.equal(pool.stats().addresses[0].checkedOut, 0);
+  await pool.stop();
+  await s.stop();
 });

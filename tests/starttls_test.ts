@@ -16,7 +16,7 @@ import {
   serve,
   startTls,
 } from "../mod.ts";
-import { capturingLogger, Inbox, within } from "./_support.ts";
+import { capturingLogger, Inbox, logNames, within } from "./_support.ts";
 
 const fixtures = new URL("./fixtures/", import.meta.url);
 const ca = Deno.readTextFileSync(new URL("ca.crt", fixtures));
@@ -199,6 +199,7 @@ Deno.test("startTls: a peer that stalls the handshake ends the connection at han
     await peer.write(new TextEncoder().encode("GO\n"));
     return peer; // and then silence
   })();
+  const logger = capturingLogger();
   try {
     const conn = await connect(async function* (): HandlerGenerator<string> {
       for (let ev = yield send("STARTTLS"); ev.type === "packet"; ev = yield) {
@@ -208,10 +209,13 @@ Deno.test("startTls: a peer that stalls the handshake ends the connection at han
       port: listener.addr.port,
       framing: lines(),
       connectTimeout: 300,
-      logger: capturingLogger(),
+      logger,
     });
     const reason = await within(5000, conn.closed, "closed at the timeout");
     assert.equal((reason as Error).name, "TimeoutError");
+    // The peer's fault: one line at warn, not a crash's stack at error.
+    assert.deepEqual(logger.levels, ["warn"]);
+    assert.ok(logNames(logger.calls[0], reason));
     (await accepted).close();
   } finally {
     listener.close();
