@@ -106,6 +106,13 @@ export interface ConnectOptions<T = Uint8Array> {
    */
   reconnect?: boolean | ReconnectOptions;
   /**
+   * Give up when this signal aborts: a connect under way (the socket, its handshake, the
+   * handler's start) rejects with the signal's reason, leaving nothing open; a connection made
+   * is stopped as by `conn.stop(reason)` (its handler gets a `shutdown` event with the reason; a
+   * reconnecting one stops for good). As `serve`'s `signal` stops a server.
+   */
+  signal?: AbortSignal;
+  /**
    * Trace the connection (every socket of a reconnecting one): `true` writes each event in and
    * action out as a line to the logger's `debug`, a function gets each `TraceEntry` (see
    * `Connection.trace`). Off by default.
@@ -172,8 +179,21 @@ export async function connect<H extends Handler<any>>(
   options ??= {} as ConnectOptions<T> & FramingFor<T>;
   checkConnectOptions(handler, options);
   const backoff = backoffSettings(options.reconnect, false);
-  if (backoff === undefined) return (await dial<T>(handler, options)).handle;
-  return ReconnectingClient.start<T>(handler, options, backoff);
+  const conn = backoff === undefined
+    ? (await dial<T>(handler, options)).handle
+    : await ReconnectingClient.start<T>(handler, options, backoff);
+  const signal = options.signal;
+  if (signal !== undefined) {
+    // Connected: from now on the signal stops the connection (a reconnecting one for good).
+    const onAbort = () => conn.stop(signal.reason).catch(() => {});
+    if (signal.aborted) onAbort();
+    else {
+      signal.addEventListener("abort", onAbort, { once: true });
+      // A long-lived signal must not keep closed connections alive.
+      conn.closed.then(() => signal.removeEventListener("abort", onAbort));
+    }
+  }
+  return conn;
 }
 
 // Open one connection and start its handler: resolves with its driver once the handler has run
@@ -193,11 +213,13 @@ async function dial<T>(
   const proxyHeader = options.proxyHeader === undefined
     ? undefined
     : encodeProxyHeader(options.proxyHeader);
+  const signal = options.signal;
   const socket = await withTimeout(
     transport.connect({ hostname: options.hostname, port: options.port }),
     timeout,
     target,
     (late) => late.close(),
+    signal,
   );
   const registry = options.registry ?? defaultRegistry;
   let driver: Driver<T>;
@@ -208,10 +230,16 @@ async function dial<T>(
           "connect: proxyHeader over a transport with a handshake (TLS) is not supported",
         );
       }
-      await withTimeout(writeAll(socket, proxyHeader), timeout, `${target}: PROXY header`);
+      await withTimeout(
+        writeAll(socket, proxyHeader),
+        timeout,
+        `${target}: PROXY header`,
+        undefined,
+        signal,
+      );
     }
     if (socket.handshake !== undefined) {
-      await withTimeout(socket.handshake(), timeout, `${target}: handshake`);
+      await withTimeout(socket.handshake(), timeout, `${target}: handshake`, undefined, signal);
     }
     driver = new Driver(
       socket,
@@ -248,10 +276,10 @@ async function dial<T>(
   const started = driver.started();
   driver.start();
   try {
-    await withTimeout(started, timeout, `${target}: handler start`);
+    await withTimeout(started, timeout, `${target}: handler start`, undefined, signal);
   } catch (err) {
-    // Ended before its first wait, or stuck on the way there (then it is stopped at once): the
-    // connect rejects once nothing of it is left.
+    // Ended before its first wait, or stuck on the way there, or the signal aborted (then it is
+    // stopped at once): the connect rejects once nothing of it is left.
     if (driver.state === "up") driver.shutdown("shutdown", 0);
     await driver.closed;
     throw err;
@@ -522,6 +550,7 @@ function checkConnectOptions(handler: unknown, options: unknown): void {
   check.string("hostname");
   check.methods("transport", ["listen", "connect"], " (such as tcp() or memory(name))");
   check.delay("connectTimeout");
+  check.signal("signal");
   const name = (options as ConnectOptions).name;
   if (typeof name === "string" && isConnectionId(name)) {
     throw new TypeError(

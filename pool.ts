@@ -311,6 +311,7 @@ interface Slot<T> {
   readonly rejected: (err: unknown) => never;
   readonly backoff?: Backoff; // with reconnection on
   timer?: Timer; // the wait before a reconnect
+  connecting?: AbortController; // the connect under way: aborted when the pool stops or drains
 }
 
 // One address and what is known of it.
@@ -670,6 +671,7 @@ export class Pool<T = Uint8Array> {
   #connect(slot: Slot<T>, again: boolean): Promise<Connection<T>> {
     const { site } = slot;
     slot.state = "connecting";
+    const aborting = slot.connecting = new AbortController();
     const o = this.#options;
     const connectOptions: ConnectOptions<T> = {
       hostname: site.address.hostname,
@@ -686,13 +688,20 @@ export class Pool<T = Uint8Array> {
       onBufferFull: o.onBufferFull,
       logger: o.logger,
       trace: o.trace,
+      signal: aborting.signal, // (aborted only while connecting: see #drain)
     };
     const connecting = connect(this.#handler, connectOptions as never) as Promise<Connection<T>>;
     const settled = connecting.then(
-      (conn) => this.#connected(slot, conn, again),
+      (conn) => {
+        slot.connecting = undefined;
+        return this.#connected(slot, conn, again);
+      },
       (err) => {
-        site.failures++;
-        site.lastError = err;
+        slot.connecting = undefined;
+        if (!aborting.signal.aborted) { // (given up by the pool itself: no failure)
+          site.failures++;
+          site.lastError = err;
+        }
         this.#ended(slot, err);
         throw err;
       },
@@ -888,7 +897,9 @@ export class Pool<T = Uint8Array> {
     });
     // Past `timeout` the work still under way is cut short below: its TimeoutError is not an error.
     await withTimeout(Promise.all(finished), timeout, "drain").catch(() => {});
-    // Connects still under way settle (bounded by connectTimeout) and stop themselves.
+    // Connects still under way are given up (a handler's start that takes its time, say), and
+    // leave nothing open.
+    for (const slot of slots) slot.connecting?.abort(reason);
     await Promise.all([...this.#pending]);
     await Promise.all(
       slots.map((slot) => {
@@ -1212,7 +1223,8 @@ export class Pool<T = Uint8Array> {
    * Stop the pool: new requests and those waiting fail with `PoolUnavailable` (`"stopped"`);
    * calls in flight and checkouts have `timeout` ms to finish, then every connection is stopped
    * (what is still in flight rejects with `ConnectionClosed`). Slots backing off stop waiting at
-   * once. Resolves once all are closed; no timer or socket is left.
+   * once; connects under way are then given up (see `ConnectOptions.signal`), a handler's start
+   * that takes its time included. Resolves once all are closed; no timer or socket is left.
    */
   stop(reason: unknown = "shutdown", options: PoolStopOptions = {}): Promise<void> {
     const timeout = timeoutOption("stop", options, 5000);

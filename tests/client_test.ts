@@ -12,6 +12,7 @@ import {
   type Event,
   type Handler,
   lines,
+  memory,
   MemoryRegistry,
   NameTaken,
   reply,
@@ -535,5 +536,51 @@ Deno.test("client connection: `await using` stops it at the end of the scope", a
   const serverSide = await server.conns.next();
   assert.equal(await within(3000, serverSide.closed), "normal", "the server saw it go");
   assert.equal(server.connections().length, 0);
+  await server.stop();
+});
+
+Deno.test("connect({ signal }): aborted before, during the handler's start, or after: nothing is left open", async () => {
+  const transport = memory("connect-signal");
+  const server = await serve(async function* () {
+    for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect"; ev = yield);
+  }, { transport });
+  const waitOn: Handler = async function* () {
+    for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect"; ev = yield);
+  };
+  // Before: rejects with the reason, connects nothing.
+  await assert.rejects(
+    connect(waitOn, { transport, signal: AbortSignal.abort("not now") }),
+    (reason) => reason === "not now",
+  );
+  // During a handler's start that would never end (no connectTimeout).
+  const during = new AbortController();
+  const starting = Promise.withResolvers<void>();
+  const connecting = connect(async function* () {
+    starting.resolve();
+    await new Promise<void>(() => {});
+    yield;
+  }, { transport, signal: during.signal, connectTimeout: Infinity });
+  await within(2000, starting.promise, "the handler's start");
+  during.abort("gave up");
+  await assert.rejects(within(2000, connecting, "the connect"), (r) => r === "gave up");
+  await within(2000, server.waitForConnections("==", 0), "its socket closed");
+  // After: stops the connection with the reason; a reconnecting one for good.
+  for (const reconnect of [false, { initialDelay: 1 }]) {
+    const after = new AbortController();
+    const shutdownWith = Promise.withResolvers<unknown>();
+    const conn = await connect(async function* () {
+      let ev = yield;
+      while (ev.type !== "shutdown" && ev.type !== "disconnect") ev = yield;
+      if (ev.type === "shutdown") shutdownWith.resolve(ev.reason);
+    }, { transport, signal: after.signal, reconnect });
+    after.abort("done");
+    assert.equal(await within(2000, shutdownWith.promise, "shutdown"), "done");
+    await within(2000, conn.closed, "closed");
+    assert.equal(conn.state, "closed", `reconnect: ${JSON.stringify(reconnect)}`);
+  }
+  await assert.rejects(
+    connect(waitOn, { transport, signal: "yes" as never }),
+    (err: Error) => err instanceof TypeError && /option signal/.test(err.message),
+  );
   await server.stop();
 });
