@@ -229,8 +229,14 @@ function notAStep(step: unknown): ProtocolError {
 }
 
 // Ends caused by the peer, not by the code: one short line at warn, no stack trace.
-// Errors of other kinds that the peer caused (a STARTTLS handshake's, say).
+// Errors of other kinds that the peer caused: a STARTTLS handshake it refused, garbled or stalled
+// (logged as one line at warn, as a bad frame is, not as a crash's stack at error).
 const peerCaused = new WeakSet<Error>();
+
+function byPeer(err: unknown): unknown {
+  if (err instanceof Error) peerCaused.add(err);
+  return err;
+}
 
 function isPeerFault(reason: unknown): boolean {
   return reason instanceof FrameTooLarge || reason instanceof MalformedFrame ||
@@ -991,9 +997,10 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
       if (this.#phase !== Phase.Open) return undefined;
       const role = this.#opts.kind === "server" ? "server" : "client";
       let upgraded: Conn | null = null; // the TLS socket, once made: its handshake may fail
+      // (What upgradeTls itself throws, a bad certFile say, is the code's fault, not the peer's.)
       const switching = upgradeTls(this.socket, { ...options, role }).then((tls) => {
         upgraded = tls;
-        return tls.handshake().then(() => tls);
+        return tls.handshake().then(() => tls, (err) => Promise.reject(byPeer(err)));
       });
       // Bounded as any handshake: a peer that stalls it costs only its connection. The TLS
       // socket took the plain one's place: if its handshake fails or times out, it is what
@@ -1005,7 +1012,7 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
         (late) => closeQuietly(late),
       ).catch((err) => {
         if (upgraded !== null) closeQuietly(upgraded);
-        throw err;
+        throw err instanceof TimeoutError ? byPeer(err) : err; // a stalled handshake: the peer's
       });
     }).then((tls) => {
       if (tls === undefined) return;
@@ -1018,9 +1025,6 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
     }).catch((err) => {
       if (this.#phase !== Phase.Open) return;
       this.#at = HandlerAt.AwaitingEvent;
-      // A refused, garbled or stalled handshake (or a write that broke before it) is the peer's
-      // doing: one line at warn, as a bad frame is, not a crash's stack at error.
-      if (err instanceof Error) peerCaused.add(err);
       this.#end(err);
     });
   }
@@ -1730,17 +1734,20 @@ export class Driver<T> implements OutboxOwner, FairShareMember {
   }
 
   /**
-   * Ask the handler to finish (a `shutdown` event, once), and bring the end deadline to within
-   * `timeout` ms, whatever phase the connection is in: the earliest deadline wins.
+   * Whether the socket keeps the process alive (`conn.ref()`, `conn.unref()`), kept for the
+   * socket a STARTTLS switch puts in its place.
    */
-  /** Whether the socket keeps the process alive (`conn.ref()`, `conn.unref()`), kept for the
-   * socket a STARTTLS switch puts in its place. */
   setReferenced(on: boolean): void {
     if (!on || this.#rare !== null) this.#rareMade.unreferenced = !on;
     if (on) this.socket.ref?.();
     else this.socket.unref?.();
   }
 
+  /**
+   * Ask the handler to finish (a `shutdown` event, once), and bring the end deadline to within
+   * `timeout` ms, until the socket is closed (from Releasing on there is no deadline left): the
+   * earliest deadline wins.
+   */
   shutdown(reason: unknown, timeout = this.#opts.shutdownTimeout): Promise<void> {
     if (this.#phase === Phase.Open && this.#rareOrNone.shutdownReason === null) {
       this.#rareMade.shutdownReason = { reason };

@@ -1,6 +1,7 @@
 // The logger the library reports through: the user's, guarded, or console.
 
 import type { Logger } from "./connection.ts";
+import { describeReason } from "./errors.ts";
 
 /**
  * `logger` (console if none), guarded: a logger that throws (its sink closed, say) must not break
@@ -12,7 +13,9 @@ export function loggerOf(logger: Logger | undefined): Logger {
     try {
       logger[level](...data);
     } catch (err) {
-      console.error(`etcp: the logger's ${level}() threw (${String(err)}) on:`, ...data);
+      try {
+        console.error(`etcp: the logger's ${level}() threw (${describeReason(err)}) on:`, ...data);
+      } catch { /* nowhere left to say it */ }
     }
   };
   return { error: guarded("error"), warn: guarded("warn"), debug: guarded("debug") };

@@ -139,9 +139,10 @@ export class OptionCheck {
 }
 
 /**
- * The `timeout` option of a method that returns a promise: `fallback` if unset, the value if it
- * is a delay (ms >= 0, or Infinity), else the TypeError or RangeError naming it, for the method to
- * reject with (a bad argument rejects: it never throws, and never waits for ever on NaN).
+ * The `timeout` option of a method that returns a promise: `fallback` if unset (undefined or
+ * null, as a configuration read from JSON may say), the value if it is a delay (ms >= 0, or
+ * Infinity), else the TypeError or RangeError naming it, for the method to reject with (a bad
+ * argument rejects: it never throws, and never waits for ever on NaN).
  */
 export function timeoutOption<F extends number | undefined>(
   where: string,
@@ -149,11 +150,14 @@ export function timeoutOption<F extends number | undefined>(
   fallback: F,
 ): number | F | Error {
   try {
-    new OptionCheck(where, options).delay("timeout");
+    const check = new OptionCheck(where, options);
+    const timeout = (options as { timeout?: number | null }).timeout;
+    if (timeout === undefined || timeout === null) return fallback;
+    check.delay("timeout");
+    return timeout;
   } catch (err) {
     return err as Error;
   }
-  return (options as { timeout?: number }).timeout ?? fallback;
 }
 
 /** Checks a handler: a generator function (`function*` or `async function*`). */

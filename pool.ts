@@ -826,8 +826,10 @@ export class Pool<T = Uint8Array> {
 
   /**
    * Add one connection to `address` (a new address joins the pool). Resolves with it once it is
-   * up; rejects with the connect's error (recorded in {@linkcode Pool.stats}). With
-   * reconnection on, a slot whose first connect failed stays in the pool and keeps trying.
+   * up; rejects with the connect's error (recorded in {@linkcode Pool.stats}), or with
+   * {@linkcode PoolUnavailable} (`"stopped"`) if the pool stops, or the address is removed, while
+   * it connects. With reconnection on, a slot whose first connect failed stays in the pool and
+   * keeps trying.
    */
   addConnection(address: PoolAddress): Promise<Connection<T>> {
     if (this.#stopping) return Promise.reject(this.unavailable("stopped"));
@@ -874,13 +876,15 @@ export class Pool<T = Uint8Array> {
     site.removed = true;
     this.#sites.delete(site.key);
     const slots = this.#slots.filter((s) => s.site === site);
-    await this.#drain(slots, "shutdown", timeout);
+    await this.#drain(slots, "shutdown", timeout, "(its address was removed)");
     for (const s of slots) this.#forget(s);
     this.#checkReady();
   }
 
   // Stop taking requests on `slots`, give their work `timeout` ms, then stop their connections.
-  async #drain(slots: Slot<T>[], reason: unknown, timeout: number): Promise<void> {
+  // A connect still under way is given up: it rejects with PoolUnavailable ("stopped"), `detail`
+  // saying why if the pool itself goes on.
+  async #drain(slots: Slot<T>[], reason: unknown, timeout: number, detail?: string): Promise<void> {
     for (const slot of slots) this.#cancelBackoff(slot);
     const finished = slots.map((slot) => {
       if (slot.state === "up") slot.state = "draining";
@@ -899,7 +903,8 @@ export class Pool<T = Uint8Array> {
     await withTimeout(Promise.all(finished), timeout, "drain").catch(() => {});
     // Connects still under way are given up (a handler's start that takes its time, say), and
     // leave nothing open.
-    for (const slot of slots) slot.connecting?.abort(reason);
+    const givenUp = this.unavailable("stopped", detail);
+    for (const slot of slots) slot.connecting?.abort(givenUp);
     await Promise.all([...this.#pending]);
     await Promise.all(
       slots.map((slot) => {

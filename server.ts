@@ -293,6 +293,29 @@ const COMPARISONS: Record<CountComparison, (count: number, n: number) => boolean
   ">": (count, n) => count > n,
 };
 
+// waitForConnections' comparison, or the TypeError or RangeError saying what is wrong with it.
+function comparisonOf(op: unknown, n: unknown): ((count: number, n: number) => boolean) | Error {
+  const compare = Object.hasOwn(COMPARISONS, op as string)
+    ? COMPARISONS[op as CountComparison]
+    : undefined;
+  if (compare === undefined) {
+    return new TypeError(
+      `waitForConnections: op must be "<", "<=", "==", ">=" or ">", not ${describeValue(op)}`,
+    );
+  }
+  if (typeof n !== "number") {
+    return new TypeError(`waitForConnections: n must be a number, not ${describeValue(n)}`);
+  }
+  if (!(Number.isInteger(n) && n >= (op === "<" ? 1 : 0))) {
+    return new RangeError(
+      `waitForConnections: n must be an integer >= ${op === "<" ? 1 : 0}${
+        op === "<" ? ' with "<"' : ""
+      }, not ${n}`,
+    );
+  }
+  return compare;
+}
+
 interface Acceptor<A extends Addr> {
   info: AcceptorInfo;
   listener: Listener<A> | null; // null while suspend({ refuse: true }) has it closed
@@ -570,29 +593,16 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     n: number,
     options: WaitForConnectionsOptions = {},
   ): Promise<void> {
-    const compare = Object.hasOwn(COMPARISONS, op) ? COMPARISONS[op] : undefined;
-    if (compare === undefined) {
-      throw new TypeError(
-        `waitForConnections: op must be "<", "<=", "==", ">=" or ">", not ${describeValue(op)}`,
-      );
-    }
-    if (typeof n !== "number") {
-      throw new TypeError(`waitForConnections: n must be a number, not ${describeValue(n)}`);
-    }
-    if (!(Number.isInteger(n) && n >= (op === "<" ? 1 : 0))) {
-      throw new RangeError(
-        `waitForConnections: n must be an integer >= ${op === "<" ? 1 : 0}${
-          op === "<" ? ' with "<"' : ""
-        }, not ${n}`,
-      );
-    }
-    new OptionCheck("waitForConnections", options).delay("timeout");
+    // (Bad arguments reject, as in every method that returns a promise.)
+    const compare = comparisonOf(op, n);
+    if (compare instanceof Error) return Promise.reject(compare);
+    const timeout = timeoutOption("waitForConnections", options, Infinity);
+    if (timeout instanceof Error) return Promise.reject(timeout);
     const what = `waitForConnections("${op}", ${n})`;
     const satisfied = (count: number) => compare(count, n);
     if (satisfied(this.#drivers.size)) return Promise.resolve();
     if (this.#state === State.Stopped) return Promise.reject(this.#interrupted(what));
     return new Promise((resolve, reject) => {
-      const timeout = options.timeout ?? Infinity;
       const timer = startTimer(() => {
         this.#waiters.delete(waiter);
         reject(

@@ -380,6 +380,7 @@ Deno.test("reconnect: while a socket is closing, requests fail with ConnectionDo
     for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) ev = yield;
   }, { transport, logger: quiet });
   const leaving = Promise.withResolvers<void>();
+  const finallyRuns = Promise.withResolvers<void>();
   const client = await connect(async function* () {
     try {
       for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect";) {
@@ -387,17 +388,13 @@ Deno.test("reconnect: while a socket is closing, requests fail with ConnectionDo
         ev = yield;
       }
     } finally {
+      finallyRuns.resolve();
       await leaving.promise; // a slow finally: the socket is closing meanwhile
     }
   }, { transport, reconnect: { initialDelay: 1, maxDelay: 1 }, logger: quiet });
   client.cast("leave");
-  await within(
-    2000,
-    (async () => {
-      while (client.state !== "closing") await pause(1);
-    })(),
-    "closing",
-  );
+  await within(2000, finallyRuns.promise, "the finally runs");
+  assert.equal(client.state, "closing");
   await assert.rejects(
     client.call("x"),
     (err: Error) => err instanceof ConnectionDown && /last: server gone/.test(err.message),

@@ -855,6 +855,7 @@ Deno.test("a connection that is closing gets no requests, whatever the strategy"
   for (const strategy of ["round-robin", "random", "least-busy", "hash"] as const) {
     const { transport, server: s } = await server();
     const leaving = Promise.withResolvers<void>();
+    const finallyRuns = Promise.withResolvers<void>();
     // A handler that, told to leave, stops with a finally that takes its time: the connection
     // is "closing" meanwhile, its socket still open.
     const slowToLeave: Handler = async function* (conn) {
@@ -864,6 +865,7 @@ Deno.test("a connection that is closing gets no requests, whatever the strategy"
           ev = ev.type === "call" ? yield reply(ev.from, conn.id) : yield;
         }
       } finally {
+        finallyRuns.resolve();
         await leaving.promise;
       }
     };
@@ -878,13 +880,8 @@ Deno.test("a connection that is closing gets no requests, whatever the strategy"
     await allUp(pool, 2);
     const [gone, staying] = pool.connections();
     gone.cast("leave");
-    await within(
-      2000,
-      (async () => {
-        while (gone.state !== "closing") await pause(1);
-      })(),
-      "closing",
-    );
+    await within(2000, finallyRuns.promise, "the finally runs");
+    assert.equal(gone.state, "closing");
     for (let i = 0; i < 8; i++) {
       assert.equal(await pool.call(`k${i}`), staying.id, `${strategy}: call ${i}`);
     }

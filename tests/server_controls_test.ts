@@ -504,12 +504,14 @@ Deno.test("waitForConnections: a timeout rejects with TimeoutError; the server's
 Deno.test("waitForConnections: a bad op or count is refused before waiting", async () => {
   const { server } = await serveMemory();
   try {
-    assert.throws(() => server.waitForConnections("=<" as never, 1), TypeError, "op must be");
-    assert.throws(() => server.waitForConnections("==", -1), RangeError);
-    assert.throws(() => server.waitForConnections("==", 1.5), RangeError);
-    assert.throws(() => server.waitForConnections("<", 0), RangeError, 'with "<"');
-    assert.throws(() => server.waitForConnections("==", "1" as never), TypeError);
-    assert.throws(() => server.waitForConnections("==", 1, { timeout: -1 }), RangeError);
+    // (A method that returns a promise rejects on bad arguments: it never throws.)
+    await assert.rejects(server.waitForConnections("=<" as never, 1), TypeError, "op must be");
+    await assert.rejects(server.waitForConnections("==", -1), RangeError);
+    await assert.rejects(server.waitForConnections("==", 1.5), RangeError);
+    await assert.rejects(server.waitForConnections("<", 0), RangeError, 'with "<"');
+    await assert.rejects(server.waitForConnections("==", "1" as never), TypeError);
+    await assert.rejects(server.waitForConnections("==", 1, { timeout: -1 }), RangeError);
+    await assert.rejects(server.waitForConnections("==", 1, { timeout: NaN }), RangeError);
   } finally {
     await server.stop();
   }

@@ -16,7 +16,7 @@ import {
   serve,
   startTls,
 } from "../mod.ts";
-import { capturingLogger, Inbox, logNames, within } from "./_support.ts";
+import { capturingLogger, evalInChild, Inbox, logNames, within } from "./_support.ts";
 
 const fixtures = new URL("./fixtures/", import.meta.url);
 const ca = Deno.readTextFileSync(new URL("ca.crt", fixtures));
@@ -219,5 +219,77 @@ Deno.test("startTls: a peer that stalls the handshake ends the connection at han
     (await accepted).close();
   } finally {
     listener.close();
+  }
+});
+
+Deno.test("startTls: the handler's own bad TLS options are its fault, logged at error; the peer's handshake failure at warn", async () => {
+  const logger = capturingLogger();
+  const closed = Promise.withResolvers<unknown>();
+  const server = await serve(async function* (): HandlerGenerator<string> {
+    for (let ev = yield; ev.type === "packet";) {
+      ev = ev.data === "STARTTLS"
+        ? yield [
+          send("GO"),
+          startTls({ certFile: "/nonexistent.crt", keyFile: "/nonexistent.key" }),
+        ]
+        : yield;
+    }
+  }, {
+    hostname: "127.0.0.1",
+    port: 0,
+    framing: lines(),
+    logger,
+    onClose: (_conn, reason) => closed.resolve(reason),
+  });
+  const client = await connect(async function* (): HandlerGenerator<string> {
+    for (let ev = yield send("STARTTLS"); ev.type === "packet"; ev = yield);
+  }, { port: server.addr.port, framing: lines(), logger: capturingLogger() });
+  const reason = await within(5000, closed.promise, "closed");
+  assert.equal((reason as Error).name, "TlsConfigError");
+  assert.deepEqual(logger.levels, ["error"]);
+  assert.ok(logNames(logger.calls[0], reason));
+  await client.stop();
+  await server.stop();
+});
+
+Deno.test("startTls: unref() holds for the TLS socket that takes the plain one's place", async () => {
+  const server = await serve(async function* (): HandlerGenerator<string> {
+    for (let ev = yield; ev.type === "packet";) {
+      ev = ev.data === "STARTTLS"
+        ? yield [
+          send("GO"),
+          startTls({
+            certFile: new URL("server.crt", fixtures).pathname,
+            keyFile: new URL("server.key", fixtures).pathname,
+          }),
+        ]
+        : ev.data === "after"
+        ? yield send("ok")
+        : yield;
+    }
+  }, { hostname: "127.0.0.1", port: 0, framing: lines(), logger: capturingLogger() });
+  try {
+    const script = `
+      import { connect, lines, send, startTls } from "./mod.ts";
+      const ca = Deno.readTextFileSync("${new URL("ca.crt", fixtures).pathname}");
+      const switched = Promise.withResolvers();
+      const conn = await connect(async function* () {
+        let ev = yield send("STARTTLS");
+        for (; ev.type === "packet"; ev = yield) {
+          if (ev.data === "GO") {
+            ev = yield [startTls({ serverName: "localhost", caCerts: [ca] }), send("after")];
+          }
+          if (ev.type === "packet" && ev.data === "ok") switched.resolve();
+        }
+      }, { port: ${server.addr.port}, framing: lines() });
+      conn.unref();
+      await switched.promise;
+      console.log("switched, unref'd");
+    `;
+    const out = await evalInChild(script, 10_000);
+    assert.equal(out.code, 0, out.stderr);
+    assert.equal(out.stdout.trim(), "switched, unref'd");
+  } finally {
+    await server.stop();
   }
 });
