@@ -100,7 +100,12 @@ export function encodeFrame(
     body = value;
   } else {
     tag = Tag.Structured;
-    body = v8!.serialize(value);
+    try {
+      body = v8!.serialize(value);
+    } catch (err) {
+      // (node:v8 throws a plain Error; structuredClone, and what the docs promise, DataCloneError.)
+      throw new DOMException((err as Error).message, "DataCloneError");
+    }
   }
   const head = 1 + 4 + 2 + idBytes.length + (hasTimeout(kind) ? 8 : 0) + 1;
   const out = new Uint8Array(head + body.length);

@@ -46,16 +46,24 @@ export class OptionCheck {
     throw range ? new RangeError(message) : new TypeError(message);
   }
 
-  /** A number >= min (Infinity allowed if `infinite`), an integer if `integer`. */
-  number(name: string, min: number, { integer = false, infinite = false } = {}): void {
+  /**
+   * A number >= min and <= max (Infinity allowed if `infinite`), an integer if `integer`. A
+   * period that a timer keeps takes `max: MAX_DELAY` (_timer.ts): a longer one would fire at once.
+   */
+  number(
+    name: string,
+    min: number,
+    { integer = false, infinite = false, max = Infinity } = {},
+  ): void {
     const value = this.#options[name];
     if (value === undefined) return;
     const what = `${integer ? "an integer" : "a number"} >= ${min}${
-      infinite ? " (or Infinity)" : ""
-    }`;
+      max !== Infinity ? ` and <= ${max}` : ""
+    }${infinite ? " (or Infinity)" : ""}`;
     if (typeof value !== "number") this.#fail(name, what);
     if (
       Number.isNaN(value) || value < min || (value === Infinity && !infinite) ||
+      (value > max && value !== Infinity) ||
       (integer && value !== Infinity && !Number.isInteger(value))
     ) this.#fail(name, what, true);
   }

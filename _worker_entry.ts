@@ -161,6 +161,14 @@ function checkModule(
         "the shared KvRegistry (workerContext().registry)",
     );
   }
+  const transport = (options as ServeOptions<unknown>).transport;
+  if (transport !== undefined && transport.name !== "tcp" && transport.name !== "tls") {
+    // (memory() would listen in each Worker's isolate alone, out of everyone's reach.)
+    throw new TypeError(
+      `serveWorkers: the options of ${url} must use a transport that shares a port between ` +
+        `Workers (tcp() or tls()), not ${transport.name}`,
+    );
+  }
   return {
     handler: handler as Handler,
     options: options as ServeOptions<unknown>,

@@ -21,6 +21,7 @@ import { loadLinkCodec } from "./_link_codec.ts";
 import { type LinkAddress, type LinkHost, NodeLinks } from "./_node_link.ts";
 import { OptionCheck } from "./_options.ts";
 import { RemoteConnection } from "./_remote_connection.ts";
+import { MAX_DELAY } from "./_timer.ts";
 
 /** Where a node's link listens and how links behave (see {@linkcode KvRegistryOptions.link}). */
 export interface KvRegistryLinkOptions {
@@ -740,7 +741,12 @@ export class KvRegistry implements Registry, AsyncDisposable {
   async #isAlive(node: string, id?: string): Promise<boolean> {
     if (node === this.node) return id === undefined || this.#local.has(id);
     const record = (await this.#get(this.#key("node", node))).value;
-    return isNodeRecord(record) && this.#isFresh(record);
+    if (!isNodeRecord(record) || !this.#isFresh(record)) return false;
+    // Alive now (a new run of a node that left, say): what the last survey knew of it is stale,
+    // and must not fail requests to it until the next one.
+    this.#dead.delete(node);
+    this.#nodes.set(node, record);
+    return true;
   }
 
   async #aliveNodes(): Promise<Set<string>> {
@@ -1117,9 +1123,9 @@ function checkOptions(options: KvRegistryOptions): void {
       `KvRegistry.open: option node must be a non-empty string, not ${describeValue(o.node)}`,
     );
   }
-  check.number("heartbeatMs", 1);
-  check.number("batchMs", 0);
-  check.number("nodeTtlMs", 1);
+  check.number("heartbeatMs", 1, { max: MAX_DELAY });
+  check.number("batchMs", 0, { max: MAX_DELAY });
+  check.number("nodeTtlMs", 1, { max: MAX_DELAY });
   const heartbeat = (o.heartbeatMs as number | undefined) ?? 1000;
   if (o.nodeTtlMs !== undefined && (o.nodeTtlMs as number) < 2 * heartbeat) {
     throw new RangeError(

@@ -5,6 +5,7 @@
  * @module
  */
 
+import { MAX_DELAY } from "./_timer.ts";
 import { Connection, type ConnectionStats } from "./connection.ts";
 import { Pool, type PoolStats } from "./pool.ts";
 import { localNode, type Registry, type RegistryEntry } from "./registry.ts";
@@ -164,7 +165,7 @@ export async function serveObserver(
   check.port("port");
   check.string("hostname");
   check.string("token");
-  check.number("refresh", 50, { integer: true });
+  check.number("refresh", 50, { integer: true, max: MAX_DELAY });
   if (options.token === "") throw new TypeError("serveObserver: option token must not be empty");
   const token = options.token ?? randomToken();
   const hostname = options.hostname ?? "127.0.0.1";

@@ -22,7 +22,7 @@ import { KvRegistry } from "./kv_registry.ts";
 import type { ServeOptions } from "./server.ts";
 import { Backoff, backoffSettings, checkReconnect, type ReconnectOptions } from "./_backoff.ts";
 import { OptionCheck } from "./_options.ts";
-import { clearTimer, startTimer, type Timer } from "./_timer.ts";
+import { clearTimer, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
 import { withTimeout } from "./_with_timeout.ts";
 import {
   type FromWorker,
@@ -39,7 +39,8 @@ export type { WorkerRegistryOptions } from "./_worker_protocol.ts";
  * The options a handler module run by {@linkcode serveWorkers} exports as `options`: those of
  * `serve()`, but `registry` (every Worker is a node of the shared {@linkcode KvRegistry}) and
  * `reusePort` (always on). `port` and `hostname` are defaults that `serveWorkers`' own options
- * override. A `transport` must be one that listens with `reusePort` (`tcp()`, `tls()`).
+ * override. A `transport` must be one that listens with `reusePort` (`tcp()`, `tls()`): any
+ * other is refused.
  */
 export type WorkerServeOptions<T = Uint8Array> = Omit<ServeOptions<T>, "registry" | "reusePort">;
 
@@ -279,6 +280,8 @@ class Supervisor implements WorkerGroup {
   readonly #ttlMs: number;
   readonly #logger: Logger;
   #phase = Phase.Starting;
+  // Rejected by a Worker's death while starting (start() races it; nothing waits on it after).
+  readonly #startFailed = Promise.withResolvers<never>();
   #pinger: ReturnType<typeof setInterval> | undefined;
   #store: Promise<Deno.Kv> | undefined; // opened on the first eviction
   readonly #evictions = new Set<Promise<void>>();
@@ -292,6 +295,7 @@ class Supervisor implements WorkerGroup {
     options: ServeWorkersOptions,
   ) {
     this.#module = module;
+    this.#startFailed.promise.catch(() => {}); // (handled by start()'s races)
     this.kv = kv;
     this.#tempDir = tempDir;
     this.#options = options;
@@ -329,12 +333,14 @@ class Supervisor implements WorkerGroup {
     }));
   }
 
-  // The first Worker picks the port (if 0 was asked for), then the others join it.
+  // The first Worker picks the port (if 0 was asked for), then the others join it. A Worker that
+  // dies before all are listening fails the start, even one that was listening already.
   async start(): Promise<void> {
     this.#pinger = setInterval(() => this.#ping(), this.#heartbeatMs);
+    const failed = this.#startFailed.promise;
     const [first, ...others] = this.#slots;
-    this.#addr = await this.#launch(first);
-    await Promise.all(others.map((slot) => this.#launch(slot)));
+    this.#addr = await Promise.race([this.#launch(first), failed]);
+    await Promise.race([Promise.all(others.map((slot) => this.#launch(slot))), failed]);
     if (this.#phase === Phase.Starting) this.#phase = Phase.Running;
   }
 
@@ -441,6 +447,13 @@ class Supervisor implements WorkerGroup {
     slot.listening?.reject(reason);
     if (this.#phase !== Phase.Running) {
       slot.state = "stopped";
+      if (this.#phase === Phase.Starting) {
+        this.#startFailed.reject(
+          new Error(`worker ${slot.index} (${slot.node}) died while the group started`, {
+            cause: reason,
+          }),
+        );
+      }
       return;
     }
     if (was === "running") slot.backoff?.ended();
@@ -523,6 +536,14 @@ class Supervisor implements WorkerGroup {
       if (slot.state !== "failed") slot.state = "stopped";
       return;
     }
+    if (slot.state === "starting") {
+      // Not listening yet (its import may never end): nothing to drain, so no stop to wait for.
+      slot.worker = undefined;
+      worker.terminate();
+      this.#evict(slot.node);
+      slot.state = "stopped";
+      return;
+    }
     slot.state = "stopping";
     slot.stopped = Promise.withResolvers<void>();
     worker.postMessage({ kind: "stop" } satisfies ToWorker);
@@ -587,9 +608,9 @@ function checkOptions(options: ServeWorkersOptions): void {
   }
   if (o.registry === undefined) return;
   const registry = new OptionCheck("serveWorkers: registry", o.registry);
-  registry.number("heartbeatMs", 1);
-  registry.number("nodeTtlMs", 1);
-  registry.number("batchMs", 0);
+  registry.number("heartbeatMs", 1, { max: MAX_DELAY });
+  registry.number("nodeTtlMs", 1, { max: MAX_DELAY });
+  registry.number("batchMs", 0, { max: MAX_DELAY });
   const link = (o.registry as WorkerRegistryOptions).link;
   if (
     link?.port !== undefined && link.port !== 0 &&

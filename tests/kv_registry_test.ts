@@ -180,7 +180,14 @@ Deno.test("kv registry: call, cast, info, send and stop reach a connection of an
   assert.deepEqual(await onA.events.next(), { type: "info", message: "psst" });
   remote.send("a line from b");
   assert.equal(await onA.received.next(), "a line from b");
-  // Typed errors: the call's own timeout, a bad timeout, a closed connection.
+  // Typed errors: a value that cannot cross (as structuredClone says), the call's own timeout,
+  // a bad timeout, a closed connection.
+  for (const cannot of [() => 1, Symbol("s"), new SharedArrayBuffer(1)]) {
+    await assert.rejects(
+      remote.call(cannot),
+      (err: Error) => err instanceof DOMException && err.name === "DataCloneError",
+    );
+  }
   await assert.rejects(remote.call("silent", { timeout: 50 }), TimeoutError);
   await assert.rejects(remote.call("x", { timeout: -1 }), RangeError);
   await remote.stop("bye");
@@ -207,6 +214,39 @@ Deno.test("kv registry: a call under way when its node leaves fails with NodeDow
   await assert.rejects(within(2000, remote.stop()), NodeDown);
   remote.cast("dropped"); // dropped, not thrown
   await onA[Symbol.asyncDispose]();
+});
+
+Deno.test("kv registry: a new run of a node that left is reached as soon as lookup() finds it", async () => {
+  await using kv = await Deno.openKv(":memory:");
+  await using b = await open(kv, "b", { heartbeatMs: 300 });
+  const first = await open(kv, "a");
+  const onFirst = await callees(first, 1);
+  await first.flush();
+  const before = (await b.lookup(onFirst.conns[0].id))!;
+  assert.deepEqual(await before.call("ping"), { by: before.id, got: "ping" });
+  // b's heartbeat surveys the store and sees "a" (no event says when: over one heartbeat).
+  await pause(400);
+  await onFirst[Symbol.asyncDispose]();
+  await first.close();
+  // Until b's heartbeat has surveyed the store and recorded that "a" left (no event says so).
+  await within(
+    3000,
+    (async () => {
+      for (;;) {
+        const err = await before.call("again").catch((e: Error) => e);
+        if (err instanceof NodeDown && /left the registry/.test(err.message)) return;
+        await pause(5);
+      }
+    })(),
+    "b records that a left",
+  );
+  // "a" again (a restarted process, by its fixed name), well before b's next survey.
+  await using second = await open(kv, "a");
+  await using onSecond = await callees(second, 1);
+  await second.flush();
+  const after = (await b.lookup(onSecond.conns[0].id))!;
+  assert.ok(after !== undefined, "lookup finds the new run's connection");
+  assert.deepEqual(await within(2000, after.call("ping")), { by: after.id, got: "ping" });
 });
 
 Deno.test("kv registry: a dead node's entries leave list() at once and are swept; its names can be taken", async () => {
@@ -365,6 +405,9 @@ Deno.test("kv registry: bad options and stores are refused with typed errors", a
     [{ namespace: "n", heartbeatMs: -1 }, RangeError],
     [{ namespace: "n", heartbeatMs: "1" }, TypeError],
     [{ namespace: "n", heartbeatMs: 100, nodeTtlMs: 150 }, RangeError],
+    // Periods a timer keeps: past 2^31 - 1 ms one would fire at once, over and over.
+    [{ namespace: "n", heartbeatMs: 2 ** 31, nodeTtlMs: 2 ** 32 }, RangeError],
+    [{ namespace: "n", batchMs: 2 ** 31 }, RangeError],
     [{ namespace: "n", secret: "" }, TypeError],
     [{ namespace: "n", secret: 5 }, TypeError],
     [{ namespace: "n", link: { port: 70000 } }, RangeError],

@@ -254,6 +254,14 @@ Deno.test("workers: a module that cannot serve rejects serveWorkers, with nothin
   await assert.rejects(serveWorkers(new URL("./peers/no_such_module.ts", import.meta.url)), {
     message: /no_such_module/,
   });
+  // memory() would listen in each Worker's isolate alone: refused, naming why.
+  const inMemory = `data:text/javascript,import { memory } from "${
+    new URL("../mod.ts", import.meta.url).href
+  }"; export const options = { transport: memory("w") }; export default async function* () {}`;
+  await assert.rejects(serveWorkers(inMemory, { workers: 1, hostname: HOST }), {
+    name: "TypeError",
+    message: /shares a port between Workers \(tcp\(\) or tls\(\)\), not memory/,
+  });
   await assert.rejects(serveWorkers(PROBE, { kv: ":memory:" }), TypeError);
   await assert.rejects(serveWorkers(PROBE, { workers: 0 }), RangeError);
   await assert.rejects(serveWorkers(PROBE, { restart: { jitter: 2 } }), {
@@ -265,6 +273,18 @@ Deno.test("workers: a module that cannot serve rejects serveWorkers, with nothin
   await assert.rejects(
     serveWorkers(PROBE, { workers: 1, hostname: HOST, port: taken.addr.port }),
     Deno.errors.AddrInUse,
+  );
+});
+
+Deno.test("workers: a Worker that dies after it listens, while another still starts, rejects serveWorkers", async () => {
+  // (Before, the group started on the Workers left, the dead one never restarted nor logged.)
+  await assert.rejects(
+    serveWorkers(new URL("./peers/worker_dies_starting.ts", import.meta.url), {
+      workers: 2,
+      hostname: HOST,
+      logger: QUIET,
+    }),
+    { message: /worker 0 .* died while the group started/ },
   );
 });
 
