@@ -65,6 +65,10 @@ interface Instruments {
   accepted: Counter;
   closed: Counter;
   callDuration: Histogram;
+  // The global meter provider they were made from, and how to read the current one: the API has
+  // no proxy provider, so instruments made before the application registers its own go nowhere.
+  provider: unknown;
+  currentProvider(): unknown;
 }
 
 // The sources being observed, read by the observable instruments' callbacks.
@@ -96,6 +100,11 @@ export function metricsWanted(option: boolean | undefined): boolean {
  * `metrics.setGlobalMeterProvider`. Rejects if the package cannot be loaded.
  */
 export async function loadMetrics(): Promise<void> {
+  // A provider registered since the instruments were made: make them again, from it (servers
+  // and pools made from now on count there; the observable ones report every source there).
+  if (instruments !== null && instruments.currentProvider() !== instruments.provider) {
+    loading = null;
+  }
   loading ??= makeInstruments();
   try {
     instruments = await loading;
@@ -175,6 +184,8 @@ async function makeInstruments(): Promise<Instruments> {
     if (s.reconnects !== undefined) r.observe(s.reconnects, at);
   }));
   return {
+    provider: api.metrics.getMeterProvider(),
+    currentProvider: () => api.metrics.getMeterProvider(),
     accepted: meter.createCounter("etcp.connections.accepted", {
       ...connection,
       description: "Connections a server accepted",

@@ -50,6 +50,7 @@ export class Tracer {
   readonly #logger: Logger;
   readonly #off: () => void;
   #sink: (entry: TraceEntry) => void;
+  #on = true; // false once the sink threw: the rest of the step's entries go nowhere either
   readonly #recent: TraceEntry[] = [];
   #next = 0; // where the next entry goes in #recent once it is full
 
@@ -94,6 +95,7 @@ export class Tracer {
 
   /** Any other step, with a short text. */
   note(kind: TraceKind, type: string, detail = ""): void {
+    if (!this.#on) return;
     const entry: TraceEntry = {
       connection: this.#id,
       time: performance.now(),
@@ -109,6 +111,7 @@ export class Tracer {
     try {
       this.#sink(entry);
     } catch (err) {
+      this.#on = false;
       this.#logger.warn(
         `etcp: connection ${this.#id}: the trace callback threw, tracing is off for this ` +
           `connection: ${describeReason(err)}`,
@@ -194,7 +197,12 @@ function cut(text: string, max = TRACE_DETAIL_MAX): string {
  */
 export function render(value: unknown, max = TRACE_DETAIL_MAX): string {
   const out = { text: "", room: max };
-  write(out, value, 2);
+  try {
+    write(out, value, 2);
+  } catch {
+    // A getter or a Proxy trap that throws (a revoked Proxy): tracing must not break delivery.
+    return "[unrenderable]";
+  }
   return out.room >= 0 ? out.text : `${out.text.slice(0, max - 1)}…`;
 }
 

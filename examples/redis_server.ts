@@ -532,8 +532,11 @@ export async function redisServer(options: RedisServerOptions = {}): Promise<Ser
       else if (option === "XX" && !nx) xx = true;
       else if (option === "GET") get = true;
       else if (option === "KEEPTTL" && unitMs === 0) keepTtl = true;
-      else if ((option === "EX" || option === "PX") && !keepTtl && unitMs === 0 && hasNext) {
-        unitMs = option === "EX" ? 1000 : 1;
+      else if ((option === "EX" || option === "PX") && !keepTtl && hasNext) {
+        // As Redis: the same unit again is taken (the last one wins), the other is an error.
+        const unit = option === "EX" ? 1000 : 1;
+        if (unitMs !== 0 && unitMs !== unit) return SYNTAX_ERROR;
+        unitMs = unit;
         expireArg = args[++i];
       } else return SYNTAX_ERROR;
     }

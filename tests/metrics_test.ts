@@ -20,7 +20,7 @@ import {
   serve,
   stop,
 } from "../mod.ts";
-import { HOST, portOf, readExactly, within } from "./_support.ts";
+import { evalInChild, HOST, portOf, readExactly, within } from "./_support.ts";
 
 const quiet = { error() {}, warn() {}, debug() {} };
 
@@ -252,4 +252,35 @@ Deno.test("metrics: under OTEL_DENO=true, Deno's own exporter sends them; withou
   for (const text of ["etcp.connections.accepted", "etcp.connections.closed", "otel-child"]) {
     assert.ok(sent.includes(text), `${text} sent to the OTLP endpoint`);
   }
+});
+
+Deno.test("metrics: a meter provider registered after the first metrics server gets the servers made after it", async () => {
+  // A fresh process: the provider must not be registered yet when the first server starts.
+  const script = `
+    import { metrics } from "npm:@opentelemetry/api@^1.9.0";
+    import { MeterProvider, MetricReader } from "npm:@opentelemetry/sdk-metrics@2.12.1";
+    import { serve } from "./mod.ts";
+    class Reader extends MetricReader {
+      onForceFlush() { return Promise.resolve(); }
+      onShutdown() { return Promise.resolve(); }
+    }
+    const handler = async function* () { yield; };
+    const early = await serve(handler, { hostname: "127.0.0.1", port: 0, metrics: true });
+    const reader = new Reader();
+    metrics.setGlobalMeterProvider(new MeterProvider({ readers: [reader] }));
+    const late = await serve(handler, { hostname: "127.0.0.1", port: 0, metrics: true });
+    const peer = await Deno.connect({ hostname: "127.0.0.1", port: late.addr.port });
+    await late.waitForConnections("==", 1);
+    const { resourceMetrics } = await reader.collect();
+    const names = resourceMetrics.scopeMetrics.flatMap((s) => s.metrics.map((m) => m.descriptor.name));
+    console.log(JSON.stringify(names.sort()));
+    peer.close();
+    await early.stop();
+    await late.stop();
+  `;
+  const out = await evalInChild(script, 30_000);
+  assert.equal(out.code, 0, out.stderr);
+  const names: string[] = JSON.parse(out.stdout);
+  assert.ok(names.includes("etcp.connections.accepted"), out.stdout);
+  assert.ok(names.includes("etcp.connections.open"), out.stdout);
 });

@@ -359,6 +359,67 @@ Deno.test("trace: bad option values are refused up front", async () => {
   );
 });
 
+Deno.test("trace: a throwing callback is called once even when the step yields several actions", async () => {
+  const logger = capturingLogger();
+  const transport = memory("trace-throws-many");
+  let calls = 0;
+  const server = await serve(async function* (): HandlerGenerator<string> {
+    for (let ev = yield; ev.type === "packet";) ev = yield [send("a"), send("b"), send("c")];
+  }, {
+    transport,
+    framing: lines(),
+    logger,
+    // (It throws at the first action of the step: the two after it must not reach it.)
+    trace: (entry) => {
+      if (entry.kind !== "out") return;
+      calls++;
+      throw new Error("trace sink broken");
+    },
+  });
+  const echoes = new Inbox<string>();
+  const client = await connect(async function* (): HandlerGenerator<string> {
+    for (let ev = yield; ev.type === "packet"; ev = yield) echoes.push(ev.data);
+  }, { transport, framing: lines() });
+  client.send("go");
+  assert.deepEqual([await echoes.next(), await echoes.next(), await echoes.next()], [
+    "a",
+    "b",
+    "c",
+  ]);
+  assert.equal(calls, 1);
+  assert.equal(logger.levels.filter((l) => l === "warn").length, 1);
+  await client.stop();
+  await server.stop();
+});
+
+Deno.test("trace: a value that throws when read is traced as [unrenderable], and still delivered", async () => {
+  const throwing = {
+    get x() {
+      throw new Error("getter");
+    },
+  };
+  const revoked = Proxy.revocable({}, {});
+  revoked.revoke();
+  assert.equal(render(throwing), "[unrenderable]");
+  assert.equal(render(revoked.proxy), "[unrenderable]");
+  const transport = memory("trace-unrenderable");
+  const got = new Inbox<unknown>();
+  const server = await serve(async function* (): HandlerGenerator<string> {
+    for (let ev = yield; ev.type !== "shutdown" && ev.type !== "disconnect"; ev = yield) {
+      if (ev.type === "info") got.push(ev.message);
+    }
+  }, { transport, framing: lines(), trace: () => {} });
+  const client = await connect(async function* (): HandlerGenerator<string> {
+    for (let ev = yield; ev.type === "packet"; ev = yield);
+  }, { transport, framing: lines() });
+  const [conn] = server.connections();
+  conn.info(throwing);
+  assert.equal(await got.next(), throwing);
+  assert.ok(conn.recentTrace().some((e) => e.detail.includes("[unrenderable]")));
+  await client.stop();
+  await server.stop();
+});
+
 Deno.test("trace: render is short for any value, and formatTraceEntry is one line", () => {
   assert.equal(render(new TextEncoder().encode("hi\n")), 'Uint8Array(3) "hi\\n"');
   assert.equal(render(new Uint8Array([0, 1, 255])), "Uint8Array(3) 00 01 ff");
