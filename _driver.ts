@@ -219,7 +219,8 @@ interface PendingCall {
 const pendingCalls = new Map<number, PendingCall>();
 let nextCall = 0;
 
-function isPromise<V>(value: V | Promise<V>): value is Promise<V> {
+/** Whether `value` is a thenable (what a user's code may return where it may be async). */
+export function isPromise<V>(value: V | Promise<V>): value is Promise<V> {
   return typeof (value as { then?: unknown })?.then === "function";
 }
 
@@ -228,7 +229,6 @@ function notAStep(step: unknown): ProtocolError {
   return new ProtocolError(`handler's next() gave ${describeReason(step)}, not { value, done }`);
 }
 
-// Ends caused by the peer, not by the code: one short line at warn, no stack trace.
 // Errors of other kinds that the peer caused: a STARTTLS handshake it refused, garbled or stalled
 // (logged as one line at warn, as a bad frame is, not as a crash's stack at error).
 const peerCaused = new WeakSet<Error>();
@@ -238,6 +238,7 @@ function byPeer(err: unknown): unknown {
   return err;
 }
 
+// Ends caused by the peer, not by the code: one short line at warn, no stack trace.
 function isPeerFault(reason: unknown): boolean {
   return reason instanceof FrameTooLarge || reason instanceof MalformedFrame ||
     (reason instanceof Error && peerCaused.has(reason)) ||

@@ -6,7 +6,7 @@ import type { Logger, Mode } from "./connection.ts";
 import { raw } from "./framing.ts";
 import type { Framing } from "./framing.ts";
 import { describeValue } from "./errors.ts";
-import { isDelay } from "./_timer.ts";
+import { isDelay, MAX_DELAY } from "./_timer.ts";
 import { loggerOf } from "./_logger.ts";
 import type { TraceOption } from "./_trace.ts";
 
@@ -177,6 +177,16 @@ export function checkHandler(where: string, handler: unknown): void {
       }`,
     );
   }
+}
+
+/**
+ * Checks a KvRegistry's periods (`KvRegistry.open`, `serveWorkers`' registry option): each is kept
+ * by a timer, so at most MAX_DELAY.
+ */
+export function checkRegistryPeriods(check: OptionCheck): void {
+  check.number("heartbeatMs", 1, { max: MAX_DELAY });
+  check.number("batchMs", 0, { max: MAX_DELAY });
+  check.number("nodeTtlMs", 1, { max: MAX_DELAY });
 }
 
 /** Checks `upgrade(handler, options)`'s arguments: a handler, and a function as `codeChange`. */

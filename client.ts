@@ -310,6 +310,7 @@ class ReconnectingClient<T> {
   #lastReason: unknown = undefined; // why the last socket closed, or the last connect failed
   #unreferenced = false; // unref() was called: every socket from now on is unref'd
   #name: string | undefined; // claimed on each new socket: the option's, or the last registered
+  readonly #logger: Logger; // the options', guarded
   #finalReason: unknown = undefined;
   readonly #closed = Promise.withResolvers<unknown>();
   #upWaiters: Set<{ resolve(): void; reject(err: Error): void; timer: Timer }> | null = null;
@@ -318,6 +319,7 @@ class ReconnectingClient<T> {
     this.#handler = handler;
     this.#options = options;
     this.#name = options.name;
+    this.#logger = loggerOf(options.logger);
     this.#backoff = new Backoff(settings);
     this.handle = new Connection<T>(this);
   }
@@ -404,10 +406,6 @@ class ReconnectingClient<T> {
     }
     this.#upWaiters = null;
     this.#closed.resolve(reason);
-  }
-
-  get #logger(): Logger {
-    return loggerOf(this.#options.logger);
   }
 
   // Whether there is an open socket to forward to.

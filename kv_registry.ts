@@ -19,9 +19,8 @@ import {
 } from "./registry.ts";
 import { loadLinkCodec } from "./_link_codec.ts";
 import { type LinkAddress, type LinkHost, NodeLinks } from "./_node_link.ts";
-import { OptionCheck } from "./_options.ts";
+import { checkRegistryPeriods, OptionCheck } from "./_options.ts";
 import { RemoteConnection } from "./_remote_connection.ts";
-import { MAX_DELAY } from "./_timer.ts";
 
 /** Where a node's link listens and how links behave (see {@linkcode KvRegistryOptions.link}). */
 export interface KvRegistryLinkOptions {
@@ -1123,9 +1122,7 @@ function checkOptions(options: KvRegistryOptions): void {
       `KvRegistry.open: option node must be a non-empty string, not ${describeValue(o.node)}`,
     );
   }
-  check.number("heartbeatMs", 1, { max: MAX_DELAY });
-  check.number("batchMs", 0, { max: MAX_DELAY });
-  check.number("nodeTtlMs", 1, { max: MAX_DELAY });
+  checkRegistryPeriods(check);
   const heartbeat = (o.heartbeatMs as number | undefined) ?? 1000;
   if (o.nodeTtlMs !== undefined && (o.nodeTtlMs as number) < 2 * heartbeat) {
     throw new RangeError(

@@ -540,6 +540,7 @@ export class Pool<T = Uint8Array> {
   // deno-lint-ignore no-explicit-any
   #handler: Handler<any>; // replaced by upgrade()
   readonly #options: PoolOptions<T>;
+  readonly #logger: Logger; // the options', guarded
   readonly #registry: Registry;
   readonly #size: number;
   readonly #strategy: PoolStrategy;
@@ -568,6 +569,7 @@ export class Pool<T = Uint8Array> {
     if (token !== poolToken) throw new TypeError("Pool: use createPool()");
     this.#handler = handler;
     this.#options = options;
+    this.#logger = loggerOf(options.logger);
     this.name = options.name ?? `pool${++pools}`;
     this.#registry = poolRegistry(options.registry ?? defaultRegistry, this.name);
     this.#size = options.size ?? 1;
@@ -769,7 +771,7 @@ export class Pool<T = Uint8Array> {
   ): PoolExitDecision {
     const onExit = this.#options.onExit;
     if (onExit === undefined) return undefined;
-    const logger = loggerOf(this.#options.logger);
+    const logger = this.#logger;
     let decision: unknown;
     try {
       decision = onExit({ address: slot.site.label, connection, reason, delay });
@@ -888,7 +890,7 @@ export class Pool<T = Uint8Array> {
     for (const slot of slots) this.#cancelBackoff(slot);
     const finished = slots.map((slot) => {
       if (slot.state === "up") slot.state = "draining";
-      if (slot.state !== "draining" || (slot.inFlight === 0 && !slot.checkedOut)) {
+      if (slot.state !== "draining" || (slot.inFlight === 0 && slot.checkedOut === undefined)) {
         return Promise.resolve();
       }
       const { promise, resolve } = Promise.withResolvers<void>();

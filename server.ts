@@ -15,7 +15,7 @@ import { defaultRegistry, type Registry } from "./registry.ts";
 import { tcp } from "./transport/tcp.ts";
 import { withProxyProtocol } from "./transport/proxy.ts";
 import type { Addr, Conn, Listener, ListenOptions, Transport } from "./transport/transport.ts";
-import { type CodeChange, Driver, type DriverOptions } from "./_driver.ts";
+import { type CodeChange, Driver, type DriverOptions, isPromise } from "./_driver.ts";
 import { closeQuietly } from "./_socket.ts";
 import {
   checkConnectionSettings,
@@ -956,9 +956,7 @@ export class Server<T = Uint8Array, A extends Addr = Addr> {
     };
     try {
       const result = hook();
-      if (typeof (result as PromiseLike<unknown> | null)?.then === "function") {
-        Promise.resolve(result).catch(report);
-      }
+      if (isPromise(result)) Promise.resolve(result).catch(report); // (a thenable, maybe)
     } catch (err) {
       report(err);
     }

@@ -21,8 +21,8 @@ import { describeValue, RegistryUnavailable } from "./errors.ts";
 import { KvRegistry } from "./kv_registry.ts";
 import type { ServeOptions } from "./server.ts";
 import { Backoff, backoffSettings, checkReconnect, type ReconnectOptions } from "./_backoff.ts";
-import { OptionCheck } from "./_options.ts";
-import { clearTimer, MAX_DELAY, startTimer, type Timer } from "./_timer.ts";
+import { checkRegistryPeriods, OptionCheck } from "./_options.ts";
+import { clearTimer, startTimer, type Timer } from "./_timer.ts";
 import { withTimeout } from "./_with_timeout.ts";
 import {
   type FromWorker,
@@ -608,9 +608,7 @@ function checkOptions(options: ServeWorkersOptions): void {
   }
   if (o.registry === undefined) return;
   const registry = new OptionCheck("serveWorkers: registry", o.registry);
-  registry.number("heartbeatMs", 1, { max: MAX_DELAY });
-  registry.number("nodeTtlMs", 1, { max: MAX_DELAY });
-  registry.number("batchMs", 0, { max: MAX_DELAY });
+  checkRegistryPeriods(registry);
   const link = (o.registry as WorkerRegistryOptions).link;
   if (
     link?.port !== undefined && link.port !== 0 &&
